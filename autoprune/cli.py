@@ -1,0 +1,202 @@
+"""The ``autoprune`` command: a thin layer over the library's functions.
+
+Commands that report figures take ``--json`` and then print exactly one JSON
+object on stdout; progress and logs go to stderr. Bad input ends with one line
+``autoprune: error: ...`` and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import AutopruneError
+
+log = logging.getLogger("autoprune")
+
+
+# --- shared options ----------------------------------------------------------
+
+
+def _data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--data", required=required, metavar="SPEC",
+                   help="cifar10 | npz:PATH | synthetic[:N]")
+    p.add_argument("--data-root", metavar="DIR", help="where CIFAR-10 lives (cifar10 spec)")
+    p.add_argument("--download", action="store_true", help="download CIFAR-10 if absent")
+    p.add_argument("--val-size", type=int, metavar="N",
+                   help="validation images carved from training data (default: min(5000, train/5))")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the validation carve (default 0)")
+
+
+def _load_data(args):
+    from .data import load_data
+
+    return load_data(args.data, data_root=args.data_root, download=args.download,
+                     val_size=args.val_size, seed=args.data_seed)
+
+
+def _common(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def _emit(args, result: dict, human: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(result, default=str))
+    else:
+        print(human)
+
+
+def _fmt_profile(d: dict) -> str:
+    lines = [
+        f"params            {d['params']:,}",
+        f"size              {d['size_mib']:.2f} MiB dense, {d['nonzero_size_mib']:.2f} MiB nonzero "
+        f"(lab convention), {d['sparse_storage_mib']:.2f} MiB as bitmap+values",
+        f"MACs              {d['macs'] / 1e6:.2f} M conv+linear, {d['macs_torchprofile'] / 1e6:.2f} M torchprofile",
+    ]
+    if "latency_ms" in d:
+        lines.append(f"latency           {d['latency_ms']:.2f} ms (median, batch {d['latency_batch_size']})")
+    if "accuracy" in d:
+        lines.insert(0, f"accuracy          {d['accuracy']:.2f}% ({d['split']} split, {d['images']} images)")
+    return "\n".join(lines)
+
+
+# --- commands ----------------------------------------------------------------
+
+
+def cmd_train(args) -> int:
+    from .model import build_model, save_checkpoint
+    from .train import DENSE_RECIPE, TrainConfig, evaluate, fit, resolve_device
+
+    if args.epochs < 1:
+        raise AutopruneError(f"--epochs must be >= 1, got {args.epochs}")
+    device = resolve_device(args.device)
+    data = _load_data(args)
+    model = build_model("vgg", width=args.width, num_classes=data.num_classes).to(device)
+    recipe = {**DENSE_RECIPE, **{k: v for k, v in
+              dict(lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay).items() if v is not None}}
+    config = TrainConfig(epochs=args.epochs, seed=args.seed, **recipe)
+    log.info("training vgg width %s on %s, %d epochs", args.width, data.describe(), args.epochs)
+    history = fit(model, data.to(device), config, progress=not args.quiet, desc="train")
+    val_acc = history[-1]["val_accuracy"]
+    test_acc = evaluate(model, data.test.to(device))
+    save_checkpoint(model, args.out, width=args.width, data=args.data, val_size=len(data.val),
+                    data_seed=args.data_seed, val_accuracy=val_acc, test_accuracy=test_acc,
+                    made_by="autoprune train", recipe=config.to_dict())
+    result = {"checkpoint": str(args.out), "val_accuracy": val_acc, "test_accuracy": test_acc,
+              "epochs": args.epochs, "seconds": sum(h["seconds"] for h in history)}
+    _emit(args, result, f"wrote {args.out}: val {val_acc:.2f}% ({len(data.val)} images), "
+                        f"test {test_acc:.2f}% ({len(data.test)} images)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import metrics
+    from .model import load_checkpoint
+    from .train import evaluate, resolve_device
+
+    model, meta = load_checkpoint(args.checkpoint, width=args.width)
+    data = _load_data(args)
+    split = getattr(data, args.split)
+    model.to(resolve_device(args.device))
+    result = {"accuracy": evaluate(model, split), "split": args.split, "images": len(split),
+              **metrics.profile(model.cpu(), latency=False)}
+    _emit(args, result, _fmt_profile(result))
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from . import metrics
+    from .model import build_model, load_checkpoint
+
+    if args.checkpoint:
+        model, _ = load_checkpoint(args.checkpoint)
+    else:
+        model = build_model("vgg", width=args.width)
+    result = metrics.profile(model.eval(), latency=not args.no_latency, batch_size=args.batch_size,
+                             repeats=args.repeats)
+    _emit(args, result, _fmt_profile(result))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    result = run_demo(out_dir=Path(args.out), quiet=args.quiet)
+    _emit(args, result, result.pop("summary", ""))
+    return 0
+
+
+# --- parser ------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autoprune",
+        description="Search per-layer pruning ratios for the lab's VGG with Optuna.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a dense VGG and write a lab-format checkpoint")
+    _data_options(p)
+    p.add_argument("--width", type=float, default=1.0, help="channel width multiplier (default 1.0)")
+    p.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {0.05})")
+    p.add_argument("--batch-size", type=int, help="batch size (default 128)")
+    p.add_argument("--weight-decay", type=float, help="weight decay (default 5e-4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, type=Path, metavar="PATH", help="checkpoint file to write")
+    _common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="accuracy and size of a checkpoint or an export")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint file or export directory")
+    _data_options(p)
+    p.add_argument("--width", type=float, help="expected width (default: from the checkpoint)")
+    p.add_argument("--split", choices=("test", "val"), default="test", help="split to measure (default test)")
+    _common(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("profile", help="parameters, size, MACs and latency of a (pruned) VGG")
+    p.add_argument("--width", type=float, default=1.0, help="width multiplier (default 1.0)")
+    p.add_argument("--checkpoint", metavar="PATH", help="profile this checkpoint instead")
+    p.add_argument("--batch-size", type=int, default=1, help="latency batch size (default 1)")
+    p.add_argument("--repeats", type=int, default=100, help="timed runs after 20 warm-up runs (default 100)")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    _common(p)
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("demo", help="the whole pipeline offline on synthetic data (minutes on a CPU)")
+    p.add_argument("--out", default="reports/demo", help="output directory (default reports/demo)")
+    _common(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(message)s", stream=sys.stderr)
+    try:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        return args.func(args)
+    except AutopruneError as exc:
+        print(f"autoprune: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("autoprune: interrupted; finished work is kept, run the same command again to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

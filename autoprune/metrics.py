@@ -1,0 +1,146 @@
+"""Counting by the lab's rules: parameters, size, MACs, latency, per-layer table.
+
+* Parameters: every ``nn.Parameter`` (conv / linear weights, classifier bias,
+  BatchNorm weight and bias; not buffers).
+* Size: parameters x 32 bits (float32), in MiB = 8 x 1024 x 1024 bits.
+  ``nonzero_size_mib`` is the lab's sparse convention (count only nonzero
+  parameters, ignore where they are); ``sparse_storage_mib`` is an honest
+  on-disk figure: every pruned tensor stored as a bitmap of its positions (1
+  bit per element) plus its nonzero values, whichever of that or dense is
+  smaller.
+* MACs for one 32x32 image: ``macs`` counts convolutions and the linear layer
+  only (PyTorch's ``FlopCounterMode`` FLOPs / 2; the lab's 605.75 M), and
+  ``macs_torchprofile`` is torchprofile's ``profile_macs`` total (adds
+  BatchNorm and the pooling mean; the lab's 606.16 M and its pruned-model check).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+BITS_PER_MIB = 8 * 1024 * 1024
+FLOAT_BITS = 32
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_nonzero_params(model: nn.Module) -> int:
+    return sum(int(torch.count_nonzero(p)) for p in model.parameters())
+
+
+def params_to_mib(n_params: int, bits: int = FLOAT_BITS) -> float:
+    return n_params * bits / BITS_PER_MIB
+
+
+def sparse_storage_bits(model: nn.Module) -> int:
+    """Bits to store the model with pruned tensors as bitmap + nonzero values."""
+    bits = 0
+    for p in model.parameters():
+        dense = p.numel() * FLOAT_BITS
+        if p.dim() > 1:
+            bits += min(dense, p.numel() + int(torch.count_nonzero(p)) * FLOAT_BITS)
+        else:
+            bits += dense
+    return bits
+
+
+def _example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
+    p = next(model.parameters())
+    return torch.zeros(batch_size, 3, 32, 32, device=p.device, dtype=p.dtype)
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module) -> int:
+    """Conv + linear MACs for one 32x32 image (PyTorch's flop counter / 2)."""
+    was_training = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter:
+        model(_example_input(model))
+    model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+@torch.no_grad()
+def count_macs_torchprofile(model: nn.Module) -> int:
+    """torchprofile's ``profile_macs`` total for one image (the lab's check)."""
+    from torchprofile import profile_macs
+
+    was_training = model.training
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings are noise here
+        macs = int(profile_macs(model, _example_input(model)))
+    model.train(was_training)
+    return macs
+
+
+@torch.no_grad()
+def measure_latency_ms(
+    model: nn.Module, batch_size: int = 1, warmup: int = 20, repeats: int = 100
+) -> float:
+    """Median wall time of one forward pass in milliseconds, after warm-up runs."""
+    was_training = model.training
+    model.eval()
+    x = _example_input(model, batch_size)
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            sync()
+            start = time.perf_counter()
+            model(x)
+            sync()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    model.train(was_training)
+    return 1000.0 * statistics.median(times)
+
+
+def profile(
+    model: nn.Module,
+    *,
+    latency: bool = True,
+    batch_size: int = 1,
+    warmup: int = 20,
+    repeats: int = 100,
+) -> dict:
+    """The figures that ``autoprune profile --json`` prints, as a dict."""
+    params = count_params(model)
+    nonzero = count_nonzero_params(model)
+    out = {
+        "params": params,
+        "nonzero_params": nonzero,
+        "size_mib": params_to_mib(params),
+        "nonzero_size_mib": params_to_mib(nonzero),
+        "sparse_storage_mib": sparse_storage_bits(model) / BITS_PER_MIB,
+        "macs": count_macs(model),
+        "macs_torchprofile": count_macs_torchprofile(model),
+    }
+    if latency:
+        out["latency_ms"] = measure_latency_ms(model, batch_size, warmup, repeats)
+        out["latency_batch_size"] = batch_size
+    return out
+
+
+def layer_table(model: nn.Module) -> list[dict]:
+    """Per parameter tensor: parameters, share of all parameters, sparsity (fractions)."""
+    total = count_params(model)
+    rows = []
+    for name, p in model.named_parameters():
+        n = p.numel()
+        rows.append({
+            "name": name,
+            "shape": list(p.shape),
+            "params": n,
+            "share": n / total,
+            "sparsity": 1.0 - int(torch.count_nonzero(p)) / n,
+        })
+    return rows

@@ -1,0 +1,160 @@
+"""Training, fine-tuning with masks kept, and evaluation: one readable loop.
+
+Data stays on the device as uint8 tensors (see :mod:`autoprune.data`); on CUDA
+the loop runs under bf16 autocast with channels_last. On the CPU a seed fixes
+the result: initial weights, batch order and augmentation all come from it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import Data, Split, batches
+from .errors import AutopruneError
+
+
+@dataclass
+class TrainConfig:
+    """One optimisation recipe. Defaults are the lab's fine-tuning recipe."""
+
+    epochs: int = 5
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 512
+    schedule: str = "cosine"  # "cosine" (per step, to zero) or "onecycle"
+    augment: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if int(self.epochs) < 1:
+            raise AutopruneError(f"epochs must be >= 1, got {self.epochs}")
+        if not self.lr > 0:
+            raise AutopruneError(f"lr must be > 0, got {self.lr}")
+        if int(self.batch_size) < 1:
+            raise AutopruneError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.schedule not in ("cosine", "onecycle"):
+            raise AutopruneError(f"schedule must be 'cosine' or 'onecycle', got {self.schedule!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Training a dense model from scratch: a one-cycle schedule converges in few epochs.
+DENSE_RECIPE = dict(lr=0.05, weight_decay=5e-4, batch_size=128, schedule="onecycle")
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise AutopruneError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> None:
+    """Zero the pruned weights: ``masks`` maps parameter names to 0/1 tensors."""
+    if not masks:
+        return
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        params[name].mul_(mask.to(params[name].device, params[name].dtype))
+
+
+def fit(
+    model: nn.Module,
+    data: Data,
+    config: TrainConfig,
+    *,
+    masks: dict[str, torch.Tensor] | None = None,
+    on_epoch: Callable[[int, float], bool] | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> list[dict]:
+    """Train ``model`` in place on ``data.train``; returns one record per epoch.
+
+    ``masks`` (parameter name -> 0/1 tensor) are re-applied after every
+    optimizer step, so pruned weights stay exactly zero. After each epoch the
+    validation accuracy (percent) is measured and ``on_epoch(epoch, val_acc)``
+    may return True to stop early. The final epoch's weights are kept (the
+    cosine schedule ends at zero; picking the best epoch would bias the
+    validation figure upwards).
+    """
+    device = next(model.parameters()).device
+    channels_last = device.type == "cuda"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() > 1 else no_decay).append(p)
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=True,
+    )
+    steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
+    total = config.epochs * steps_per_epoch
+    if config.schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=total, pct_start=0.25)
+    else:
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
+    loss_fn = nn.CrossEntropyLoss()
+    apply_masks(model, masks)
+    history = []
+    bar = tqdm(total=total, desc=desc, disable=None if progress else True, leave=False, unit="step")  # None: only on a terminal
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        start, loss_sum, seen = time.perf_counter(), torch.zeros((), device=device), 0
+        for x, y in batches(data.train, config.batch_size, shuffle=True, augment=config.augment,
+                            generator=gen, channels_last=channels_last):
+            with _autocast(device):
+                loss = loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            apply_masks(model, masks)
+            loss_sum += loss.detach() * len(y)
+            seen += len(y)
+            bar.update()
+        val_acc = evaluate(model, data.val)
+        record = {"epoch": epoch, "train_loss": float(loss_sum) / seen, "val_accuracy": val_acc,
+                  "seconds": time.perf_counter() - start}
+        history.append(record)
+        bar.set_postfix(epoch=f"{epoch}/{config.epochs}", loss=f"{record['train_loss']:.3f}", val=f"{val_acc:.2f}%")
+        if on_epoch is not None and on_epoch(epoch, val_acc):
+            break
+    bar.close()
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)
+    return history
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, batch_size: int = 1024) -> float:
+    """Top-1 accuracy in percent (0-100) on ``split``; restores train/eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    for x, y in batches(split.to(device), batch_size, channels_last=device.type == "cuda"):
+        with _autocast(device):
+            correct += (model(x).argmax(1) == y).sum()
+    model.train(was_training)
+    return 100.0 * int(correct) / max(1, len(split))
