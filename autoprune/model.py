@@ -26,6 +26,11 @@ CONV_NAMES = tuple(f"conv{i}" for i in range(NUM_CONVS))
 PRUNABLE_LAYERS = CONV_NAMES + ("classifier",)
 
 
+def param_name(layer: str) -> str:
+    """Weight parameter of a prunable layer (``conv3`` -> ``backbone.conv3.weight``)."""
+    return "classifier.weight" if layer == "classifier" else f"backbone.{layer}.weight"
+
+
 class VGG(nn.Module):
     """The lab's VGG with explicit conv widths (``channels``, one per conv)."""
 

@@ -1,0 +1,224 @@
+"""Exact budgets: per-layer ratios that hit a size (or MACs) target.
+
+Both kinds use one rule: ratio_l = clip(pref_l + t, lower_l, upper_l) with a
+single shift t found by bisection, so the preferences keep their order and
+spacing while the total meets the target. ``pref`` all equal gives uniform
+pruning.
+
+* Fine-grained: the target is the lab's nonzero size as a fraction of dense
+  (BatchNorm and biases stay dense). Integer zero counts are then distributed
+  so that the total is exact: the nonzero count is ``round(target * params)``,
+  i.e. within one weight of the target.
+* Channel: the target is a fraction of dense parameters or MACs. Channel
+  counts are integers, so the result is the reachable configuration closest
+  to the target from below (a budget is a cap).
+
+Costs here are closed-form (no model is built), so a search can repair a
+sampled point in microseconds before spending any fine-tuning on it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from .channel import kept_channels
+from .errors import AutopruneError
+from .fine_grained import num_zeros
+from .model import CONV_NAMES, PRUNABLE_LAYERS, VGG_PLAN
+
+_BISECT_STEPS = 100
+
+
+# --- closed-form costs ---------------------------------------------------------
+
+
+def vgg_cost(channels: Sequence[int], num_classes: int = 10) -> dict[str, int]:
+    """Parameters and conv+linear MACs (one 32x32 image) of a VGG with these widths."""
+    params = macs = 0
+    size, c_in, widths = 32, 3, iter(channels)
+    for v in VGG_PLAN:
+        if v == "M":
+            size //= 2
+            continue
+        c_out = next(widths)
+        params += c_in * c_out * 9 + 2 * c_out  # conv weight (no bias) + BatchNorm weight, bias
+        macs += c_in * c_out * 9 * size * size
+        c_in = c_out
+    params += c_in * num_classes + num_classes
+    macs += c_in * num_classes
+    return {"params": params, "macs": macs}
+
+
+def layer_numels(channels: Sequence[int], num_classes: int = 10) -> dict[str, int]:
+    """Elements of each prunable tensor (conv weights, classifier weight)."""
+    numels, c_in = {}, 3
+    for name, c_out in zip(CONV_NAMES, channels):
+        numels[name] = c_in * c_out * 9
+        c_in = c_out
+    numels["classifier"] = c_in * num_classes
+    return numels
+
+
+def fine_size_fraction(channels: Sequence[int], sparsities: dict[str, float], num_classes: int = 10) -> float:
+    """Nonzero size / dense size of a fine-grained plan (the lab's convention)."""
+    total = vgg_cost(channels, num_classes)["params"]
+    zeros = sum(num_zeros(n, sparsities.get(layer, 0.0)) for layer, n in layer_numels(channels, num_classes).items())
+    return (total - zeros) / total
+
+
+def channel_cost_fraction(
+    channels: Sequence[int], ratios: dict[str, float], metric: str = "params", num_classes: int = 10
+) -> float:
+    """Params or MACs of the channel-pruned VGG as a fraction of dense."""
+    kept = kept_channels(list(channels), ratios)
+    kept[-1] = channels[-1]
+    return vgg_cost(kept, num_classes)[metric] / vgg_cost(channels, num_classes)[metric]
+
+
+# --- the shared shift rule -----------------------------------------------------
+
+
+def _bounds(layers, lower, upper, default_upper):
+    lower = dict(lower or {})
+    upper = dict(upper or {})
+    for layer in list(lower) + list(upper):
+        if layer not in layers:
+            raise AutopruneError(f"unknown layer {layer!r} in bounds; valid layers: {', '.join(layers)}")
+    lo = {n: float(lower.get(n, 0.0)) for n in layers}
+    hi = {n: min(float(upper.get(n, default_upper[n])), default_upper[n]) for n in layers}
+    for n in layers:
+        if not 0.0 <= lo[n] <= hi[n] <= 1.0:
+            raise AutopruneError(f"bounds for {n} must satisfy 0 <= lower <= upper <= 1, got [{lo[n]}, {hi[n]}]")
+    return lo, hi
+
+
+def _shifted(prefs, lo, hi, t):
+    return {n: min(max(prefs[n] + t, lo[n]), hi[n]) for n in prefs}
+
+
+def _solve_shift(prefs, lo, hi, cost, target) -> float:
+    """Smallest shift t with cost(ratios(t)) <= target (cost falls as t grows)."""
+    a = -1.0 - max(prefs.values())
+    b = 1.0 - min(prefs.values())
+    for _ in range(_BISECT_STEPS):
+        mid = (a + b) / 2
+        if cost(_shifted(prefs, lo, hi, mid)) <= target:
+            b = mid
+        else:
+            a = mid
+    return b
+
+
+def _prefs(layers, preferences):
+    preferences = dict(preferences or {})
+    for layer in preferences:
+        if layer not in layers:
+            raise AutopruneError(f"unknown layer {layer!r} in preferences; valid layers: {', '.join(layers)}")
+    return {n: float(preferences.get(n, 0.0)) for n in layers}
+
+
+def _check_target(target: float, what: str) -> None:
+    if not 0.0 < target <= 1.0:
+        raise AutopruneError(f"target {what} fraction must be in (0, 1], got {target}")
+
+
+# --- fine-grained --------------------------------------------------------------
+
+
+def fine_grained_budget(
+    channels: Sequence[int],
+    target_fraction: float,
+    preferences: dict[str, float] | None = None,
+    lower: dict[str, float] | None = None,
+    upper: dict[str, float] | None = None,
+    num_classes: int = 10,
+) -> dict[str, float]:
+    """Per-layer sparsities whose nonzero size is ``target_fraction`` of dense, exactly."""
+    _check_target(target_fraction, "size")
+    layers = PRUNABLE_LAYERS
+    numels = layer_numels(channels, num_classes)
+    total = vgg_cost(channels, num_classes)["params"]
+    lo, hi = _bounds(layers, lower, upper, {n: 1.0 for n in layers})
+    zeros_wanted = total - int(round(target_fraction * total))
+    zmin = sum(math.ceil(numels[n] * lo[n]) for n in layers)
+    zmax = sum(math.floor(numels[n] * hi[n]) for n in layers)
+    if zeros_wanted > zmax:
+        raise AutopruneError(
+            f"size target {target_fraction:.4f} is below what the bounds allow; the smallest "
+            f"reachable size fraction is {(total - zmax) / total:.4f}"
+        )
+    if zeros_wanted < zmin:
+        raise AutopruneError(
+            f"size target {target_fraction:.4f} is above what the lower bounds allow; the largest "
+            f"reachable size fraction is {(total - zmin) / total:.4f}"
+        )
+    prefs = _prefs(layers, preferences)
+
+    def kept_fraction(sp):
+        return (total - sum(numels[n] * sp[n] for n in layers)) / total
+
+    t = _solve_shift(prefs, lo, hi, kept_fraction, (total - zeros_wanted) / total)
+    exact = {n: numels[n] * s for n, s in _shifted(prefs, lo, hi, t).items()}
+    # Integer zero counts within each layer's bounds, then hand out the remainder
+    # by largest fractional part so that the total is exact.
+    zeros = {n: min(max(math.floor(exact[n]), math.ceil(numels[n] * lo[n])), math.floor(numels[n] * hi[n]))
+             for n in layers}
+    remainder = zeros_wanted - sum(zeros.values())
+    step = 1 if remainder > 0 else -1
+    order = sorted(layers, key=lambda n: exact[n] - zeros[n], reverse=step > 0)
+    while remainder:
+        moved = False
+        for n in order:
+            room = (math.floor(numels[n] * hi[n]) - zeros[n]) if step > 0 else (zeros[n] - math.ceil(numels[n] * lo[n]))
+            if remainder and room > 0:
+                take = min(room, abs(remainder))
+                zeros[n] += step * take
+                remainder -= step * take
+                moved = True
+        if not moved:  # cannot happen after the reachability checks above
+            raise AutopruneError("internal error: cannot distribute the zero budget")
+    return {n: zeros[n] / numels[n] for n in layers}
+
+
+# --- channel -------------------------------------------------------------------
+
+
+def channel_upper_bounds(channels: Sequence[int]) -> dict[str, float]:
+    """Largest prune ratio of each prunable conv that still keeps one channel."""
+    return {n: 1.0 - 1.0 / c for n, c in zip(CONV_NAMES[:-1], channels)}
+
+
+def channel_budget(
+    channels: Sequence[int],
+    target_fraction: float,
+    metric: str = "params",
+    preferences: dict[str, float] | None = None,
+    lower: dict[str, float] | None = None,
+    upper: dict[str, float] | None = None,
+    num_classes: int = 10,
+) -> dict[str, float]:
+    """Per-conv prune ratios whose params (or MACs) are the largest reachable <= target.
+
+    Ratios are returned as ``1 - kept / channels``, so the plan keeps exactly
+    the channel counts found.
+    """
+    if metric not in ("params", "macs"):
+        raise AutopruneError(f"channel budget metric must be params or macs, got {metric!r}")
+    _check_target(target_fraction, metric)
+    layers = CONV_NAMES[:-1]
+    lo, hi = _bounds(layers, lower, upper, channel_upper_bounds(channels))
+
+    def cost(ratios):
+        return channel_cost_fraction(channels, ratios, metric, num_classes)
+
+    smallest = cost(hi)
+    if smallest > target_fraction:
+        raise AutopruneError(
+            f"{metric} target {target_fraction:.4f} is below what the bounds allow; the smallest "
+            f"reachable {metric} fraction is {smallest:.4f}"
+        )
+    t = _solve_shift(_prefs(layers, preferences), lo, hi, cost, target_fraction)
+    ratios = _shifted(_prefs(layers, preferences), lo, hi, t)
+    kept = kept_channels(list(channels), ratios)
+    return {n: 1.0 - kept[i] / channels[i] for i, n in enumerate(layers)}
