@@ -114,14 +114,78 @@ def cmd_eval(args) -> int:
 def cmd_profile(args) -> int:
     from . import metrics
     from .model import build_model, load_checkpoint
+    from .plan import PruningPlan, parse_ratio_spec, prune
 
+    if args.sparsity is not None and args.channel_ratios is not None:
+        raise AutopruneError("--sparsity and --channel-ratios cannot be combined; profile one kind "
+                             "of pruning at a time")
+    if args.criterion and args.sparsity is None and args.channel_ratios is None:
+        raise AutopruneError("--criterion needs --sparsity or --channel-ratios")
     if args.checkpoint:
         model, _ = load_checkpoint(args.checkpoint)
     else:
         model = build_model("vgg", width=args.width)
+    plan = None
+    if args.sparsity is not None:
+        plan = PruningPlan("fine_grained", parse_ratio_spec(args.sparsity, "fine_grained"), args.criterion or "")
+    elif args.channel_ratios is not None:
+        plan = PruningPlan("channel", parse_ratio_spec(args.channel_ratios, "channel"), args.criterion or "")
+    if plan is not None:
+        plan = plan.for_model(model)
+        model = prune(model, plan).model
     result = metrics.profile(model.eval(), latency=not args.no_latency, batch_size=args.batch_size,
                              repeats=args.repeats)
-    _emit(args, result, _fmt_profile(result))
+    result["channels"] = list(model.channels)
+    if plan is not None:
+        result["plan"] = plan.to_dict()
+    if args.plots:
+        from .plots import param_share_chart, weight_histograms
+
+        out = Path(args.plots)
+        result["plots"] = {"weights": str(weight_histograms(model, out / "weights.png")),
+                           "param_share": str(param_share_chart(model, out / "param_share.png"))}
+        log.info("wrote %s and %s", result["plots"]["weights"], result["plots"]["param_share"])
+    human = _fmt_profile(result) + f"\nchannels          {result['channels']}"
+    if plan is not None:
+        human += f"\npruned            {plan.kind} ({plan.criterion}): " + ", ".join(
+            f"{k}={v:g}" for k, v in plan.ratios.items())
+    if args.plots:
+        human += f"\nplots             {result['plots']['weights']}, {result['plots']['param_share']}"
+    _emit(args, result, human)
+    return 0
+
+
+def cmd_sensitivity(args) -> int:
+    from .sensitivity import DEFAULT_GRID, csv_path, curves, normalize_kind, parse_grid, png_path, scan_cached
+
+    kind = normalize_kind(args.kind)
+    grid = parse_grid(args.grid) if args.grid else DEFAULT_GRID
+    data = _load_data(args)
+    df, dense, from_cache = scan_cached(args.checkpoint, data, kind, grid, args.criterion or "", args.out,
+                                        progress=not args.quiet, device=args.device)
+    result = {"kind": kind, "criterion": df.attrs.get("criterion"), "dense_accuracy": dense,
+              "from_cache": from_cache, "csv": str(csv_path(args.out, kind)), "png": str(png_path(args.out, kind)),
+              "curves": curves(df)}
+    header = "layer       " + "".join(f"{100 * r:>8g}%" for r in grid)
+    rows = [f"{layer:<12}" + "".join(f"{a:>8.2f}%" for _, a in points) for layer, points in result["curves"].items()]
+    human = "\n".join([
+        f"{kind} sensitivity ({result['criterion']}), accuracy on {len(data.val)} validation images, "
+        f"dense {dense:.2f}%{' (cached)' if from_cache else ''}",
+        header, *rows,
+        f"wrote {result['csv']} and {result['png']}",
+    ])
+    _emit(args, result, human)
+    return 0
+
+
+def cmd_search(args) -> int:
+    from .config import load_config
+    from .search import format_summary, run_search
+
+    config = load_config(args.config, trials=args.trials, storage=args.storage, name=args.study_name,
+                         seed=args.seed)
+    summary = run_search(config, device=args.device, progress=not args.quiet)
+    _emit(args, summary, format_summary(summary))
     return 0
 
 
@@ -169,8 +233,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="latency batch size (default 1)")
     p.add_argument("--repeats", type=int, default=100, help="timed runs after 20 warm-up runs (default 100)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--sparsity", metavar="SPEC",
+                   help="fine-grained prune first: one sparsity for all layers (0.8) or layer=value,...")
+    p.add_argument("--channel-ratios", metavar="SPEC",
+                   help="channel prune first: one ratio for conv0-conv6 (0.3) or layer=value,...")
+    p.add_argument("--criterion", help="fine-grained: magnitude; channel: norm (default), none, bn_scale, l1")
+    p.add_argument("--plots", metavar="DIR", help="write weights.png and param_share.png here")
     _common(p)
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("sensitivity", help="accuracy with each layer pruned alone, per ratio (cached)")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint file or export directory")
+    _data_options(p)
+    p.add_argument("--kind", choices=("fine", "fine_grained", "channel"), default="fine",
+                   help="fine (weights, default) or channel")
+    p.add_argument("--grid", metavar="R,R,...", help="ratios to scan (default 0.4,0.5,...,0.9, as the lab)")
+    p.add_argument("--criterion", help="fine: magnitude; channel: norm (default), none, bn_scale, l1")
+    p.add_argument("--out", default="reports/sensitivity", metavar="DIR",
+                   help="where the CSV, PNG and cache go (default reports/sensitivity)")
+    _common(p)
+    p.set_defaults(func=cmd_sensitivity)
+
+    p = sub.add_parser("search", help="run (or resume) an Optuna study from a TOML config")
+    p.add_argument("config", metavar="STUDY.toml", help="study config, e.g. studies/demo.toml")
+    p.add_argument("--trials", type=int, help="finished trials wanted (default: the config's)")
+    p.add_argument("--storage", metavar="URL", help="sqlite:///PATH | postgresql://... | journal:PATH")
+    p.add_argument("--study-name", metavar="NAME", help="study name (default: the config's)")
+    p.add_argument("--seed", type=int, help="sampler and fine-tune seed (default: the config's)")
+    _common(p)
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("demo", help="the whole pipeline offline on synthetic data (minutes on a CPU)")
     p.add_argument("--out", default="reports/demo", help="output directory (default reports/demo)")

@@ -1,0 +1,204 @@
+"""Study configs: TOML files loaded into validated dataclasses.
+
+Relative paths in a config (the npz data file, a checkpoint, a storage file)
+are resolved against the directory of the TOML file, so a study runs the same
+from any working directory. Every table and key is checked: an unknown key is
+an error that names it and lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import AutopruneError
+
+SAMPLERS = ("tpe", "random", "gp", "nsga2")
+OBJECTIVES = ("size", "macs", "accuracy")
+
+
+@dataclass
+class StudySection:
+    name: str = "autoprune"
+    kind: str = "fine_grained"  # fine_grained | channel
+    trials: int = 20
+    storage: str = ""  # default sqlite:///reports/<name>/study.db
+    sampler: str = "tpe"  # tpe | random | gp | nsga2
+    seed: int = 0
+    # Default: minimise size (fine) or MACs (channel) fraction, maximise val accuracy.
+    objectives: list = field(default_factory=list)
+    criterion: str = ""  # channel importance: norm (default) | none | bn_scale | l1
+    out_dir: str = ""  # default reports/<name>
+    heartbeat_seconds: int = 30  # RDB storages: a trial silent for 3x this is failed and retried
+
+
+@dataclass
+class ModelSection:
+    name: str = "vgg"
+    width: float = 1.0
+    num_classes: int = 10
+    checkpoint: str = ""  # empty: train a dense model first (cached in the study's out_dir)
+    train_epochs: int = 30  # only when training the dense model here
+
+
+@dataclass
+class DataSection:
+    spec: str = "cifar10"
+    root: str = ""
+    download: bool = False
+    val_size: int = 0  # 0: min(5000, train/5)
+    seed: int = 0
+
+
+@dataclass
+class ConstraintsSection:
+    max_size_fraction: float = 0.25  # nonzero size / dense size (fraction, not percent)
+    min_accuracy: float | None = None  # percent; default 92.5 unless max_accuracy_drop is set
+    max_accuracy_drop: float | None = None  # points below dense validation accuracy
+    max_macs_fraction: float | None = None
+    max_latency_ms: float | None = None
+
+
+@dataclass
+class FinetuneSection:
+    epochs: int = 5
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 512
+    early_stop: bool = True
+    # Stop after epoch e of E when val accuracy < floor - margin * (E - e).
+    early_stop_margin: float = 3.0  # points per remaining epoch
+
+
+@dataclass
+class PriorsSection:
+    enabled: bool = True
+    grid: list = field(default_factory=lambda: [0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    tolerance: float = 5.0  # points of validation accuracy a layer may lose alone
+    enqueue_allocation: bool = True
+
+
+@dataclass
+class StudyConfig:
+    study: StudySection = field(default_factory=StudySection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    constraints: ConstraintsSection = field(default_factory=ConstraintsSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    priors: PriorsSection = field(default_factory=PriorsSection)
+    source: str = ""  # the TOML file it came from
+
+    # --- derived values -------------------------------------------------------
+
+    @property
+    def objectives(self) -> list[str]:
+        return self.study.objectives or [("size" if self.study.kind == "fine_grained" else "macs"), "accuracy"]
+
+    @property
+    def cost_attr(self) -> str:
+        """Trial attribute of the cost side of the front: size_fraction or macs_fraction."""
+        costs = [o for o in self.objectives if o != "accuracy"]
+        cost = costs[0] if costs else ("size" if self.study.kind == "fine_grained" else "macs")
+        return f"{cost}_fraction"
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.study.out_dir or f"reports/{self.study.name}")
+
+    @property
+    def storage_url(self) -> str:
+        return self.study.storage or f"sqlite:///{self.out_dir / 'study.db'}"
+
+    def accuracy_floor(self, dense_val_accuracy: float) -> float:
+        """The accuracy constraint in percent, absolute or relative to dense."""
+        c = self.constraints
+        if c.max_accuracy_drop is not None:
+            return dense_val_accuracy - c.max_accuracy_drop
+        return 92.5 if c.min_accuracy is None else c.min_accuracy
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "StudyConfig":
+        s, c, f = self.study, self.constraints, self.finetune
+        if s.kind not in ("fine_grained", "channel"):
+            raise AutopruneError(f"[study] kind must be fine_grained or channel, got {s.kind!r}")
+        if s.sampler not in SAMPLERS:
+            raise AutopruneError(f"[study] sampler must be one of {', '.join(SAMPLERS)}, got {s.sampler!r}")
+        if s.trials < 1:
+            raise AutopruneError(f"[study] trials must be >= 1, got {s.trials}")
+        bad = [o for o in self.objectives if o not in OBJECTIVES]
+        if bad or not 1 <= len(self.objectives) <= 2 or "accuracy" not in self.objectives:
+            raise AutopruneError(
+                f"[study] objectives must be ['accuracy'] or a cost (size or macs) with 'accuracy', "
+                f"got {self.objectives}"
+            )
+        if not self.model.width > 0:
+            raise AutopruneError(f"[model] width must be > 0, got {self.model.width}")
+        if not 0 < c.max_size_fraction <= 1:
+            raise AutopruneError(f"[constraints] max_size_fraction must be in (0, 1], got {c.max_size_fraction}")
+        if c.min_accuracy is not None and c.max_accuracy_drop is not None:
+            raise AutopruneError("[constraints] set min_accuracy or max_accuracy_drop, not both")
+        if c.min_accuracy is not None and not 0 <= c.min_accuracy <= 100:
+            raise AutopruneError(f"[constraints] min_accuracy is a percentage in [0, 100], got {c.min_accuracy}")
+        if c.max_accuracy_drop is not None and not 0 <= c.max_accuracy_drop <= 100:
+            raise AutopruneError(f"[constraints] max_accuracy_drop must be in [0, 100] points, got {c.max_accuracy_drop}")
+        if c.max_macs_fraction is not None and not 0 < c.max_macs_fraction <= 1:
+            raise AutopruneError(f"[constraints] max_macs_fraction must be in (0, 1], got {c.max_macs_fraction}")
+        if c.max_latency_ms is not None and not c.max_latency_ms > 0:
+            raise AutopruneError(f"[constraints] max_latency_ms must be > 0, got {c.max_latency_ms}")
+        if f.epochs < 1 or f.batch_size < 1 or not f.lr > 0:
+            raise AutopruneError("[finetune] epochs and batch_size must be >= 1 and lr > 0")
+        if not self.priors.grid or not all(0 < g < 1 for g in self.priors.grid):
+            raise AutopruneError(f"[priors] grid must be ratios in (0, 1), got {self.priors.grid}")
+        return self
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(StudyConfig) if f.name != "source"}
+
+
+def _section(name: str, cls, table, where: str):
+    if not isinstance(table, dict):
+        raise AutopruneError(f"[{name}] in {where} must be a table")
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in table:
+        if key not in valid:
+            raise AutopruneError(f"unknown key {key!r} in [{name}] of {where}; valid keys: {', '.join(valid)}")
+    try:
+        return cls(**table)
+    except TypeError as exc:
+        raise AutopruneError(f"[{name}] in {where}: {exc}") from None
+
+
+def _resolve(base: Path, value: str) -> str:
+    return value if not value or Path(value).is_absolute() else str((base / value).resolve())
+
+
+def load_config(path: str | Path, **overrides) -> StudyConfig:
+    """Read a study TOML file; ``overrides`` set ``[study]`` keys (e.g. trials=12)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AutopruneError(f"study config not found: {path}; pass a TOML file such as studies/demo.toml")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise AutopruneError(f"{path} is not valid TOML: {exc}") from None
+    for key in raw:
+        if key not in _SECTIONS:
+            raise AutopruneError(f"unknown table [{key}] in {path}; valid tables: {', '.join(_SECTIONS)}")
+    classes = {f.name: f.default_factory for f in dataclasses.fields(StudyConfig) if f.name != "source"}
+    sections = {name: _section(name, type(classes[name]()), raw.get(name, {}), str(path)) for name in classes}
+    config = StudyConfig(**sections, source=str(path))
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(config.study, key, value)
+    base = path.resolve().parent
+    d = config.data
+    if d.spec.startswith("npz:"):
+        d.spec = "npz:" + _resolve(base, d.spec[4:])
+    d.root = _resolve(base, d.root)
+    config.model.checkpoint = _resolve(base, config.model.checkpoint)
+    return config.validate()

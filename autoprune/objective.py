@@ -1,0 +1,173 @@
+"""One trial: proposal -> repaired plan -> pruned model -> fine-tune -> metrics.
+
+Each trial stores its figures as user attributes (names that scripts read):
+``size_fraction``, ``nonzero_size_mib``, ``params``, ``macs``,
+``macs_fraction``, ``val_accuracy``, ``val_accuracy_before_finetune``,
+``test_accuracy`` (for reports only; never used to choose), ``finetune_seconds``,
+``plan`` (layer -> ratio that ran), ``proposed`` (what the sampler asked for),
+``finetune_epochs_done`` and, for channel trials, ``latency_ms``.
+Feasibility goes through ``trial.set_constraint`` (<= 0 is feasible), so
+Optuna's samplers and ``study.best_trials`` know it.
+
+Early stop of hopeless trials: after fine-tune epoch e of E (e < E) a trial
+stops when its validation accuracy is below ``floor - margin * (E - e)``: even
+recovering ``margin`` points per remaining epoch (more than a short cosine
+fine-tune recovers late in its schedule) would not reach the floor. Such a
+trial is stored complete but infeasible, with ``stopped_early_at_epoch`` and
+the fine-tune epochs and seconds it saved.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+import optuna
+import torch
+
+from . import metrics
+from .config import StudyConfig
+from .data import Data
+from .model import VGG
+from .plan import prune
+from .space import SearchSpace
+from .train import TrainConfig, evaluate, fit
+
+log = logging.getLogger("autoprune")
+
+WEIGHTS_ARTIFACT = "weights_artifact_id"
+
+
+@dataclass
+class TrialContext:
+    """Everything a trial needs, prepared once per worker."""
+
+    config: StudyConfig
+    space: SearchSpace
+    dense: VGG
+    data: Data
+    floor: float  # accuracy floor, percent
+    dense_figures: dict  # params, macs, latency_ms of the dense model
+    artifact_store: object | None = None
+    progress: bool = True
+    latency_repeats: int = 50
+    extras: dict = field(default_factory=dict)
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Objective:
+    def __init__(self, ctx: TrialContext):
+        self.ctx = ctx
+
+    def __call__(self, trial: optuna.Trial):
+        ctx, cfg = self.ctx, self.ctx.config
+        trial.set_user_attr("worker", worker_id())
+        proposed = ctx.space.suggest(trial)
+        ratios, notes = ctx.space.repair(proposed)
+        for note in notes:
+            log.info("trial %d: %s", trial.number, note)
+        plan = ctx.space.plan(ratios)
+        trial.set_user_attr("proposed", proposed)
+        trial.set_user_attr("plan", dict(plan.ratios))
+        trial.set_user_attr("repaired", bool(notes))
+
+        pruned = prune(ctx.dense, plan)
+        model = pruned.model
+        before = evaluate(model, ctx.data.val)
+        ft = cfg.finetune
+        epochs = ft.epochs
+        train_cfg = TrainConfig(epochs=epochs, lr=ft.lr, momentum=ft.momentum, weight_decay=ft.weight_decay,
+                                batch_size=ft.batch_size, seed=cfg.study.seed)
+        stopped_at = None
+
+        def on_epoch(epoch: int, val_acc: float) -> bool:
+            nonlocal stopped_at
+            if len(cfg.objectives) == 1:  # Optuna's pruners work on single-objective studies only
+                trial.report(val_acc, epoch)
+            if ft.early_stop and epoch < epochs and val_acc < ctx.floor - ft.early_stop_margin * (epochs - epoch):
+                stopped_at = epoch
+                log.info("trial %d: stopped after epoch %d/%d: val %.2f%% < floor %.2f%% - %.1f x %d epochs left",
+                         trial.number, epoch, epochs, val_acc, ctx.floor, ft.early_stop_margin, epochs - epoch)
+                return True
+            return False
+
+        start = time.perf_counter()
+        history = fit(model, ctx.data, train_cfg, masks=pruned.masks, on_epoch=on_epoch,
+                      progress=ctx.progress, desc=f"trial {trial.number}")
+        seconds = time.perf_counter() - start
+        figures = metrics.profile(model, latency=False)
+        dense = ctx.dense_figures
+        attrs = {
+            "size_fraction": figures["nonzero_params"] / dense["params"],
+            "nonzero_size_mib": figures["nonzero_size_mib"],
+            "params": figures["params"],
+            "nonzero_params": figures["nonzero_params"],
+            "macs": figures["macs"],
+            "macs_fraction": figures["macs"] / dense["macs"],
+            "val_accuracy": history[-1]["val_accuracy"],
+            "val_accuracy_before_finetune": before,
+            "test_accuracy": evaluate(model, ctx.data.test),
+            "finetune_seconds": seconds,
+            "finetune_epochs_done": len(history),
+            "channels": list(model.channels),
+        }
+        if plan.kind == "channel":
+            attrs["latency_ms"] = metrics.measure_latency_ms(model.cpu(), 1, 10, ctx.latency_repeats)
+            model.to(next(ctx.dense.parameters()).device)
+        if stopped_at is not None:
+            attrs["stopped_early_at_epoch"] = stopped_at
+            attrs["finetune_epochs_saved"] = epochs - stopped_at
+            attrs["finetune_seconds_saved"] = seconds / len(history) * (epochs - stopped_at)
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+
+        constraints = self.constraints(attrs, stopped_at is not None)
+        for key, value in constraints.items():
+            trial.set_constraint(key, value)
+        if all(v <= 0 for v in constraints.values()) and ctx.artifact_store is not None:
+            self.save_weights(trial, model, plan, attrs)
+        return self.values(attrs)
+
+    def constraints(self, attrs: dict, stopped_early: bool) -> dict[str, float]:
+        """Constraint values, <= 0 feasible: a trial stopped early is never feasible."""
+        c = self.ctx.config.constraints
+        out = {
+            "size": attrs["size_fraction"] - c.max_size_fraction,
+            "accuracy": self.ctx.floor - attrs["val_accuracy"],
+        }
+        if stopped_early:  # not fully fine-tuned: never feasible, whatever it measured
+            out["accuracy"] = max(out["accuracy"], 1.0)
+        if c.max_macs_fraction is not None:
+            out["macs"] = attrs["macs_fraction"] - c.max_macs_fraction
+        if c.max_latency_ms is not None and "latency_ms" in attrs:
+            out["latency"] = attrs["latency_ms"] - c.max_latency_ms
+        return out
+
+    def values(self, attrs: dict):
+        names = {"size": "size_fraction", "macs": "macs_fraction", "accuracy": "val_accuracy"}
+        values = [attrs[names[o]] for o in self.ctx.config.objectives]
+        return values[0] if len(values) == 1 else tuple(values)
+
+    def save_weights(self, trial: optuna.Trial, model: VGG, plan, attrs: dict) -> None:
+        """Keep the fine-tuned weights so that export needs no retraining."""
+        from optuna.artifacts import upload_artifact
+
+        buf = io.BytesIO()
+        torch.save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "autoprune": {"arch": model.arch(), "plan": plan.to_dict(), "trial": trial.number}}, buf)
+        path = self.ctx.config.out_dir / f".trial-{trial.number}-{os.getpid()}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(buf.getvalue())
+        try:
+            artifact_id = upload_artifact(artifact_store=self.ctx.artifact_store, file_path=str(path),
+                                          study_or_trial=trial)
+        finally:
+            path.unlink(missing_ok=True)
+        trial.set_user_attr(WEIGHTS_ARTIFACT, artifact_id)

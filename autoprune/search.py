@@ -1,0 +1,276 @@
+"""Run a study: config -> dense model, priors, space -> Optuna trials -> summary.
+
+``run_search`` is what ``autoprune search`` calls. It prepares the dense
+model (a checkpoint, or one trained here and cached), the sensitivity priors
+and the search space once, then asks Optuna for trials until the study holds
+the requested number of finished (complete) trials; re-running the same
+command resumes. The study's user attributes record the config, the dense
+figures, the priors and the space signature, so a study is self-describing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import time
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from . import metrics
+from .config import StudyConfig
+from .data import load_data
+from .errors import AutopruneError
+from .model import build_model, load_checkpoint, save_checkpoint, vgg_channels
+from .objective import Objective, TrialContext
+from .space import SearchSpace
+from .storage import open_storage, recover_dead_local_trials, redact
+from .train import DENSE_RECIPE, TrainConfig, evaluate, fit, resolve_device
+
+log = logging.getLogger("autoprune")
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # autoprune prints its own trial lines
+
+
+def make_sampler(name: str, seed: int, n_trials: int) -> optuna.samplers.BaseSampler:
+    startup = min(10, max(4, n_trials // 4))
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
+                                          constant_liar=True)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, n_trials // 3)))
+    raise AutopruneError(f"unknown sampler {name!r}; use tpe, random, gp or nsga2")
+
+
+def file_digest(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def dense_model(config: StudyConfig, data, device, progress: bool):
+    """The study's dense model: its checkpoint, or one trained here (cached)."""
+    m = config.model
+    expected = vgg_channels(m.width)
+    if m.checkpoint:
+        model, meta = load_checkpoint(m.checkpoint)
+        if list(model.channels) != expected:
+            raise AutopruneError(
+                f"checkpoint {m.checkpoint} has conv widths {list(model.channels)}, but the study asks "
+                f"for width {m.width} ({expected}); set [model] width to match or use another checkpoint"
+            )
+        return model, m.checkpoint
+    recipe = dict(data=data.spec, width=m.width, epochs=m.train_epochs, val_size=len(data.val),
+                  data_seed=config.data.seed, seed=config.study.seed)
+    # Cached by recipe beside the study's folder, so studies on the same data share it.
+    key = hashlib.sha256(repr(sorted(recipe.items())).encode()).hexdigest()[:12]
+    path = config.out_dir.parent / "cache" / f"dense-vgg-w{m.width:g}-{key}.pt"
+    if path.is_file():
+        log.info("dense model: reusing %s (trained earlier with the same recipe)", path)
+        return load_checkpoint(path)[0], str(path)
+    log.info("dense model: training vgg width %s for %d epochs on %s (no [model] checkpoint given)",
+             m.width, m.train_epochs, data.describe())
+    model = build_model(m.name, width=m.width, num_classes=m.num_classes).to(device)
+    history = fit(model, data, TrainConfig(epochs=m.train_epochs, seed=config.study.seed, **DENSE_RECIPE),
+                  progress=progress, desc="dense")
+    save_checkpoint(model, path, made_by="autoprune search (dense)", val_accuracy=history[-1]["val_accuracy"],
+                    **recipe)
+    return model.cpu().eval(), str(path)
+
+
+def prepare(config: StudyConfig, device="auto", progress: bool = True) -> tuple[TrialContext, dict]:
+    """Load data and the dense model, compute priors and the space: a worker's context."""
+    device = resolve_device(device)
+    d = config.data
+    data = load_data(d.spec, data_root=d.root or None, download=d.download, val_size=d.val_size or None,
+                     seed=d.seed).to(device)
+    dense, checkpoint = dense_model(config, data, device, progress)
+    dense.to(device).eval()
+    dense_val = evaluate(dense, data.val)
+    floor = config.accuracy_floor(dense_val)
+    figures = {"params": metrics.count_params(dense), "macs": metrics.count_macs(dense),
+               "val_accuracy": dense_val, "test_accuracy": evaluate(dense, data.test)}
+    if config.study.kind == "channel":
+        figures["latency_ms"] = metrics.measure_latency_ms(dense.cpu(), 1, 10, 50)
+        dense.to(device)
+    log.info("dense model %s: val %.2f%% on %d images; accuracy floor %.2f%%", checkpoint, dense_val,
+             len(data.val), floor)
+    upper, allocation, prior_info = None, None, {}
+    if config.priors.enabled:
+        upper, allocation, prior_info = compute_study_priors(config, dense, checkpoint, data, progress)
+    space = SearchSpace.build(config.study.kind, dense.channels, upper,
+                              max_size_fraction=config.constraints.max_size_fraction,
+                              max_macs_fraction=config.constraints.max_macs_fraction,
+                              criterion=config.study.criterion, num_classes=dense.num_classes)
+    _check_reachable(space)
+    info = {"config": config.to_dict(), "space_signature": space.signature(), "space_upper": space.upper,
+            "dense": figures, "accuracy_floor": floor, "checkpoint": str(checkpoint),
+            "checkpoint_sha256": file_digest(checkpoint), "data": data.describe(),
+            "prior_allocation": allocation, **prior_info}
+    ctx = TrialContext(config=config, space=space, dense=dense, data=data, floor=floor, dense_figures=figures,
+                       progress=progress)
+    return ctx, info
+
+
+def compute_study_priors(config, dense, checkpoint, data, progress):
+    """Sensitivity scan (cached) -> per-layer upper bounds and a prior allocation."""
+    from .priors import compute_priors
+    from .sensitivity import scan_cached
+
+    kind = config.study.kind
+    df, dense_acc, cached = scan_cached(checkpoint, data, kind, list(config.priors.grid), config.study.criterion,
+                                        config.out_dir, progress)
+    priors = compute_priors(df, dense_acc, dense.channels, kind, config.constraints.max_size_fraction,
+                            tolerance=config.priors.tolerance, metric="params", num_classes=dense.num_classes)
+    for line in priors.log:
+        log.info("prior: %s", line)
+    info = {"prior_upper": priors.upper, "prior_rule": priors.rule, "prior_tolerance": priors.tolerance,
+            "sensitivity_cached": cached}
+    return priors.upper, priors.allocation, info
+
+
+def _check_reachable(space: SearchSpace) -> None:
+    try:
+        space.repair(dict(space.upper))
+    except AutopruneError as exc:
+        raise AutopruneError(f"the search space cannot meet the caps: {exc}") from None
+
+
+def open_study(config: StudyConfig, storage, info: dict | None, study_name: str, create: bool = True):
+    """Create the study (recording ``info``) or load it and check it is the same search."""
+    directions = ["maximize" if o == "accuracy" else "minimize" for o in config.objectives]
+    try:
+        existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    except Exception as exc:
+        raise AutopruneError(f"cannot read studies from the storage: {str(exc).splitlines()[0][:200]}") from None
+    if study_name in existing:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        if info is not None:
+            got = study.user_attrs.get("space_signature")
+            if got != info["space_signature"] or [d.name.lower() for d in study.directions] != directions:
+                raise AutopruneError(
+                    f"study {study_name!r} already exists with another search space or objectives "
+                    f"(signature {got} vs {info['space_signature']}); use another --study-name or storage "
+                    f"(nothing was changed)"
+                )
+        return study, False
+    if not create:
+        known = ", ".join(sorted(existing)) or "none"
+        raise AutopruneError(f"no study named {study_name!r} in this storage; studies there: {known}")
+    study = optuna.create_study(storage=storage, study_name=study_name, directions=directions)
+    for key, value in (info or {}).items():
+        study.set_user_attr(key, value)
+    return study, True
+
+
+def _line(study: optuna.Study, trial: optuna.trial.FrozenTrial, done: int, total: int, cost: str) -> str:
+    a = trial.user_attrs
+    if trial.state != TrialState.COMPLETE:
+        return f"[{done}/{total}] trial {trial.number} {trial.state.name.lower()}"
+    feasible = all(v <= 0 for v in trial.constraints.values())
+    best = best_feasible(study)
+    best_txt = (f"best feasible: #{best.number} {cost} {best.user_attrs[cost]:.4f} "
+                f"acc {best.user_attrs['val_accuracy']:.2f}%" if best else "best feasible: none yet")
+    early = f" (stopped at epoch {a['stopped_early_at_epoch']})" if "stopped_early_at_epoch" in a else ""
+    return (f"[{done}/{total}] trial {trial.number}: {cost} {a[cost]:.4f}  val {a['val_accuracy']:.2f}% "
+            f"(before fine-tune {a['val_accuracy_before_finetune']:.2f}%)  "
+            f"feasible {'yes' if feasible else 'no'}{early}  | {best_txt}  | {a['finetune_seconds']:.1f}s")
+
+
+def best_feasible(study: optuna.Study):
+    """The feasible complete trial with the highest validation accuracy, or None."""
+    feasible = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.constraints and all(v <= 0 for v in t.constraints.values())]
+    return max(feasible, key=lambda t: t.user_attrs["val_accuracy"], default=None)
+
+
+def run_search(config: StudyConfig, *, device="auto", progress: bool = True) -> dict:
+    """Run (or resume) the study until it holds ``config.study.trials`` complete trials."""
+    start = time.perf_counter()
+    url = config.storage_url
+    total = config.study.trials
+    storage = open_storage(url, heartbeat_seconds=config.study.heartbeat_seconds)
+    log.info("study %r in %s: %d finished trials wanted", config.study.name, redact(url), total)
+    ctx, info = prepare(config, device, progress)
+    study, created = open_study(config, storage, info, config.study.name)
+    if created and config.priors.enabled and config.priors.enqueue_allocation and info.get("prior_allocation"):
+        alloc = {n: v for n, v in info["prior_allocation"].items() if ctx.space.upper.get(n, 0) > 0}
+        study.enqueue_trial({n: min(v, ctx.space.upper[n]) for n, v in alloc.items()})
+        log.info("enqueued the prior allocation as the first trial")
+    recover_dead_local_trials(study)
+    ctx.artifact_store = artifact_store(config)
+    study.set_user_attr("artifact_dir", str(Path(ctx.artifact_store._base_path).resolve()))
+    cost = config.cost_attr
+    existing = len(study.get_trials(deepcopy=False))
+    study.sampler = make_sampler(config.study.sampler, config.study.seed + existing, total)
+    objective = Objective(ctx)
+    ran = 0
+    while True:
+        done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        if done >= total:
+            break
+        study.optimize(objective, n_trials=1, gc_after_trial=False)
+        ran += 1
+        last = study.get_trials(deepcopy=False)[-1]
+        done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        print(_line(study, study._storage.get_trial(last._trial_id), done, total, cost), flush=True,
+              file=sys.stderr)
+    return summarize(study, config, time.perf_counter() - start, ran)
+
+
+def artifact_store(config: StudyConfig):
+    from optuna.artifacts import FileSystemArtifactStore
+
+    path = config.out_dir / "artifacts"
+    path.mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(str(path))
+
+
+def summarize(study: optuna.Study, config: StudyConfig, seconds: float, ran: int) -> dict:
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    feasible = [t for t in trials if all(v <= 0 for v in t.constraints.values())]
+    cost = config.cost_attr
+    front = sorted(study.best_trials, key=lambda t: t.user_attrs[cost])  # constraint-aware in Optuna
+    best = best_feasible(study)
+    first_feasible = min((t.number for t in feasible), default=None)
+    saved = sum(t.user_attrs.get("finetune_seconds_saved", 0.0) for t in trials)
+    return {
+        "study": study.study_name,
+        "cost": cost,
+        "storage": redact(config.storage_url),
+        "finished_trials": len(trials),
+        "feasible_trials": len(feasible),
+        "first_feasible_trial": first_feasible,
+        "ran_this_session": ran,
+        "seconds": seconds,
+        "finetune_seconds": sum(t.user_attrs.get("finetune_seconds", 0.0) for t in trials),
+        "finetune_seconds_saved_by_early_stop": saved,
+        "best_feasible": None if best is None else {"trial": best.number, **_brief(best, cost)},
+        "pareto_front": [{"trial": t.number, **_brief(t, cost)} for t in front],
+    }
+
+
+def _brief(t, cost):
+    a = t.user_attrs
+    return {cost: a[cost], "val_accuracy": a["val_accuracy"], "test_accuracy": a["test_accuracy"],
+            "plan": a["plan"]}
+
+
+def format_summary(s: dict) -> str:
+    cost = s["cost"]
+    lines = [f"study {s['study']} ({s['storage']}): {s['finished_trials']} finished, {s['feasible_trials']} feasible, "
+             f"first feasible: trial {s['first_feasible_trial']}; {s['seconds']:.0f}s this run, "
+             f"{s['finetune_seconds_saved_by_early_stop']:.0f}s of fine-tuning saved by early stop"]
+    if s["best_feasible"]:
+        b = s["best_feasible"]
+        lines.append(f"best feasible: trial {b['trial']}  {cost} {b[cost]:.4f}  val {b['val_accuracy']:.2f}%  "
+                     f"test {b['test_accuracy']:.2f}% (test: for reporting only)")
+    lines.append(f"Pareto front (feasible trials, {cost} vs validation accuracy):")
+    for r in s["pareto_front"]:
+        lines.append(f"  trial {r['trial']:>4}  {cost} {r[cost]:.4f}  val {r['val_accuracy']:.2f}%  "
+                     f"test {r['test_accuracy']:.2f}%")
+    return "\n".join(lines)

@@ -1,0 +1,110 @@
+"""Study storage: open an Optuna storage from a URL, never printing its password.
+
+* ``sqlite:///PATH`` (the default, one file, resumable) and any other
+  SQLAlchemy URL (``postgresql://user:pass@host/db`` for workers on many
+  machines) -> Optuna's ``RDBStorage`` with heartbeats, so a trial whose worker
+  died is marked failed after the grace period and retried.
+* ``journal:PATH`` -> Optuna's ``JournalStorage`` on a journal file, for several
+  processes on one host.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import optuna
+import warnings
+
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+from .errors import AutopruneError
+
+log = logging.getLogger("autoprune")
+
+MAX_RETRY = 3
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by ***, safe to print, log or report."""
+    if url.startswith("journal:") or "://" not in url:
+        return url
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.rpartition('@')[2]}" if "@" in rest else url
+
+
+def open_storage(url: str, heartbeat_seconds: int = 30) -> optuna.storages.BaseStorage:
+    """Open (creating if needed) the storage at ``url``; errors name it without its password."""
+    try:
+        if url.startswith("journal:"):
+            path = Path(url[len("journal:"):])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(str(path)))
+        if url.startswith("sqlite:///"):
+            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(
+                url,
+                heartbeat_interval=heartbeat_seconds,
+                grace_period=3 * heartbeat_seconds,
+                heartbeat_stale_trial_callback=_retry(),
+                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+            )
+    except AutopruneError:
+        raise
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AutopruneError(
+            f"cannot open storage {redact(url)}: {reason[:200]}; check the URL, the server and the file"
+        ) from None
+
+
+def _retry():
+    with warnings.catch_warnings():  # experimental in Optuna 5, and the documented way
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+
+
+def recover_dead_local_trials(study: optuna.Study) -> list[int]:
+    """Fail and retry RUNNING trials whose worker was a process on this host that is gone.
+
+    Heartbeats catch dead workers anywhere, but only after the grace period;
+    a worker on this host can be checked at once (Optuna's journal storage has
+    no heartbeat at all).
+    """
+    import socket
+
+    host = socket.gethostname()
+    recovered = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker", "")
+        wh, _, pid = worker.rpartition(":")
+        if wh != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        _retry()(study, study._storage.get_trial(t._trial_id))
+        log.info("trial %d was left running by process %s, which is gone: marked failed and queued again",
+                 t.number, pid)
+        recovered.append(t.number)
+    return recovered
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,221 @@
+"""The search: tiny studies on SQLite and journal storage, resume after SIGKILL, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from autoprune.config import load_config
+from autoprune.errors import AutopruneError
+from autoprune.search import run_search
+
+REPO = Path(__file__).resolve().parents[1]
+
+ATTRS = ["size_fraction", "nonzero_size_mib", "params", "macs", "macs_fraction", "val_accuracy",
+         "val_accuracy_before_finetune", "test_accuracy", "finetune_seconds", "plan", "proposed"]
+
+TINY = """
+[study]
+name = "{name}"
+kind = "{kind}"
+trials = {trials}
+seed = {seed}
+out_dir = "{out}"
+{storage}
+
+[model]
+width = 0.125
+train_epochs = 2
+
+[data]
+spec = "synthetic:600"
+
+[constraints]
+max_size_fraction = {cap}
+max_accuracy_drop = 30.0
+
+[finetune]
+epochs = 1
+batch_size = 128
+
+[priors]
+grid = [0.5, 0.9]
+tolerance = 30.0
+"""
+
+
+def write_config(tmp_path: Path, name="tiny", kind="fine_grained", trials=3, seed=0, cap=0.3,
+                 storage="", extra="") -> Path:
+    out = tmp_path / "reports" / name
+    text = TINY.format(name=name, kind=kind, trials=trials, seed=seed, cap=cap, out=out,
+                       storage=f'storage = "{storage}"' if storage else "")
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text + extra)
+    return path
+
+
+def complete_trials(url: str, name: str):
+    study = optuna.load_study(study_name=name, storage=url if not url.startswith("journal:") else
+                              optuna.storages.JournalStorage(
+                                  optuna.storages.journal.JournalFileBackend(url[len("journal:"):])))
+    return study, study.get_trials(states=(TrialState.COMPLETE,))
+
+
+@pytest.mark.parametrize("storage_kind", ["sqlite", "journal"])
+def test_tiny_study_counts_constraints_and_attributes(tmp_path, storage_kind):
+    url = (f"sqlite:///{tmp_path}/s.db" if storage_kind == "sqlite" else f"journal:{tmp_path}/s.log")
+    config = load_config(write_config(tmp_path, trials=3, storage=url))
+    summary = run_search(config, progress=False)
+    assert summary["finished_trials"] == 3
+    study, trials = complete_trials(url, "tiny")
+    assert len(trials) == 3
+    for t in trials:
+        for key in ATTRS:
+            assert key in t.user_attrs, key
+        assert t.user_attrs["size_fraction"] <= 0.3 + 1e-9
+        assert set(t.constraints) >= {"size", "accuracy"}
+        assert set(t.user_attrs["plan"]) <= {f"conv{i}" for i in range(8)} | {"classifier"}
+    # The prior allocation is the first trial.
+    assert trials[0].params == pytest.approx(
+        {k: v for k, v in study.user_attrs["prior_allocation"].items() if k in trials[0].params})
+    # Running the same command again adds nothing: the study is complete.
+    again = run_search(load_config(write_config(tmp_path, trials=3, storage=url)), progress=False)
+    assert again["ran_this_session"] == 0 and again["finished_trials"] == 3
+
+
+def test_channel_study_records_macs_and_latency(tmp_path):
+    config = load_config(write_config(tmp_path, name="ch", kind="channel", trials=2, cap=0.6,
+                                      extra="\n"))
+    run_search(config, progress=False)
+    _, trials = complete_trials(config.storage_url, "ch")
+    assert len(trials) == 2
+    for t in trials:
+        assert t.user_attrs["latency_ms"] > 0
+        assert t.user_attrs["macs"] < t.user_attrs["macs"] / t.user_attrs["macs_fraction"] + 1
+        assert t.user_attrs["size_fraction"] <= 0.6 + 1e-9
+        assert t.user_attrs["channels"][-1] == 64  # the last conv is never cut
+
+
+def test_same_seed_proposes_same_parameters(tmp_path):
+    params = []
+    for run in ("a", "b"):
+        config = load_config(write_config(tmp_path / run, name="seeded", trials=3, seed=7))
+        config.priors.enqueue_allocation = False
+        run_search(config, progress=False)
+        _, trials = complete_trials(config.storage_url, "seeded")
+        params.append([t.params for t in trials])
+    assert params[0] == params[1]
+
+
+def test_sigkill_mid_trial_then_resume(tmp_path):
+    path = write_config(tmp_path, name="killed", trials=3)
+    url = load_config(path).storage_url
+    cmd = [sys.executable, "-m", "autoprune", "search", str(path), "-q"]
+    # Make each fine-tune slow enough to be caught running.
+    text = path.read_text().replace("epochs = 1\n", "epochs = 3\n").replace("max_accuracy_drop = 30.0",
+                                                                            "max_accuracy_drop = 90.0")
+    path.write_text(text)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    killed_number = None
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        try:
+            study = optuna.load_study(study_name="killed", storage=url)
+        except Exception:
+            continue
+        done = study.get_trials(states=(TrialState.COMPLETE,))
+        running = study.get_trials(states=(TrialState.RUNNING,))
+        if done and running:
+            killed_number = running[0].number
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert killed_number is not None, "the search finished before it could be killed"
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(study_name="killed", storage=url)
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states[killed_number] == TrialState.FAIL
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
+    retried = [t for t in study.get_trials() if t.system_attrs.get("failed_trial") == killed_number]
+    assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "autoprune", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) >= 1 and lines[-1].startswith("autoprune: error:"), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+
+
+def test_unknown_toml_key_names_it_and_valid_keys(tmp_path):
+    path = write_config(tmp_path, extra="\n[finetune2]\nx = 1\n")
+    assert_one_line_error(run_cli("search", path), "unknown table [finetune2]", "finetune")
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace("[finetune]\n", "[finetune]\nepoch = 3\n"))
+    assert_one_line_error(run_cli("search", path), "unknown key 'epoch' in [finetune]", "epochs")
+
+
+@pytest.mark.parametrize("line,fragment", [
+    ("max_size_fraction = 1.5", "max_size_fraction must be in (0, 1]"),
+    ("max_size_fraction = 0", "max_size_fraction must be in (0, 1]"),
+])
+def test_constraint_out_of_range(tmp_path, line, fragment):
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace("max_size_fraction = 0.3", line))
+    assert_one_line_error(run_cli("search", path), fragment)
+
+
+def test_existing_study_with_another_space_is_refused_and_untouched(tmp_path):
+    url = f"sqlite:///{tmp_path}/shared.db"
+    run_search(load_config(write_config(tmp_path, name="same", trials=1, storage=url)), progress=False)
+    before = Path(f"{tmp_path}/shared.db").read_bytes()
+    other = write_config(tmp_path, name="same", kind="channel", trials=1, storage=url, cap=0.6)
+    assert_one_line_error(run_cli("search", other), "already exists with another search space")
+    assert Path(f"{tmp_path}/shared.db").read_bytes() == before
+
+
+def test_storage_that_cannot_be_opened(tmp_path):
+    bad = tmp_path / "not-a-db.db"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    path = write_config(tmp_path, storage=f"sqlite:///{bad}")
+    assert_one_line_error(run_cli("search", path), "cannot open storage")
+    path = write_config(tmp_path, storage="postgresql://user:s3cret@127.0.0.1:1/nodb")
+    result = run_cli("search", path)
+    assert_one_line_error(result, "cannot open storage", "127.0.0.1")
+    assert "s3cret" not in result.stderr + result.stdout
+
+
+def test_checkpoint_of_another_width(tmp_path):
+    from autoprune.model import build_model, save_checkpoint
+
+    ckpt = save_checkpoint(build_model("vgg", width=0.25), tmp_path / "w025.pt")
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace("train_epochs = 2", f'checkpoint = "{ckpt}"'))
+    assert_one_line_error(run_cli("search", path), "width 0.125")
+
+
+def test_bad_config_values_raise_library_errors(tmp_path):
+    with pytest.raises(AutopruneError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace('kind = "fine_grained"', 'kind = "weights"'))
+    with pytest.raises(AutopruneError, match="kind must be fine_grained or channel"):
+        load_config(path)
