@@ -161,7 +161,8 @@ def fine_grained_budget(
     t = _solve_shift(prefs, lo, hi, kept_fraction, (total - zeros_wanted) / total)
     exact = {n: numels[n] * s for n, s in _shifted(prefs, lo, hi, t).items()}
     # Integer zero counts within each layer's bounds, then hand out the remainder
-    # by largest fractional part so that the total is exact.
+    # one zero per layer per pass, by largest fractional part, so that the total is
+    # exact and every layer stays within one weight of its exact share.
     zeros = {n: min(max(math.floor(exact[n]), math.ceil(numels[n] * lo[n])), math.floor(numels[n] * hi[n]))
              for n in layers}
     remainder = zeros_wanted - sum(zeros.values())
@@ -172,7 +173,7 @@ def fine_grained_budget(
         for n in order:
             room = (math.floor(numels[n] * hi[n]) - zeros[n]) if step > 0 else (zeros[n] - math.ceil(numels[n] * lo[n]))
             if remainder and room > 0:
-                take = min(room, abs(remainder))
+                take = 1
                 zeros[n] += step * take
                 remainder -= step * take
                 moved = True

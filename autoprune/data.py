@@ -55,9 +55,11 @@ class Data:
     val: Split
     test: Split
     num_classes: int = NUM_CLASSES
+    seed: int = 0  # seed of the validation carve (and of synthetic images)
 
     def to(self, device: torch.device | str) -> "Data":
-        return Data(self.spec, self.train.to(device), self.val.to(device), self.test.to(device), self.num_classes)
+        return Data(self.spec, self.train.to(device), self.val.to(device), self.test.to(device),
+                    self.num_classes, self.seed)
 
     def describe(self) -> str:
         return f"{self.spec}: {len(self.train)} train / {len(self.val)} val / {len(self.test)} test images"
@@ -94,6 +96,7 @@ def load_data(
         train=Split(x_train[train_idx], y_train[train_idx]),
         val=Split(x_train[val_idx], y_train[val_idx]),
         test=Split(_to_nchw(x_test), torch.as_tensor(y_test, dtype=torch.int64)),
+        seed=seed,
     )
 
 

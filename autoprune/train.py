@@ -7,6 +7,7 @@ the result: initial weights, batch order and augmentation all come from it.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -18,6 +19,8 @@ from tqdm.auto import tqdm
 
 from .data import Data, Split, batches
 from .errors import AutopruneError
+
+log = logging.getLogger("autoprune")
 
 
 @dataclass
@@ -111,7 +114,10 @@ def fit(
     steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
     total = config.epochs * steps_per_epoch
     if config.schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=total, pct_start=0.25)
+        # torch's OneCycleLR divides by zero when its warm-up phase is exactly one step
+        # (pct_start * total == 1, e.g. 4 steps in all); warm up a little longer then.
+        pct_start = 0.25 if 0.25 * total != 1 else 0.3
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=total, pct_start=pct_start)
     else:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
     loss_fn = nn.CrossEntropyLoss()
@@ -138,6 +144,9 @@ def fit(
                   "seconds": time.perf_counter() - start}
         history.append(record)
         bar.set_postfix(epoch=f"{epoch}/{config.epochs}", loss=f"{record['train_loss']:.3f}", val=f"{val_acc:.2f}%")
+        if progress and bar.disable:  # no terminal for a bar: one log line per epoch instead
+            log.info("%s: epoch %d/%d  loss %.3f  val %.2f%%  %.1fs", desc, epoch, config.epochs,
+                     record["train_loss"], val_acc, record["seconds"])
         if on_epoch is not None and on_epoch(epoch, val_acc):
             break
     bar.close()

@@ -1,0 +1,325 @@
+"""Priors for the search, read off a sensitivity scan.
+
+In the lab a student looks at the sensitivity curves and picks, by hand, a
+sparsity per layer: as much as the layer tolerates (its accuracy stays within a
+point or two of dense), more where the layer is large because that is where the
+size goes. This module makes that reading systematic and explicit:
+
+* **Upper bounds.** A layer's upper bound is the largest grid ratio up to which
+  every scanned point stays within ``tolerance`` points of the dense accuracy
+  (a prefix of the curve: a noisy recovery after a large drop is not trusted).
+  A layer that already loses more at the first grid ratio gets 0. If the bounds
+  cannot reach the target size, no search inside them can, so the tolerance is
+  raised step by step (x1.5) until they can; each step is logged.
+* **Allocation.** Each layer's drop is modelled as the piecewise-linear
+  interpolation of its scanned drop (dense minus scanned accuracy, points) with
+  drop(0) = 0, negatives clamped to 0 and made non-decreasing (pruning more is
+  never predicted to help; the scan's small recoveries are noise). Assuming
+  that the drops of layers pruned together add up, the allocation that meets
+  the target with the least predicted loss is found greedily: repeatedly take
+  the step (1% of a layer's weights; one channel of a conv) with the least
+  predicted drop per parameter (or MAC) saved, within the upper bounds, until
+  the target is met. The budget functions of :mod:`autoprune.budget` then make
+  it exact (fine-grained) or the largest reachable configuration under the
+  target (channel).
+
+Additivity is an approximation: pruning several layers together usually costs
+more than the sum of the single-layer drops, and fine-tuning recovers much of
+it. The allocation is therefore a starting point (a first trial, a prior
+centre) for a search that measures real accuracy, not an answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from .budget import (
+    channel_budget,
+    channel_cost_fraction,
+    fine_grained_budget,
+    fine_size_fraction,
+    layer_numels,
+    vgg_cost,
+)
+from .errors import AutopruneError
+from .model import CONV_NAMES
+from .plan import check_kind, layers_for
+
+log = logging.getLogger("autoprune")
+
+DEFAULT_TOLERANCE = 2.0  # accuracy points, the lab's "within a couple of points"
+TOLERANCE_STEP = 1.5
+FINE_STEP = 0.01  # greedy step for fine-grained: 1% of a layer's weights
+RULE = ("greedy marginal drop per {unit} saved on piecewise-linear sensitivity curves "
+        "(drop(0)=0, clamped to >= 0, non-decreasing), within the upper bounds, then made exact "
+        "by the budget's shift rule; assumes the drops of layers pruned together add up")
+
+
+@dataclass
+class Priors:
+    """Per-layer upper bounds and a starting allocation for one pruning kind.
+
+    ``upper`` and ``allocation`` map layer -> ratio (fraction removed). For
+    channel pruning a ratio ``u`` keeps ``int(round((1 - u) * c))`` channels,
+    so an allocation may read slightly above its bound (``1 - kept / c``) while
+    keeping exactly the channels the bound allows.
+    """
+
+    kind: str
+    upper: dict
+    allocation: dict
+    tolerance: float
+    rule: str
+    log: list = field(default_factory=list)
+    target_fraction: float = 1.0
+    predicted_drop: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "upper": dict(self.upper), "allocation": dict(self.allocation),
+                "tolerance": self.tolerance, "rule": self.rule, "log": list(self.log),
+                "target_fraction": self.target_fraction, "predicted_drop": self.predicted_drop}
+
+
+def _points(x: float) -> str:
+    """2.0, 3.0, 4.5, 6.75: one decimal at least, two at most."""
+    text = f"{x:.2f}"
+    return text[:-1] if text.endswith("0") else text
+
+
+def _note(messages: list[str], text: str) -> None:
+    messages.append(text)
+    log.info("%s", text)
+
+
+def _drops(scan_df: pd.DataFrame, dense_accuracy: float, kind: str) -> dict[str, list[tuple[float, float]]]:
+    """layer -> [(grid ratio, drop in points)], ratios ascending; checks the scan."""
+    missing = [c for c in ("layer", "ratio", "accuracy") if c not in scan_df.columns]
+    if missing:
+        raise AutopruneError(f"a sensitivity scan needs columns layer, ratio, accuracy; missing {missing[0]}")
+    if dense_accuracy is None or not math.isfinite(float(dense_accuracy)):
+        raise AutopruneError("dense_accuracy must be a number (the scan's dense accuracy, percent)")
+    layers = layers_for(kind)
+    seen = set(scan_df["layer"].astype(str))
+    extra = sorted(seen - set(layers))
+    if extra:
+        raise AutopruneError(f"scan has layer {extra[0]!r}, not a {kind} layer; use a {kind} scan "
+                             f"(layers {', '.join(layers)})")
+    absent = [n for n in layers if n not in seen]
+    if absent:
+        raise AutopruneError(f"scan has no rows for {absent[0]}; rescan with --kind "
+                             f"{'fine' if kind == 'fine_grained' else 'channel'}")
+    out = {}
+    for layer in layers:
+        sub = scan_df[scan_df["layer"].astype(str) == layer].sort_values("ratio")
+        out[layer] = [(float(r), float(dense_accuracy) - float(a)) for r, a in zip(sub["ratio"], sub["accuracy"])]
+    return out
+
+
+def _upper_bounds(drops, tolerance: float) -> tuple[dict[str, float], dict[str, str]]:
+    """Largest grid ratio up to which every scanned drop is within ``tolerance``."""
+    upper, why = {}, {}
+    for layer, points in drops.items():
+        bound, first_bad = 0.0, None
+        for i, (r, d) in enumerate(points):
+            if d <= tolerance:
+                bound = r
+            else:
+                first_bad = i
+                break
+        upper[layer] = bound
+        if first_bad is None:
+            r, d = points[-1]
+            why[layer] = f"drop {d:.1f} points at {r:g}, the largest scanned"
+        elif first_bad == 0:
+            r, d = points[0]
+            why[layer] = f"drop {d:.1f} points already at {r:g}"
+        else:
+            (r0, d0), (r1, d1) = points[first_bad - 1], points[first_bad]
+            why[layer] = f"drop {d0:.1f} points at {r0:g}, {d1:.1f} at {r1:g}"
+    return upper, why
+
+
+def _budget(kind, channels, target, metric, num_classes, preferences=None, upper=None):
+    if kind == "fine_grained":
+        return fine_grained_budget(channels, target, preferences=preferences, upper=upper,
+                                   num_classes=num_classes)
+    return channel_budget(channels, target, metric=metric, preferences=preferences, upper=upper,
+                          num_classes=num_classes)
+
+
+class _Curve:
+    """Piecewise-linear predicted drop of one layer (x: fraction removed)."""
+
+    def __init__(self, points: Sequence[tuple[float, float]]):
+        xs = [0.0] + [x for x, _ in points]
+        ys = [0.0] + [max(0.0, d) for _, d in points]
+        order = np.argsort(xs, kind="stable")
+        xs, ys = np.asarray(xs)[order], np.maximum.accumulate(np.asarray(ys)[order])
+        # equal x (channel rounding can map two grid ratios to one width): keep the larger drop
+        ux = np.unique(xs)
+        self.x = ux
+        self.y = np.array([ys[xs == v].max() for v in ux])
+
+    def __call__(self, r: float) -> float:
+        return float(np.interp(r, self.x, self.y))
+
+
+def _channel_curve_points(points, c: int) -> list[tuple[float, float]]:
+    """Grid ratios -> fractions actually removed (``1 - kept / c``), as the scan pruned."""
+    return [(1.0 - int(round((1 - r) * c)) / c, d) for r, d in points]
+
+
+def _greedy(kind, channels, curves, upper, target, metric, num_classes):
+    """Raise the cheapest layer (predicted drop per unit saved) until the cost meets the target."""
+    layers = list(curves)
+    if kind == "fine_grained":
+        numels = layer_numels(channels, num_classes)
+        total = vgg_cost(channels, num_classes)["params"]
+        ratios = {n: 0.0 for n in layers}
+
+        def cost(rs):  # continuous (no rounding of zero counts): the budget rounds later
+            return 1.0 - sum(numels[n] * rs[n] for n in layers) / total
+
+        def next_ratio(n):
+            if ratios[n] >= upper[n] - 1e-12:
+                return None
+            return min(ratios[n] + FINE_STEP, upper[n])
+    else:
+        width = dict(zip(CONV_NAMES, channels))
+        kept = {n: width[n] for n in layers}
+        min_kept = {n: max(1, int(round((1 - upper[n]) * width[n]))) for n in layers}
+        ratios = {n: 0.0 for n in layers}
+
+        def cost(rs):
+            return channel_cost_fraction(channels, rs, metric, num_classes)
+
+        def next_ratio(n):
+            if kept[n] - 1 < min_kept[n]:
+                return None
+            return 1.0 - (kept[n] - 1) / width[n]
+
+    current = cost(ratios)
+    while current > target:
+        best = None
+        for i, n in enumerate(layers):
+            r = next_ratio(n)
+            if r is None:
+                continue
+            trial = {**ratios, n: r}
+            saved = current - cost(trial)
+            if saved <= 0:
+                continue
+            price = (curves[n](r) - curves[n](ratios[n])) / saved
+            key = (price, -saved, i)
+            if best is None or key < best[0]:
+                best = (key, n, r, current - saved)
+        if best is None:  # every layer at its bound; the budget below reports it
+            break
+        _, n, r, current = best
+        ratios[n] = r
+        if kind == "channel":
+            kept[n] -= 1
+    return ratios
+
+
+def compute_priors(
+    scan_df: pd.DataFrame,
+    dense_accuracy: float,
+    channels: Sequence[int],
+    kind: str,
+    target_fraction: float,
+    tolerance: float = DEFAULT_TOLERANCE,
+    metric: str = "params",
+    num_classes: int = 10,
+) -> Priors:
+    """Upper bounds and a least-predicted-loss allocation meeting ``target_fraction``.
+
+    ``target_fraction`` is the nonzero size fraction of dense (fine-grained) or
+    the ``metric`` (params or MACs) fraction (channel). See the module doc for
+    the rules.
+    """
+    kind = {"fine": "fine_grained"}.get(kind, kind)
+    check_kind(kind)
+    if not 0.0 < float(target_fraction) <= 1.0:
+        raise AutopruneError(f"target fraction must be in (0, 1], got {target_fraction}")
+    if not float(tolerance) >= 0.0:
+        raise AutopruneError(f"tolerance must be >= 0 accuracy points, got {tolerance}")
+    if kind == "channel" and metric not in ("params", "macs"):
+        raise AutopruneError(f"channel metric must be params or macs, got {metric!r}")
+    channels = [int(c) for c in channels]
+    what = "size" if kind == "fine_grained" else metric
+    drops = _drops(scan_df, dense_accuracy, kind)
+    messages: list[str] = []
+    tol = float(tolerance)
+    largest = {n: pts[-1][0] for n, pts in drops.items()}
+    while True:
+        upper, why = _upper_bounds(drops, tol)
+        try:
+            _budget(kind, channels, target_fraction, metric, num_classes, upper=upper)
+            break
+        except AutopruneError as exc:
+            if upper == largest:  # the whole grid is allowed and still too little
+                raise AutopruneError(
+                    f"{what} target {target_fraction:g} cannot be reached within the scanned grid "
+                    f"(largest ratios {max(largest.values()):g}): {exc}; scan a grid with larger ratios"
+                ) from None
+            new_tol = tol * TOLERANCE_STEP if tol > 0 else 0.5
+            _note(messages, f"prior: tolerance {_points(tol)} -> {_points(new_tol)} points: bounds could "
+                            f"not reach {what} {target_fraction:g}")
+            tol = new_tol
+    for layer in drops:
+        _note(messages, f"prior: {layer} upper {upper[layer]:.2f} ({why[layer]})")
+
+    if kind == "fine_grained":
+        curve = {n: _Curve(pts) for n, pts in drops.items()}
+    else:
+        width = dict(zip(CONV_NAMES, channels))
+        curve = {n: _Curve(_channel_curve_points(pts, width[n])) for n, pts in drops.items()}
+    greedy = _greedy(kind, channels, curve, upper, float(target_fraction), metric, num_classes)
+    allocation = _budget(kind, channels, target_fraction, metric, num_classes,
+                         preferences=greedy, upper=upper)
+    if kind == "fine_grained":
+        reached = fine_size_fraction(channels, allocation, num_classes)
+        unit = "parameter"
+    else:
+        reached = channel_cost_fraction(channels, allocation, metric, num_classes)
+        unit = "parameter" if metric == "params" else "MAC"
+    predicted = sum(curve[n](allocation[n]) for n in allocation)
+    caveat = ""
+    if predicted >= float(dense_accuracy):
+        caveat = "; more than the dense accuracy, so additivity has broken down: expect a near-chance start"
+    _note(messages, "prior: allocation " + ", ".join(f"{n} {r:.3f}" for n, r in allocation.items())
+          + f" ({what} {reached:.4f} of dense, predicted drop {predicted:.1f} points if drops add up{caveat})")
+    return Priors(kind=kind, upper=upper, allocation=allocation, tolerance=tol, rule=RULE.format(unit=unit),
+                  log=messages, target_fraction=float(target_fraction), predicted_drop=predicted)
+
+
+def by_hand_rule(
+    scan_df: pd.DataFrame,
+    dense_accuracy: float,
+    channels: Sequence[int],
+    kind: str,
+    target_fraction: float,
+    drop: float = 2.0,
+    metric: str = "params",
+    num_classes: int = 10,
+) -> dict[str, float]:
+    """The lab's rule: each layer's largest ratio within ``drop`` points, scaled to the target.
+
+    The per-layer ratios become preferences of the budget's shift rule
+    (:func:`autoprune.budget.fine_grained_budget` or ``channel_budget``), which
+    moves them together until the target is met; no upper bounds.
+    """
+    kind = {"fine": "fine_grained"}.get(kind, kind)
+    check_kind(kind)
+    drops = _drops(scan_df, dense_accuracy, kind)
+    prefs, why = _upper_bounds(drops, float(drop))
+    for layer in drops:
+        log.info("by hand: %s prefers %.2f (%s)", layer, prefs[layer], why[layer])
+    return _budget(kind, [int(c) for c in channels], target_fraction, metric, num_classes, preferences=prefs)
