@@ -7,8 +7,8 @@ pruning.
 
 * Fine-grained: the target is the lab's nonzero size as a fraction of dense
   (BatchNorm and biases stay dense). Integer zero counts are then distributed
-  so that the total is exact: the nonzero count is ``round(target * params)``,
-  i.e. within one weight of the target.
+  so that the total is exact: the nonzero count is ``floor(target * params)``,
+  at most the target and within one weight of it (a budget is a cap).
 * Channel: the target is a fraction of dense parameters or MACs. Channel
   counts are integers, so the result is the reachable configuration closest
   to the target from below (a budget is a cap).
@@ -140,7 +140,8 @@ def fine_grained_budget(
     numels = layer_numels(channels, num_classes)
     total = vgg_cost(channels, num_classes)["params"]
     lo, hi = _bounds(layers, lower, upper, {n: 1.0 for n in layers})
-    zeros_wanted = total - int(round(target_fraction * total))
+    # A budget is a cap: round the nonzero count down (the 1e-6 absorbs float error).
+    zeros_wanted = total - math.floor(target_fraction * total + 1e-6)
     zmin = sum(math.ceil(numels[n] * lo[n]) for n in layers)
     zmax = sum(math.floor(numels[n] * hi[n]) for n in layers)
     if zeros_wanted > zmax:

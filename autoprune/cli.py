@@ -189,6 +189,16 @@ def cmd_search(args) -> int:
     return 0
 
 
+def cmd_worker(args) -> int:
+    from .search import format_summary
+    from .workers import run_worker
+
+    summary = run_worker(args.storage, args.study, device=args.device, trials=args.trials,
+                         progress=not args.quiet)
+    _emit(args, summary, format_summary(summary))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -263,10 +273,22 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_search)
 
+    p = sub.add_parser("worker", help="join an existing study from any machine and run its trials")
+    p.add_argument("--storage", required=True, metavar="URL",
+                   help="the study's storage: postgresql://USER:PASSWORD@HOST:PORT/DB (or journal:PATH, sqlite:///PATH)")
+    p.add_argument("--study", required=True, metavar="NAME", help="the study's name (made by autoprune search)")
+    p.add_argument("--trials", type=int, help="complete trials the study should end with (default: its config's)")
+    _common(p)
+    p.set_defaults(func=cmd_worker)
+
     p = sub.add_parser("demo", help="the whole pipeline offline on synthetic data (minutes on a CPU)")
     p.add_argument("--out", default="reports/demo", help="output directory (default reports/demo)")
     _common(p)
     p.set_defaults(func=cmd_demo)
+
+    from .cli_study import add_commands  # report, pick, export: reading a finished study
+
+    add_commands(sub, _common)
     return parser
 
 

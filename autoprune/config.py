@@ -31,7 +31,14 @@ class StudySection:
     objectives: list = field(default_factory=list)
     criterion: str = ""  # channel importance: norm (default) | none | bn_scale | l1
     out_dir: str = ""  # default reports/<name>
+    # Multi-objective studies sample each trial's budget in [budget_low, 1] x the cap
+    # (size, or MACs for channel studies) to spread trials along the front; 1 = the cap only.
+    budget_low: float = 0.5
     heartbeat_seconds: int = 30  # RDB storages: a trial silent for 3x this is failed and retried
+    # Where trial weights and the dense checkpoint go: "" = "db" (inside the study's own database)
+    # for server storages (postgresql://, mysql://), else <out_dir>/artifacts; or a directory
+    # (shared by all workers, e.g. on NFS) or "db". See README "Scaling out".
+    artifacts: str = ""
 
 
 @dataclass
@@ -69,8 +76,9 @@ class FinetuneSection:
     weight_decay: float = 1e-4
     batch_size: int = 512
     early_stop: bool = True
-    # Stop after epoch e of E when val accuracy < floor - margin * (E - e).
-    early_stop_margin: float = 3.0  # points per remaining epoch
+    # Stop after epoch e of E when val accuracy < floor - margin * (E - e). On the subset,
+    # the last of two cosine epochs recovered up to 4.2 points (channel trials): 6 leaves room.
+    early_stop_margin: float = 6.0  # points per remaining epoch
 
 
 @dataclass
@@ -82,6 +90,18 @@ class PriorsSection:
 
 
 @dataclass
+class FidelitySection:
+    """Cheap scores and the multi-fidelity ladder (see autoprune/objective.py)."""
+
+    bn_recal_batches: int = 4  # cheap score: BatchNorm stats recomputed on this many training batches; 0: off
+    bn_recal_batch_size: int = 128
+    ladder: bool = False  # rank cheaply; fine-tune only the promising
+    promote_top: float = 0.5  # stage 1 -> 2: BN-recal score in this top fraction (at equal cost)
+    full_top: float = 0.5  # stage 2 -> 3: accuracy after 1 epoch in this top fraction (at equal cost)
+    warmup_trials: int = 4  # the first trials always climb the whole ladder
+
+
+@dataclass
 class StudyConfig:
     study: StudySection = field(default_factory=StudySection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -89,6 +109,7 @@ class StudyConfig:
     constraints: ConstraintsSection = field(default_factory=ConstraintsSection)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     priors: PriorsSection = field(default_factory=PriorsSection)
+    fidelity: FidelitySection = field(default_factory=FidelitySection)
     source: str = ""  # the TOML file it came from
 
     # --- derived values -------------------------------------------------------
@@ -112,6 +133,22 @@ class StudyConfig:
     def storage_url(self) -> str:
         return self.study.storage or f"sqlite:///{self.out_dir / 'study.db'}"
 
+    def load_data(self):
+        """The study's train / validation / test splits (autoprune.data.Data), on the CPU."""
+        from .data import load_data
+
+        d = self.data
+        return load_data(d.spec, data_root=d.root or None, download=d.download, val_size=d.val_size or None,
+                         seed=d.seed)
+
+    def finetune_recipe(self):
+        """The trials' fine-tune as an autoprune.train.TrainConfig (seeded by the study seed)."""
+        from .train import TrainConfig
+
+        ft = self.finetune
+        return TrainConfig(epochs=ft.epochs, lr=ft.lr, momentum=ft.momentum, weight_decay=ft.weight_decay,
+                           batch_size=ft.batch_size, seed=self.study.seed)
+
     def accuracy_floor(self, dense_val_accuracy: float) -> float:
         """The accuracy constraint in percent, absolute or relative to dense."""
         c = self.constraints
@@ -121,6 +158,25 @@ class StudyConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StudyConfig":
+        """Rebuild a config from :meth:`to_dict` output (a study's ``config`` user attr).
+
+        Keys this version does not know are ignored (a study written by a newer
+        autoprune still opens); missing keys take their defaults.
+        """
+        if not isinstance(d, dict):
+            raise AutopruneError(f"a study config must be a dict, got {type(d).__name__}")
+        sections = {}
+        for f in dataclasses.fields(cls):
+            if f.name == "source":
+                continue
+            section_cls = type(f.default_factory())
+            table = d.get(f.name) or {}
+            known = {x.name for x in dataclasses.fields(section_cls)}
+            sections[f.name] = section_cls(**{k: v for k, v in table.items() if k in known})
+        return cls(**sections, source=str(d.get("source") or ""))
 
     def validate(self) -> "StudyConfig":
         s, c, f = self.study, self.constraints, self.finetune
@@ -136,6 +192,11 @@ class StudyConfig:
                 f"[study] objectives must be ['accuracy'] or a cost (size or macs) with 'accuracy', "
                 f"got {self.objectives}"
             )
+        if not 0 < s.budget_low <= 1:
+            raise AutopruneError(f"[study] budget_low must be in (0, 1], got {s.budget_low}")
+        if s.kind == "fine_grained" and "macs" in self.objectives:
+            raise AutopruneError("[study] fine-grained pruning leaves dense MACs unchanged; use objectives "
+                                 "['size', 'accuracy']")
         if not self.model.width > 0:
             raise AutopruneError(f"[model] width must be > 0, got {self.model.width}")
         if not 0 < c.max_size_fraction <= 1:
@@ -152,6 +213,13 @@ class StudyConfig:
             raise AutopruneError(f"[constraints] max_latency_ms must be > 0, got {c.max_latency_ms}")
         if f.epochs < 1 or f.batch_size < 1 or not f.lr > 0:
             raise AutopruneError("[finetune] epochs and batch_size must be >= 1 and lr > 0")
+        fi = self.fidelity
+        if fi.bn_recal_batches < 0 or fi.bn_recal_batch_size < 1 or fi.warmup_trials < 0:
+            raise AutopruneError("[fidelity] bn_recal_batches and warmup_trials must be >= 0, bn_recal_batch_size >= 1")
+        if not (0 < fi.promote_top <= 1 and 0 < fi.full_top <= 1):
+            raise AutopruneError("[fidelity] promote_top and full_top are fractions in (0, 1]")
+        if fi.ladder and fi.bn_recal_batches == 0:
+            raise AutopruneError("[fidelity] ladder needs the cheap score: set bn_recal_batches >= 1")
         if not self.priors.grid or not all(0 < g < 1 for g in self.priors.grid):
             raise AutopruneError(f"[priors] grid must be ratios in (0, 1), got {self.priors.grid}")
         return self

@@ -26,8 +26,10 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import optuna
 import torch
+from optuna.trial import TrialState
 
 from . import metrics
 from .config import StudyConfig
@@ -35,7 +37,7 @@ from .data import Data
 from .model import VGG
 from .plan import prune
 from .space import SearchSpace
-from .train import TrainConfig, evaluate, fit
+from .train import evaluate, fit, recalibrate_bn
 
 log = logging.getLogger("autoprune")
 
@@ -80,70 +82,117 @@ class Objective:
 
         pruned = prune(ctx.dense, plan)
         model = pruned.model
-        before = evaluate(model, ctx.data.val)
+        attrs = {"val_accuracy_before_finetune": evaluate(model, ctx.data.val)}
+        fid = cfg.fidelity
+        stage = "full"  # how far this trial got: bn_recal, epoch1, stopped_early or full
+        if fid.bn_recal_batches > 0:
+            t0 = time.perf_counter()
+            recalibrate_bn(model, ctx.data.train, fid.bn_recal_batches, fid.bn_recal_batch_size, cfg.study.seed)
+            attrs["bn_recal_seconds"] = time.perf_counter() - t0
+            attrs["val_accuracy_bn_recal"] = evaluate(model, ctx.data.val)
+            if fid.ladder and not self.promoted(trial, "val_accuracy_bn_recal", attrs["val_accuracy_bn_recal"],
+                                                ratios, fid.promote_top):
+                stage = "bn_recal"
         ft = cfg.finetune
         epochs = ft.epochs
-        train_cfg = TrainConfig(epochs=epochs, lr=ft.lr, momentum=ft.momentum, weight_decay=ft.weight_decay,
-                                batch_size=ft.batch_size, seed=cfg.study.seed)
-        stopped_at = None
+        train_cfg = cfg.finetune_recipe()
 
         def on_epoch(epoch: int, val_acc: float) -> bool:
-            nonlocal stopped_at
+            nonlocal stage
             if len(cfg.objectives) == 1:  # Optuna's pruners work on single-objective studies only
                 trial.report(val_acc, epoch)
+            if epoch == 1:
+                trial.set_user_attr("val_accuracy_epoch1", val_acc)
+                if fid.ladder and epoch < epochs and not self.promoted(trial, "val_accuracy_epoch1", val_acc,
+                                                                       ratios, fid.full_top):
+                    stage = "epoch1"
+                    return True
             if ft.early_stop and epoch < epochs and val_acc < ctx.floor - ft.early_stop_margin * (epochs - epoch):
-                stopped_at = epoch
+                stage = "stopped_early"
+                attrs["stopped_early_at_epoch"] = epoch
                 log.info("trial %d: stopped after epoch %d/%d: val %.2f%% < floor %.2f%% - %.1f x %d epochs left",
                          trial.number, epoch, epochs, val_acc, ctx.floor, ft.early_stop_margin, epochs - epoch)
                 return True
             return False
 
         start = time.perf_counter()
-        history = fit(model, ctx.data, train_cfg, masks=pruned.masks, on_epoch=on_epoch,
-                      progress=ctx.progress, desc=f"trial {trial.number}")
+        history = []
+        if stage == "full":
+            history = fit(model, ctx.data, train_cfg, masks=pruned.masks, on_epoch=on_epoch,
+                          progress=ctx.progress, desc=f"trial {trial.number}")
         seconds = time.perf_counter() - start
+        if stage != "full":
+            done = len(history)
+            attrs["finetune_epochs_saved"] = epochs - done
+            attrs["finetune_seconds_saved"] = (seconds / done if done else ctx.extras.get("epoch_seconds", 0.0)) * (
+                epochs - done)
+            log.info("trial %d: stopped at fidelity %s (%d of %d fine-tune epochs)", trial.number, stage, done, epochs)
+        else:
+            ctx.extras["epoch_seconds"] = seconds / max(1, len(history))
         figures = metrics.profile(model, latency=False)
         dense = ctx.dense_figures
-        attrs = {
+        last_val = history[-1]["val_accuracy"] if history else attrs.get("val_accuracy_bn_recal",
+                                                                          attrs["val_accuracy_before_finetune"])
+        attrs.update({
             "size_fraction": figures["nonzero_params"] / dense["params"],
             "nonzero_size_mib": figures["nonzero_size_mib"],
             "params": figures["params"],
             "nonzero_params": figures["nonzero_params"],
             "macs": figures["macs"],
             "macs_fraction": figures["macs"] / dense["macs"],
-            "val_accuracy": history[-1]["val_accuracy"],
-            "val_accuracy_before_finetune": before,
+            "val_accuracy": last_val,
             "test_accuracy": evaluate(model, ctx.data.test),
             "finetune_seconds": seconds,
             "finetune_epochs_done": len(history),
+            "fidelity": stage,
             "channels": list(model.channels),
-        }
+        })
         if plan.kind == "channel":
             attrs["latency_ms"] = metrics.measure_latency_ms(model.cpu(), 1, 10, ctx.latency_repeats)
             model.to(next(ctx.dense.parameters()).device)
-        if stopped_at is not None:
-            attrs["stopped_early_at_epoch"] = stopped_at
-            attrs["finetune_epochs_saved"] = epochs - stopped_at
-            attrs["finetune_seconds_saved"] = seconds / len(history) * (epochs - stopped_at)
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
 
-        constraints = self.constraints(attrs, stopped_at is not None)
+        constraints = self.constraints(attrs)
         for key, value in constraints.items():
             trial.set_constraint(key, value)
         if all(v <= 0 for v in constraints.values()) and ctx.artifact_store is not None:
             self.save_weights(trial, model, plan, attrs)
         return self.values(attrs)
 
-    def constraints(self, attrs: dict, stopped_early: bool) -> dict[str, float]:
-        """Constraint values, <= 0 feasible: a trial stopped early is never feasible."""
+    def promoted(self, trial: optuna.Trial, attr: str, score: float, ratios: dict, top: float) -> bool:
+        """Ladder gate: is ``score`` within the ``top`` fraction of earlier trials at equal cost?
+
+        Earlier trials sit at different budgets, and a smaller config scores lower
+        for that alone, so each score is compared as its residual from a line
+        fitted to (cost, score) over the earlier trials that recorded ``attr``.
+        The first ``warmup_trials`` trials are always promoted.
+        """
+        fid = self.ctx.config.fidelity
+        cost_key = self.ctx.config.cost_attr
+        earlier = [(t.user_attrs[cost_key], t.user_attrs[attr])
+                   for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                   if attr in t.user_attrs and cost_key in t.user_attrs]
+        if len(earlier) < fid.warmup_trials:
+            return True
+        costs, scores = np.array(earlier).T
+        slope, intercept = np.polyfit(costs, scores, 1) if np.ptp(costs) > 1e-9 else (0.0, scores.mean())
+        cost = self.ctx.space.cost(ratios)[cost_key.removesuffix("_fraction")]
+        residuals = scores - (slope * costs + intercept)
+        mine = score - (slope * cost + intercept)
+        threshold = float(np.quantile(residuals, 1.0 - top))
+        log.info("trial %d: %s %.2f%% (residual %+.2f at equal cost; promotion needs >= %+.2f, top %.0f%% of %d)",
+                 trial.number, attr, score, mine, threshold, 100 * top, len(earlier))
+        return mine >= threshold
+
+    def constraints(self, attrs: dict) -> dict[str, float]:
+        """Constraint values, <= 0 feasible. A trial that was not fully fine-tuned is never feasible."""
         c = self.ctx.config.constraints
         out = {
             "size": attrs["size_fraction"] - c.max_size_fraction,
             "accuracy": self.ctx.floor - attrs["val_accuracy"],
+            "fidelity": 0.0 if attrs["fidelity"] == "full" else 1.0,
         }
-        if stopped_early:  # not fully fine-tuned: never feasible, whatever it measured
-            out["accuracy"] = max(out["accuracy"], 1.0)
         if c.max_macs_fraction is not None:
             out["macs"] = attrs["macs_fraction"] - c.max_macs_fraction
         if c.max_latency_ms is not None and "latency_ms" in attrs:

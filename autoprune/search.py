@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -21,12 +20,12 @@ from optuna.trial import TrialState
 
 from . import metrics
 from .config import StudyConfig
-from .data import load_data
 from .errors import AutopruneError
 from .model import build_model, load_checkpoint, save_checkpoint, vgg_channels
 from .objective import Objective, TrialContext
+from .pick import is_deployable, is_feasible
 from .space import SearchSpace
-from .storage import open_storage, recover_dead_local_trials, redact
+from .storage import redact
 from .train import DENSE_RECIPE, TrainConfig, evaluate, fit, resolve_device
 
 log = logging.getLogger("autoprune")
@@ -85,9 +84,7 @@ def dense_model(config: StudyConfig, data, device, progress: bool):
 def prepare(config: StudyConfig, device="auto", progress: bool = True) -> tuple[TrialContext, dict]:
     """Load data and the dense model, compute priors and the space: a worker's context."""
     device = resolve_device(device)
-    d = config.data
-    data = load_data(d.spec, data_root=d.root or None, download=d.download, val_size=d.val_size or None,
-                     seed=d.seed).to(device)
+    data = config.load_data().to(device)
     dense, checkpoint = dense_model(config, data, device, progress)
     dense.to(device).eval()
     dense_val = evaluate(dense, data.val)
@@ -102,11 +99,7 @@ def prepare(config: StudyConfig, device="auto", progress: bool = True) -> tuple[
     upper, allocation, prior_info = None, None, {}
     if config.priors.enabled:
         upper, allocation, prior_info = compute_study_priors(config, dense, checkpoint, data, progress)
-    space = SearchSpace.build(config.study.kind, dense.channels, upper,
-                              max_size_fraction=config.constraints.max_size_fraction,
-                              max_macs_fraction=config.constraints.max_macs_fraction,
-                              criterion=config.study.criterion, num_classes=dense.num_classes)
-    _check_reachable(space)
+    space = SearchSpace.for_study(config, dense.channels, upper, dense.num_classes)
     info = {"config": config.to_dict(), "space_signature": space.signature(), "space_upper": space.upper,
             "dense": figures, "accuracy_floor": floor, "checkpoint": str(checkpoint),
             "checkpoint_sha256": file_digest(checkpoint), "data": data.describe(),
@@ -124,20 +117,17 @@ def compute_study_priors(config, dense, checkpoint, data, progress):
     kind = config.study.kind
     df, dense_acc, cached = scan_cached(checkpoint, data, kind, list(config.priors.grid), config.study.criterion,
                                         config.out_dir, progress)
-    priors = compute_priors(df, dense_acc, dense.channels, kind, config.constraints.max_size_fraction,
-                            tolerance=config.priors.tolerance, metric="params", num_classes=dense.num_classes)
-    for line in priors.log:
-        log.info("prior: %s", line)
+    # Bounds must leave room for the whole budget range the study samples, not just the
+    # cap, or every proposal is projected onto the same corner of the space.
+    c = config.constraints
+    on_macs = kind == "channel" and c.max_macs_fraction is not None
+    low = config.study.budget_low if len(config.objectives) > 1 else 1.0
+    target = (c.max_macs_fraction if on_macs else c.max_size_fraction) * low
+    priors = compute_priors(df, dense_acc, dense.channels, kind, target, tolerance=config.priors.tolerance,
+                            metric="macs" if on_macs else "params", num_classes=dense.num_classes)
     info = {"prior_upper": priors.upper, "prior_rule": priors.rule, "prior_tolerance": priors.tolerance,
             "sensitivity_cached": cached}
     return priors.upper, priors.allocation, info
-
-
-def _check_reachable(space: SearchSpace) -> None:
-    try:
-        space.repair(dict(space.upper))
-    except AutopruneError as exc:
-        raise AutopruneError(f"the search space cannot meet the caps: {exc}") from None
 
 
 def open_study(config: StudyConfig, storage, info: dict | None, study_name: str, create: bool = True):
@@ -171,68 +161,45 @@ def _line(study: optuna.Study, trial: optuna.trial.FrozenTrial, done: int, total
     a = trial.user_attrs
     if trial.state != TrialState.COMPLETE:
         return f"[{done}/{total}] trial {trial.number} {trial.state.name.lower()}"
-    feasible = all(v <= 0 for v in trial.constraints.values())
+    feasible = is_feasible(trial)
     best = best_feasible(study)
     best_txt = (f"best feasible: #{best.number} {cost} {best.user_attrs[cost]:.4f} "
                 f"acc {best.user_attrs['val_accuracy']:.2f}%" if best else "best feasible: none yet")
-    early = f" (stopped at epoch {a['stopped_early_at_epoch']})" if "stopped_early_at_epoch" in a else ""
+    stage = a.get("fidelity", "full")
+    early = f" (stopped: {stage}, {a['finetune_epochs_done']} fine-tune epochs)" if stage != "full" else ""
     return (f"[{done}/{total}] trial {trial.number}: {cost} {a[cost]:.4f}  val {a['val_accuracy']:.2f}% "
             f"(before fine-tune {a['val_accuracy_before_finetune']:.2f}%)  "
             f"feasible {'yes' if feasible else 'no'}{early}  | {best_txt}  | {a['finetune_seconds']:.1f}s")
 
 
 def best_feasible(study: optuna.Study):
-    """The feasible complete trial with the highest validation accuracy, or None."""
+    """The deployable feasible trial with the highest validation accuracy, or None."""
+    config = StudyConfig.from_dict(study.user_attrs.get("config", {}))
     feasible = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.constraints and all(v <= 0 for v in t.constraints.values())]
-    return max(feasible, key=lambda t: t.user_attrs["val_accuracy"], default=None)
+                if is_feasible(t) and is_deployable(t, config)]
+    cost = config.cost_attr  # ties in accuracy go to the smaller model
+    return max(feasible, key=lambda t: (t.user_attrs["val_accuracy"], -t.user_attrs.get(cost, 0.0)), default=None)
 
 
 def run_search(config: StudyConfig, *, device="auto", progress: bool = True) -> dict:
     """Run (or resume) the study until it holds ``config.study.trials`` complete trials."""
+    # Creating and joining, and the trial loop, are shared with `autoprune worker`: see workers.py.
+    from .workers import _printer, connect_storage, create_or_join, run_trials, worker_seed
+
     start = time.perf_counter()
     url = config.storage_url
     total = config.study.trials
-    storage = open_storage(url, heartbeat_seconds=config.study.heartbeat_seconds)
+    storage = connect_storage(url, heartbeat_seconds=config.study.heartbeat_seconds)
     log.info("study %r in %s: %d finished trials wanted", config.study.name, redact(url), total)
-    ctx, info = prepare(config, device, progress)
-    study, created = open_study(config, storage, info, config.study.name)
-    if created and config.priors.enabled and config.priors.enqueue_allocation and info.get("prior_allocation"):
-        alloc = {n: v for n, v in info["prior_allocation"].items() if ctx.space.upper.get(n, 0) > 0}
-        study.enqueue_trial({n: min(v, ctx.space.upper[n]) for n, v in alloc.items()})
-        log.info("enqueued the prior allocation as the first trial")
-    recover_dead_local_trials(study)
-    ctx.artifact_store = artifact_store(config)
-    study.set_user_attr("artifact_dir", str(Path(ctx.artifact_store._base_path).resolve()))
-    cost = config.cost_attr
-    existing = len(study.get_trials(deepcopy=False))
-    study.sampler = make_sampler(config.study.sampler, config.study.seed + existing, total)
-    objective = Objective(ctx)
-    ran = 0
-    while True:
-        done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-        if done >= total:
-            break
-        study.optimize(objective, n_trials=1, gc_after_trial=False)
-        ran += 1
-        last = study.get_trials(deepcopy=False)[-1]
-        done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-        print(_line(study, study._storage.get_trial(last._trial_id), done, total, cost), flush=True,
-              file=sys.stderr)
+    study, ctx, created = create_or_join(config, storage, url, device, progress)
+    study.sampler = make_sampler(config.study.sampler, worker_seed(config, study, created), total)
+    ran = run_trials(study, Objective(ctx), total, url, on_trial=_printer(study, total, config.cost_attr, _line))
     return summarize(study, config, time.perf_counter() - start, ran)
-
-
-def artifact_store(config: StudyConfig):
-    from optuna.artifacts import FileSystemArtifactStore
-
-    path = config.out_dir / "artifacts"
-    path.mkdir(parents=True, exist_ok=True)
-    return FileSystemArtifactStore(str(path))
 
 
 def summarize(study: optuna.Study, config: StudyConfig, seconds: float, ran: int) -> dict:
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    feasible = [t for t in trials if all(v <= 0 for v in t.constraints.values())]
+    feasible = [t for t in trials if is_feasible(t)]
     cost = config.cost_attr
     front = sorted(study.best_trials, key=lambda t: t.user_attrs[cost])  # constraint-aware in Optuna
     best = best_feasible(study)

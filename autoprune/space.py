@@ -1,13 +1,22 @@
-"""The search space: per-layer ratios, bounded by priors, repaired onto the budget.
+"""The search space: per-layer ratios bounded by priors, plus a budget, projected exactly.
 
-One float parameter per prunable layer (the fraction removed, see
-:mod:`autoprune.plan`), in ``[0, upper]`` where ``upper`` comes from the
-sensitivity priors (or a wide default without them). A layer whose prior
-bound is 0 is not searched. A sampled point whose size (or MACs) breaks a cap
-is projected onto the cap with :mod:`autoprune.budget`'s shift rule before any
-fine-tuning: the sampler's proposal keeps its per-layer shape, shifted up
-until the budget holds. Optuna stores the proposal as the trial's params; the
-plan that actually ran is recorded beside it.
+Parameters of a trial:
+
+* one float per prunable layer (its *preference*: the fraction removed, see
+  :mod:`autoprune.plan`) in ``[0, upper]``, where ``upper`` comes from the
+  sensitivity priors (or a wide default without them); a layer whose bound is
+  0 is not searched;
+* ``budget`` (multi-objective studies): the trial's cost as a fraction of the
+  cap, in ``[budget_low, 1]``, so the study spreads its trials along the
+  Pareto front instead of piling them at the cap. Single-objective studies
+  always spend the whole cap.
+
+Before any fine-tuning, the preferences are projected onto exactly that cost
+(the cost objective: size for fine-grained, MACs or size for channel) with
+:mod:`autoprune.budget`'s shift rule, which keeps their per-layer shape; any
+other cap still broken (parameters for a channel study) is then enforced the
+same way. Optuna stores the proposal as the trial's params; the plan that
+actually ran is recorded beside it.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from dataclasses import dataclass
 import optuna
 
 from . import budget
+from .errors import AutopruneError
 from .plan import PruningPlan, layers_for
 
 log = logging.getLogger("autoprune")
@@ -27,6 +37,7 @@ log = logging.getLogger("autoprune")
 # Without priors: fine-grained layers may go up to 0.99 sparsity; channel layers
 # up to the ratio that keeps one channel (capped at 0.9, beyond which a VGG is gone).
 NO_PRIOR_UPPER = {"fine_grained": 0.99, "channel": 0.9}
+BUDGET = "budget"
 
 
 @dataclass
@@ -38,54 +49,100 @@ class SearchSpace:
     max_macs_fraction: float | None = None
     criterion: str = ""
     num_classes: int = 10
+    budget_low: float | None = None  # lowest sampled budget (fraction of the cap); None: always the cap
 
     @classmethod
     def build(cls, kind, channels, upper=None, *, max_size_fraction, max_macs_fraction=None,
-              criterion="", num_classes=10) -> "SearchSpace":
+              criterion="", num_classes=10, budget_low=None) -> "SearchSpace":
         default = NO_PRIOR_UPPER[kind]
-        if kind == "channel":
-            hard = budget.channel_upper_bounds(channels)
-            bounds = {n: min(default if upper is None else upper[n], hard[n]) for n in layers_for(kind)}
-        else:
-            bounds = {n: min(default if upper is None else upper[n], 1.0) for n in layers_for(kind)}
-        return cls(kind, list(channels), bounds, max_size_fraction, max_macs_fraction, criterion, num_classes)
+        hard = budget.channel_upper_bounds(channels) if kind == "channel" else {}
+        bounds = {n: min(default if upper is None else upper[n], hard.get(n, 1.0)) for n in layers_for(kind)}
+        space = cls(kind, list(channels), bounds, max_size_fraction, max_macs_fraction, criterion, num_classes)
+        try:
+            smallest = space.cost(bounds)[space.budget_metric] / space.cap
+            space.repair({**bounds, BUDGET: 1.0})
+        except AutopruneError as exc:
+            raise AutopruneError(f"the search space cannot meet the caps: {exc}") from None
+        if budget_low is not None:
+            # Never sample a budget the bounds cannot reach (with a little room for rounding).
+            space.budget_low = round(min(1.0, max(float(budget_low), smallest * 1.01)), 6)
+        return space
+
+    @classmethod
+    def for_study(cls, config, channels, upper=None, num_classes=10) -> "SearchSpace":
+        """The space a study config defines over a dense model with these conv widths."""
+        multi = len(config.objectives) > 1
+        return cls.build(config.study.kind, channels, upper,
+                         max_size_fraction=config.constraints.max_size_fraction,
+                         max_macs_fraction=config.constraints.max_macs_fraction,
+                         criterion=config.study.criterion, num_classes=num_classes,
+                         budget_low=config.study.budget_low if multi else None)
+
+    # --- what the budget is on ---------------------------------------------------
+
+    @property
+    def budget_metric(self) -> str:
+        """The cost the budget sets: size (fine-grained), MACs or size (channel)."""
+        return "macs" if self.kind == "channel" and self.max_macs_fraction is not None else "size"
+
+    @property
+    def cap(self) -> float:
+        return self.max_macs_fraction if self.budget_metric == "macs" else self.max_size_fraction
 
     def signature(self) -> str:
         """A short hash of everything that defines the space (a study keeps one space)."""
         blob = json.dumps({"kind": self.kind, "channels": self.channels,
                            "upper": {k: round(v, 6) for k, v in self.upper.items()},
-                           "criterion": self.criterion}, sort_keys=True)
+                           "criterion": self.criterion, "budget_low": self.budget_low}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    # --- sampling and projection ---------------------------------------------------
+
     def suggest(self, trial: optuna.Trial) -> dict[str, float]:
-        """The sampler's proposal: one ratio per searched layer (others stay 0)."""
-        return {n: trial.suggest_float(n, 0.0, hi) if hi > 0 else 0.0 for n, hi in self.upper.items()}
+        """The sampler's proposal: a preference per searched layer (others 0), and the budget."""
+        proposal = {n: trial.suggest_float(n, 0.0, hi) if hi > 0 else 0.0 for n, hi in self.upper.items()}
+        if self.budget_low is not None and self.budget_low < 1.0:
+            proposal[BUDGET] = trial.suggest_float(BUDGET, self.budget_low, 1.0)
+        return proposal
+
+    def initial_params(self, allocation: dict[str, float]) -> dict[str, float]:
+        """Trial params that reproduce a prior allocation at the full cap (for enqueue_trial)."""
+        params = {n: min(v, self.upper[n]) for n, v in allocation.items() if self.upper.get(n, 0) > 0}
+        if self.budget_low is not None and self.budget_low < 1.0:
+            params[BUDGET] = 1.0
+        return params
 
     def cost(self, ratios: dict[str, float]) -> dict[str, float]:
-        """Predicted size (and MACs) fraction of dense for ``ratios``."""
+        """Predicted size (and, for channel plans, MACs) as fractions of dense."""
+        ratios = {n: r for n, r in ratios.items() if n != BUDGET}
         if self.kind == "fine_grained":
             return {"size": budget.fine_size_fraction(self.channels, ratios, self.num_classes)}
         return {m: budget.channel_cost_fraction(self.channels, ratios, p, self.num_classes)
                 for m, p in (("size", "params"), ("macs", "macs"))}
 
+    def _project(self, ratios: dict[str, float], metric: str, target: float) -> dict[str, float]:
+        if self.kind == "fine_grained":
+            return budget.fine_grained_budget(self.channels, target, ratios, upper=self.upper,
+                                              num_classes=self.num_classes)
+        return budget.channel_budget(self.channels, target, "params" if metric == "size" else "macs", ratios,
+                                     upper=self.upper, num_classes=self.num_classes)
+
     def repair(self, proposed: dict[str, float]) -> tuple[dict[str, float], list[str]]:
-        """Project ``proposed`` onto the caps; returns the ratios to run and what was done."""
-        ratios, notes = dict(proposed), []
-        caps = [("size", "params", self.max_size_fraction)]
-        if self.kind == "channel" and self.max_macs_fraction is not None:
-            caps.append(("macs", "macs", self.max_macs_fraction))
-        for name, metric, cap in caps:
-            before = self.cost(ratios)[name]
-            if before <= cap:
-                continue
-            if self.kind == "fine_grained":
-                ratios = budget.fine_grained_budget(self.channels, cap, ratios, upper=self.upper,
-                                                    num_classes=self.num_classes)
-            else:
-                ratios = budget.channel_budget(self.channels, cap, metric, ratios, upper=self.upper,
-                                               num_classes=self.num_classes)
-            notes.append(f"{name} {before:.4f} > cap {cap:.4f}: shifted onto the cap "
-                         f"({self.cost(ratios)[name]:.4f})")
+        """Project a proposal onto its budget, then onto any cap still broken.
+
+        Returns the ratios to run and a note of each projection.
+        """
+        ratios = {n: r for n, r in proposed.items() if n != BUDGET}
+        target = self.cap * proposed.get(BUDGET, 1.0)
+        before = self.cost(ratios)[self.budget_metric]
+        ratios = self._project(ratios, self.budget_metric, target)
+        notes = [f"{self.budget_metric} {before:.4f} -> budget {target:.4f} (shifted preferences: "
+                 f"{self.cost(ratios)[self.budget_metric]:.4f})"]
+        if self.kind == "channel" and self.budget_metric == "macs":
+            size = self.cost(ratios)["size"]
+            if size > self.max_size_fraction:
+                ratios = self._project(ratios, "size", self.max_size_fraction)
+                notes.append(f"size {size:.4f} > cap {self.max_size_fraction:.4f}: shifted onto the cap")
         return ratios, notes
 
     def plan(self, ratios: dict[str, float]) -> PruningPlan:

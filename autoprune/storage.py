@@ -41,8 +41,25 @@ def redact(url: str) -> str:
         return f"{scheme}://***@{rest.rpartition('@')[2]}" if "@" in rest else url
 
 
+def with_driver(url: str) -> str:
+    """``postgresql://`` with the PostgreSQL driver that is installed.
+
+    SQLAlchemy 2.1 reads a bare ``postgresql://`` as psycopg 3; autoprune's
+    ``postgres`` extra installs psycopg2. An explicit ``postgresql+DRIVER://`` is kept.
+    """
+    if not url.startswith("postgresql://"):
+        return url
+    import importlib.util
+
+    for module, driver in (("psycopg", "psycopg"), ("psycopg2", "psycopg2")):
+        if importlib.util.find_spec(module) is not None:
+            return f"postgresql+{driver}://" + url[len("postgresql://"):]
+    return url
+
+
 def open_storage(url: str, heartbeat_seconds: int = 30) -> optuna.storages.BaseStorage:
     """Open (creating if needed) the storage at ``url``; errors name it without its password."""
+    shown, url = redact(url), with_driver(url)
     try:
         if url.startswith("journal:"):
             path = Path(url[len("journal:"):])
@@ -64,14 +81,27 @@ def open_storage(url: str, heartbeat_seconds: int = 30) -> optuna.storages.BaseS
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AutopruneError(
-            f"cannot open storage {redact(url)}: {reason[:200]}; check the URL, the server and the file"
+            f"cannot open storage {shown}: {reason[:200]}; check the URL, the server and the file"
         ) from None
+
+
+class _RetryCallback(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry, minus the dead run's ``worker``: the retried (WAITING) trial copies
+    the failed trial's user attributes, and a copied ``worker`` naming a dead process
+    would make the retry look dead too the moment a live worker picks it up."""
+
+    def __call__(self, study, trial) -> None:
+        import copy
+
+        trial = copy.deepcopy(trial)
+        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "worker"}
+        super().__call__(study, trial)
 
 
 def _retry():
     with warnings.catch_warnings():  # experimental in Optuna 5, and the documented way
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+        return _RetryCallback(max_retry=MAX_RETRY)
 
 
 def recover_dead_local_trials(study: optuna.Study) -> list[int]:
@@ -88,9 +118,14 @@ def recover_dead_local_trials(study: optuna.Study) -> list[int]:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker", "")
         wh, _, pid = worker.rpartition(":")
-        if wh != host or not pid.isdigit() or _alive(int(pid)):
+        started = t.datetime_start.timestamp() if t.datetime_start else None
+        if wh != host or not pid.isdigit() or _alive(int(pid), started):
             continue
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        try:
+            if not study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:  # finished (or failed by another worker) meanwhile
+            continue
         _retry()(study, study._storage.get_trial(t._trial_id))
         log.info("trial %d was left running by process %s, which is gone: marked failed and queued again",
                  t.number, pid)
@@ -98,7 +133,12 @@ def recover_dead_local_trials(study: optuna.Study) -> list[int]:
     return recovered
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, since: float | None = None) -> bool:
+    """Whether process ``pid`` lives and is the one that started a trial at ``since`` (epoch seconds).
+
+    On Linux a zombie (killed, not yet reaped) counts as gone, and so does a process
+    that started after the trial did: the dead worker's pid was reused.
+    """
     if pid == os.getpid():
         return True
     try:
@@ -106,5 +146,18 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        if fields[0] in ("Z", "X"):
+            return False
+        if since is not None:
+            boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                        if line.startswith("btime "))
+            process_start = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+            if process_start > since + 2.0:  # clock ticks and btime are coarse: allow slack
+                return False
+    except (OSError, ValueError, IndexError, StopIteration):
+        pass  # no /proc: trust os.kill
     return True

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -85,8 +84,12 @@ def test_tiny_study_counts_constraints_and_attributes(tmp_path, storage_kind):
         assert set(t.constraints) >= {"size", "accuracy"}
         assert set(t.user_attrs["plan"]) <= {f"conv{i}" for i in range(8)} | {"classifier"}
     # The prior allocation is the first trial.
-    assert trials[0].params == pytest.approx(
-        {k: v for k, v in study.user_attrs["prior_allocation"].items() if k in trials[0].params})
+    first = dict(trials[0].params)
+    assert first.pop("budget") == 1.0  # the whole cap
+    assert first == pytest.approx({k: v for k, v in study.user_attrs["prior_allocation"].items() if k in first})
+    # Every other trial ran at its sampled budget, exactly (one weight of rounding).
+    for t in trials[1:]:
+        assert t.user_attrs["size_fraction"] == pytest.approx(0.3 * t.params["budget"], abs=1e-4)
     # Running the same command again adds nothing: the study is complete.
     again = run_search(load_config(write_config(tmp_path, trials=3, storage=url)), progress=False)
     assert again["ran_this_session"] == 0 and again["finished_trials"] == 3
@@ -219,3 +222,46 @@ def test_bad_config_values_raise_library_errors(tmp_path):
     path.write_text(path.read_text().replace('kind = "fine_grained"', 'kind = "weights"'))
     with pytest.raises(AutopruneError, match="kind must be fine_grained or channel"):
         load_config(path)
+
+
+def test_demo_config_is_studies_demo_toml():
+    from autoprune.demo import demo_config
+
+    shipped = load_config(REPO / "studies" / "demo.toml").to_dict()
+    built = demo_config().to_dict()
+    shipped.pop("source"), built.pop("source")
+    assert shipped == built
+
+
+@pytest.mark.parametrize("name", ["subset-fine-grained", "subset-channel", "vgg-fine-grained", "vgg-channel"])
+def test_shipped_studies_load(name):
+    config = load_config(REPO / "studies" / f"{name}.toml")
+    assert config.study.name == name
+    if name.startswith("subset"):
+        assert config.data.spec == "npz:" + str((REPO.parent / "shared/data/cifar10-subset.npz").resolve())
+        assert config.constraints.max_accuracy_drop is not None  # a relative floor
+    else:
+        assert config.constraints.max_size_fraction == 0.25 or config.study.kind == "channel"
+        assert config.accuracy_floor(95.0) == 92.5
+
+
+def test_fidelity_ladder_never_presents_partial_trials_as_fine_tuned(tmp_path):
+    extra = "\n[fidelity]\nladder = true\nwarmup_trials = 2\npromote_top = 0.3\nfull_top = 0.5\n"
+    path = write_config(tmp_path, name="ladder", trials=8, extra=extra)
+    path.write_text(path.read_text().replace("[finetune]\nepochs = 1\n", "[finetune]\nepochs = 2\n"))
+    config = load_config(path)
+    run_search(config, progress=False)
+    study, trials = complete_trials(config.storage_url, "ladder")
+    assert len(trials) == 8
+    assert all("val_accuracy_bn_recal" in t.user_attrs for t in trials)  # the cheap score, on every trial
+    stages = [t.user_attrs["fidelity"] for t in trials]
+    assert set(stages) <= {"bn_recal", "epoch1", "stopped_early", "full"}
+    assert stages[:2] == ["full", "full"]  # warm-up trials climb the whole ladder
+    partial = [t for t in trials if t.user_attrs["fidelity"] != "full"]
+    assert partial, stages  # with promote_top 0.3 some trial must stop below the top
+    front = {t.number for t in study.best_trials}
+    for t in partial:
+        assert t.constraints["fidelity"] == 1.0
+        assert t.number not in front
+        assert t.user_attrs["finetune_epochs_done"] < 2
+        assert "weights_artifact_id" not in t.user_attrs

@@ -1,0 +1,320 @@
+"""Export one trial of a study as files to deploy, from its kept weights (no retraining).
+
+``export`` writes into a directory:
+
+* ``model.pt``: the lab's checkpoint format ``{'state_dict', 'autoprune': {...}}``
+  (``autoprune.load(DIR)`` and ``autoprune eval --checkpoint DIR`` read it);
+* ``plan.json``: the pruning plan that ran; ``metrics.json``: the trial's
+  record, the figures measured on the exported model, and file sizes;
+* fine-grained: ``sparse.npz``: every pruned tensor as a bitmask of its
+  nonzeros (``numpy.packbits``) plus the nonzero values, everything else
+  dense, zip-compressed; its size on disk reflects the sparsity
+  (:func:`load_sparse` reads it back into a state dict);
+* channel: ``model.ts``: the physically smaller network as TorchScript
+  (``torch.jit.load`` in a Python with torch alone).
+
+The weights come from the trial's Optuna artifact (``weights_artifact_id``),
+loaded with ``weights_only=True``. Files are written to a temporary directory
+beside the target and renamed into place, so a failure leaves nothing
+half-written and an existing export is replaced only with ``force``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from . import metrics
+from .errors import AutopruneError
+from .model import build_model, load_state_dict_strict, save_checkpoint
+from .pick import WEIGHTS_ATTR, has_weights, is_feasible, not_deployable_reason, open_existing, pick, trial_summary
+
+SPARSE_FORMAT = "autoprune-sparse-v1"
+
+
+# --- the output directory ------------------------------------------------------
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    """Refuse an existing non-empty directory (without ``force``) or a file, before any work."""
+    if out.exists() and not out.is_dir():
+        raise AutopruneError(f"--out {out} exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise AutopruneError(f"--out {out} exists and is not empty; pass --force to replace it "
+                             f"(nothing was written)")
+
+
+def _staging_dir(out: Path) -> Path:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; an export is an ordinary directory
+        return staging
+    except OSError as exc:
+        raise AutopruneError(f"cannot write to {out}: {exc.strerror or exc}; choose a writable --out") from None
+
+
+def _move_into_place(staging: Path, out: Path, force: bool) -> None:
+    old = None
+    if out.is_dir():
+        if any(out.iterdir()):
+            if not force:  # checked before; re-checked in case it filled meanwhile
+                raise AutopruneError(f"--out {out} exists and is not empty; pass --force to replace it")
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+        else:
+            out.rmdir()
+    try:
+        os.replace(staging, out)
+    except OSError:
+        if old is not None:  # put the previous export back
+            os.replace(old / out.name, out)
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --- the trial's weights -------------------------------------------------------
+
+
+def find_trial(study, number: int) -> FrozenTrial:
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if number not in trials:
+        last = max(trials) if trials else None
+        raise AutopruneError(f"study {study.study_name!r} has no trial {number}; "
+                             f"trials are numbered 0 to {last}" if trials else
+                             f"study {study.study_name!r} has no trials")
+    return trials[number]
+
+
+def check_exportable(trial: FrozenTrial, config, study_name: str) -> None:
+    reason = not_deployable_reason(trial, config)
+    if reason is not None:
+        if trial.state != TrialState.COMPLETE:
+            raise AutopruneError(f"trial {trial.number} of study {study_name!r} did not finish "
+                                 f"(state {trial.state.name}); export a COMPLETE trial (autoprune pick lists them)")
+        raise AutopruneError(f"trial {trial.number} of study {study_name!r} (state {trial.state.name}) cannot be "
+                             f"exported: {reason}; export a fully fine-tuned trial (autoprune pick lists them)")
+    if not has_weights(trial):
+        why = ("it was infeasible under the study's constraints, and only feasible trials keep theirs"
+               if not is_feasible(trial) else "the search ran without an artifact store")
+        raise AutopruneError(f"trial {trial.number} of study {study_name!r} (state {trial.state.name}) kept no "
+                             f"weights: {why}; export a feasible trial (autoprune pick lists them)")
+
+
+def artifact_store(study):
+    """The study's artifact store: what it records (a directory or its database), else ``artifact_dir``."""
+    from optuna.artifacts import FileSystemArtifactStore
+
+    try:
+        from .artifacts import study_artifact_store
+    except ImportError:  # a tree without database-backed artifacts
+        study_artifact_store = None
+    if study_artifact_store is not None and study.user_attrs.get("artifact_store"):
+        return study_artifact_store(study), str(study.user_attrs["artifact_store"].get("path", "the study's database"))
+    base = study.user_attrs.get("artifact_dir")
+    if not base or not Path(base).is_dir():
+        raise AutopruneError(f"the artifact directory of study {study.study_name!r} ({base}) is missing; "
+                             f"the trial weights were stored there by autoprune search")
+    return FileSystemArtifactStore(base), base
+
+
+def load_trial_weights(study, trial: FrozenTrial, workdir: Path) -> dict:
+    """Download the trial's artifact into ``workdir`` and load it (weights only)."""
+    from optuna.artifacts import download_artifact
+
+    store, base = artifact_store(study)
+    path = workdir / f"trial-{trial.number}.pt"
+    try:
+        download_artifact(artifact_store=store, file_path=str(path), artifact_id=trial.user_attrs[WEIGHTS_ATTR])
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AutopruneError(f"cannot read the weights of trial {trial.number} from {base}: {reason[:160]}") from None
+    finally:
+        path.unlink(missing_ok=True)
+    if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
+        raise AutopruneError(f"the weights artifact of trial {trial.number} holds no state dict")
+    return obj
+
+
+# --- sparse file ---------------------------------------------------------------
+
+
+def save_sparse(state_dict: dict, path: Path) -> int:
+    """Pruned tensors (> 1 dim) as packbits mask + nonzero values; the rest dense. Returns bytes."""
+    arrays = {"__format__": np.array(SPARSE_FORMAT)}
+    for name, t in state_dict.items():
+        a = t.detach().cpu().numpy()
+        if t.dim() > 1 and t.is_floating_point():
+            mask = a != 0
+            arrays[f"{name}::mask"] = np.packbits(mask.reshape(-1))
+            arrays[f"{name}::values"] = a[mask]
+            arrays[f"{name}::shape"] = np.array(a.shape, dtype=np.int64)
+        else:
+            arrays[f"{name}::dense"] = a
+    with open(path, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    return path.stat().st_size
+
+
+def load_sparse(path: str | os.PathLike) -> dict:
+    """Read a ``sparse.npz`` back into a dense state dict (torch tensors)."""
+    with np.load(path, allow_pickle=False) as z:
+        if "__format__" not in z or str(z["__format__"]) != SPARSE_FORMAT:
+            raise AutopruneError(f"{path} is not an autoprune sparse file ({SPARSE_FORMAT})")
+        out = {}
+        for key in z.files:
+            name, _, part = key.rpartition("::")
+            if part == "dense":
+                out[name] = torch.from_numpy(z[key].copy())
+            elif part == "shape":
+                shape = tuple(int(s) for s in z[key])
+                n = int(np.prod(shape))
+                mask = np.unpackbits(z[f"{name}::mask"], count=n).astype(bool)
+                flat = np.zeros(n, dtype=z[f"{name}::values"].dtype)
+                flat[mask] = z[f"{name}::values"]
+                out[name] = torch.from_numpy(flat.reshape(shape))
+    return out
+
+
+# --- export --------------------------------------------------------------------
+
+
+def _val_size(study) -> int | None:
+    m = re.search(r"(\d+) val", str(study.user_attrs.get("data", "")))
+    return int(m.group(1)) if m else None
+
+
+def export(storage_url: str, study_name: str, out_dir, trial: int | None = None, pick_kwargs: dict | None = None,
+           force: bool = False) -> dict:
+    """Write the trial's deployable files into ``out_dir`` (see the module doc); returns what was written."""
+    from .plan import PruningPlan
+    from .storage import redact
+
+    if trial is None and pick_kwargs is None:
+        raise AutopruneError("say which trial to export: --trial N, or --pick [pick options]")
+    if trial is not None and pick_kwargs:
+        raise AutopruneError("give --trial N or --pick, not both")
+    out = Path(out_dir)
+    check_out_dir(out, force)
+    study, config = open_existing(storage_url, study_name)
+    if trial is not None:
+        t = find_trial(study, int(trial))
+    else:
+        t, _ = pick(study, config, require_weights=True, **(pick_kwargs or {}))
+    check_exportable(t, config, study_name)
+
+    staging = _staging_dir(out)
+    try:
+        obj = load_trial_weights(study, t, staging)
+        meta = dict(obj.get("autoprune") or {})
+        arch = dict(meta.get("arch") or {})
+        state_dict = obj["state_dict"]
+        from .model import infer_arch
+
+        arch = arch or infer_arch(state_dict)
+        model = build_model(arch.get("name", "vgg"), channels=arch["channels"], num_classes=arch["num_classes"])
+        load_state_dict_strict(model, state_dict)
+        model.eval()
+        plan = PruningPlan.from_dict(meta["plan"]) if "plan" in meta else None
+        a = t.user_attrs
+        dense = study.user_attrs.get("dense", {})
+        measured = metrics.profile(model, latency=False)
+        _check_matches(t, measured)
+        size_fraction = measured["nonzero_params"] / dense["params"] if dense.get("params") else a["size_fraction"]
+        macs_fraction = measured["macs"] / dense["macs"] if dense.get("macs") else a["macs_fraction"]
+        record = trial_summary(t, config)
+        ckpt_meta = {
+            "made_by": "autoprune export", "study": study_name, "storage": redact(storage_url),
+            "trial": t.number, "kind": config.study.kind,
+            "plan": plan.to_dict() if plan else {"kind": config.study.kind, "ratios": a.get("plan", {})},
+            "data": config.data.spec, "val_size": _val_size(study), "data_seed": config.data.seed,
+            "val_accuracy": a["val_accuracy"], "test_accuracy": a["test_accuracy"],
+            "size_fraction": size_fraction, "macs_fraction": macs_fraction,
+            "dense_params": dense.get("params"), "dense_macs": dense.get("macs"),
+        }
+        if "latency_ms" in a:
+            ckpt_meta["latency_ms"] = a["latency_ms"]
+        files = {}
+        save_checkpoint(model, staging / "model.pt", **ckpt_meta)
+        files["model.pt"] = (staging / "model.pt").stat().st_size
+        result = {
+            "study": study_name, "storage": redact(storage_url), "kind": config.study.kind, "trial": t.number,
+            "out": str(out), "plan": ckpt_meta["plan"], "channels": list(model.channels),
+            "size_fraction": size_fraction, "macs_fraction": macs_fraction,
+            "val_accuracy": a["val_accuracy"], "test_accuracy": a["test_accuracy"],
+            "accuracy_note": "val_accuracy: validation split carved from training (used to select); "
+                             "test_accuracy: reported only, never used to choose",
+            "trial_record": record, "measured": measured, "dense": dense,
+        }
+        if "latency_ms" in a:
+            result["latency_ms"] = a["latency_ms"]
+        if config.study.kind == "fine_grained":
+            files["sparse.npz"] = save_sparse(model.state_dict(), staging / "sparse.npz")
+            result["sparse_bytes"] = files["sparse.npz"]
+            result["dense_bytes"] = files["model.pt"]
+            result["sparse_vs_dense"] = files["sparse.npz"] / files["model.pt"]
+        else:
+            files["model.ts"] = _torchscript(model, staging / "model.ts")
+        (staging / "plan.json").write_text(json.dumps(result["plan"], indent=2) + "\n")
+        files["plan.json"] = (staging / "plan.json").stat().st_size
+        result["files"] = files
+        (staging / "metrics.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        files["metrics.json"] = (staging / "metrics.json").stat().st_size
+        _move_into_place(staging, out, force)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return result
+
+
+def _check_matches(trial: FrozenTrial, measured: dict) -> None:
+    """The artifact must be the network the trial measured (params, nonzeros, MACs)."""
+    a = trial.user_attrs
+    for key in ("params", "nonzero_params", "macs"):
+        if key in a and int(a[key]) != int(measured[key]):
+            raise AutopruneError(f"the kept weights of trial {trial.number} do not match its record ({key} "
+                                 f"{measured[key]} vs {a[key]}); the artifact store may hold another study's files")
+
+
+def _torchscript(model, path: Path) -> int:
+    """Trace the (eval-mode) model to TorchScript and check the file reproduces its outputs."""
+    import warnings
+
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer / deprecation notices are not the user's concern
+        traced = torch.jit.trace(model.eval(), x)
+        torch.jit.save(traced, str(path))
+        loaded = torch.jit.load(str(path))
+        diff = (loaded(x) - model(x)).abs().max().item()
+    if diff > 1e-5:
+        raise AutopruneError(f"the TorchScript export differs from the model by {diff:g}; please report this")
+    return path.stat().st_size
+
+
+def format_export(r: dict) -> str:
+    lines = [f"exported trial {r['trial']} of study {r['study']} ({r['kind']}) to {r['out']}",
+             f"  size_fraction {r['size_fraction']:.4f}  macs_fraction {r['macs_fraction']:.4f}  "
+             f"val {r['val_accuracy']:.2f}% (selection)  test {r['test_accuracy']:.2f}% (reported only)"
+             + (f"  latency {r['latency_ms']:.2f} ms" if "latency_ms" in r else ""),
+             f"  channels {r['channels']}"]
+    if "sparse_bytes" in r:
+        lines.append(f"  sparse.npz {r['sparse_bytes']:,} bytes vs dense model.pt {r['dense_bytes']:,} bytes "
+                     f"({100 * r['sparse_vs_dense']:.1f}%)")
+    lines.append("  files: " + ", ".join(f"{k} ({v:,} B)" for k, v in r["files"].items()))
+    lines.append(f"  load with: autoprune.load({r['out']!r})" + (
+        f" or torch.jit.load('{r['out']}/model.ts')" if "model.ts" in r["files"] else ""))
+    return "\n".join(lines)

@@ -1,0 +1,287 @@
+"""Reading a finished study: open it by URL and name, and pick a deployable config.
+
+* :func:`open_existing` opens a study that already exists (never creates a
+  storage file or a study) and rebuilds its :class:`StudyConfig` from the
+  ``config`` user attribute the search recorded.
+* :func:`is_deployable` is the one rule for "fully fine-tuned, safe to ship":
+  a COMPLETE trial that was not stopped early, ran every fine-tune epoch of the
+  study's recipe and (for multi-fidelity studies) ran at full fidelity. Pick,
+  report and export all use it.
+* :func:`pick` chooses among deployable trials that meet deployment limits
+  (by default the study's own constraints) by validation accuracy or by cost.
+  Test accuracy is reported beside the pick, never used to choose.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from .config import StudyConfig
+from .errors import AutopruneError, NothingQualifies
+
+WEIGHTS_ATTR = "weights_artifact_id"
+PREFER = ("accuracy", "size", "macs", "latency")
+_PREFER_ATTR = {"size": "size_fraction", "macs": "macs_fraction", "latency": "latency_ms"}
+
+
+# --- opening a study -----------------------------------------------------------
+
+
+def open_existing(storage_url: str, study_name: str) -> tuple[optuna.Study, StudyConfig]:
+    """The study ``study_name`` in ``storage_url`` and its config; nothing is created."""
+    from .search import open_study
+    from .storage import open_storage, redact
+
+    if not storage_url:
+        raise AutopruneError("no storage given; pass --storage URL (e.g. sqlite:///reports/NAME/study.db)")
+    for prefix in ("sqlite:///", "journal:"):
+        if storage_url.startswith(prefix):
+            path = Path(storage_url[len(prefix):])
+            if not path.is_file():
+                raise AutopruneError(f"no study storage at {path}; check --storage (a search writes "
+                                     f"sqlite:///reports/NAME/study.db by default)")
+    storage = open_storage(storage_url)
+    # The config only matters when creating; create=False lists the studies there instead.
+    study, _ = open_study(StudyConfig(), storage, None, study_name, create=False)
+    raw = study.user_attrs.get("config")
+    if not isinstance(raw, dict):
+        raise AutopruneError(f"study {study_name!r} in {redact(storage_url)} has no 'config' user attribute; "
+                             f"it was not made by autoprune search")
+    return study, StudyConfig.from_dict(raw)
+
+
+# --- trial predicates ----------------------------------------------------------
+
+
+def is_feasible(trial: FrozenTrial) -> bool:
+    """Feasible under the study's own constraints (as recorded on the trial)."""
+    return trial.state == TrialState.COMPLETE and bool(trial.constraints) and all(
+        v <= 0 for v in trial.constraints.values())
+
+
+def not_deployable_reason(trial: FrozenTrial, config: StudyConfig) -> str | None:
+    """Why ``trial`` must not be shipped as a fully fine-tuned model, or None if it may."""
+    a = trial.user_attrs
+    if trial.state != TrialState.COMPLETE:
+        return f"it did not finish (state {trial.state.name})"
+    if "stopped_early_at_epoch" in a:
+        return (f"it was stopped early after fine-tune epoch {a['stopped_early_at_epoch']} of "
+                f"{config.finetune.epochs} (not fully fine-tuned)")
+    fidelity = a.get("fidelity", "full")
+    if fidelity != "full":
+        return f"it ran at fidelity {fidelity!r}, not 'full' (not fully fine-tuned)"
+    done = a.get("finetune_epochs_done")
+    if done is None:
+        return "it records no finetune_epochs_done (cannot tell that it was fully fine-tuned)"
+    if int(done) < config.finetune.epochs:
+        return f"it ran {done} of {config.finetune.epochs} fine-tune epochs (not fully fine-tuned)"
+    return None
+
+
+def is_deployable(trial: FrozenTrial, config: StudyConfig) -> bool:
+    """A COMPLETE trial, fully fine-tuned by the study's recipe: the only kind pick and export use."""
+    return not_deployable_reason(trial, config) is None
+
+
+def has_weights(trial: FrozenTrial) -> bool:
+    return bool(trial.user_attrs.get(WEIGHTS_ATTR))
+
+
+# --- deployment limits ---------------------------------------------------------
+
+
+@dataclass
+class Limits:
+    """Deployment limits; None = not constrained."""
+
+    max_size: float | None = None
+    min_accuracy: float | None = None
+    max_macs: float | None = None
+    max_latency_ms: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"max_size_fraction": self.max_size, "min_val_accuracy": self.min_accuracy,
+                "max_macs_fraction": self.max_macs, "max_latency_ms": self.max_latency_ms}
+
+    def describe(self) -> str:
+        parts = []
+        if self.max_size is not None:
+            parts.append(f"size_fraction <= {self.max_size:.4g}")
+        if self.min_accuracy is not None:
+            parts.append(f"val accuracy >= {self.min_accuracy:.2f}%")
+        if self.max_macs is not None:
+            parts.append(f"macs_fraction <= {self.max_macs:.4g}")
+        if self.max_latency_ms is not None:
+            parts.append(f"latency <= {self.max_latency_ms:.3g} ms")
+        return ", ".join(parts) or "no limits"
+
+    def violations(self, trial: FrozenTrial) -> dict[str, float]:
+        """Limit -> violation in fraction units (> 0: missed by that much).
+
+        Size and MACs in fractions of dense, accuracy in points / 100, latency
+        relative to its limit, so that they add up to one 'distance'.
+        """
+        a = trial.user_attrs
+        out = {}
+        if self.max_size is not None:
+            out["size"] = a["size_fraction"] - self.max_size
+        if self.min_accuracy is not None:
+            out["accuracy"] = (self.min_accuracy - a["val_accuracy"]) / 100.0
+        if self.max_macs is not None:
+            out["macs"] = a["macs_fraction"] - self.max_macs
+        if self.max_latency_ms is not None:
+            lat = a.get("latency_ms")
+            out["latency"] = math.inf if lat is None else (lat - self.max_latency_ms) / self.max_latency_ms
+        return out
+
+    def met_by(self, trial: FrozenTrial) -> bool:
+        return all(v <= 1e-12 for v in self.violations(trial).values())
+
+
+def study_limits(study: optuna.Study, config: StudyConfig, max_size=None, min_accuracy=None, max_macs=None,
+                 max_latency_ms=None) -> Limits:
+    """The given limits, each defaulting to the study's own constraint; validated."""
+    c = config.constraints
+    if max_size is not None and not 0 < max_size <= 1:
+        raise AutopruneError(f"--max-size is a fraction of dense size in (0, 1], got {max_size}")
+    if min_accuracy is not None and not 0 <= min_accuracy <= 100:
+        raise AutopruneError(f"--min-accuracy is a percentage in [0, 100], got {min_accuracy}")
+    if max_macs is not None and not 0 < max_macs <= 1:
+        raise AutopruneError(f"--max-macs is a fraction of dense MACs in (0, 1], got {max_macs}")
+    if max_latency_ms is not None and not max_latency_ms > 0:
+        raise AutopruneError(f"--max-latency-ms must be > 0, got {max_latency_ms}")
+    if max_latency_ms is not None and config.study.kind != "channel":
+        raise AutopruneError("--max-latency-ms needs a channel study: fine-grained trials record no latency "
+                             "(zeros do not make a dense kernel faster)")
+    floor = study.user_attrs.get("accuracy_floor")
+    if floor is None:
+        floor = config.accuracy_floor(study.user_attrs.get("dense", {}).get("val_accuracy", 0.0))
+    return Limits(
+        max_size=c.max_size_fraction if max_size is None else max_size,
+        min_accuracy=float(floor) if min_accuracy is None else min_accuracy,
+        max_macs=c.max_macs_fraction if max_macs is None else max_macs,
+        max_latency_ms=(c.max_latency_ms if config.study.kind == "channel" else None)
+        if max_latency_ms is None else max_latency_ms,
+    )
+
+
+# --- pick ----------------------------------------------------------------------
+
+
+def _sort_key(prefer: str):
+    if prefer == "accuracy":  # highest val accuracy; ties: smaller size, then lower number
+        return lambda t: (-t.user_attrs["val_accuracy"], t.user_attrs["size_fraction"], t.number)
+    attr = _PREFER_ATTR[prefer]
+    return lambda t: (t.user_attrs[attr], -t.user_attrs["val_accuracy"], t.number)
+
+
+def closest(trials: list[FrozenTrial], limits: Limits) -> FrozenTrial | None:
+    """The trial with the smallest total violation of ``limits``."""
+    def total(t):
+        return sum(max(0.0, v) for v in limits.violations(t).values())
+
+    return min(trials, key=lambda t: (total(t), t.number), default=None)
+
+
+def pick(study: optuna.Study, config: StudyConfig, max_size: float | None = None,
+         min_accuracy: float | None = None, max_macs: float | None = None, max_latency_ms: float | None = None,
+         prefer: str = "accuracy", require_weights: bool = False, runners_up: int = 3,
+         ) -> tuple[FrozenTrial, list[FrozenTrial]]:
+    """The best deployable COMPLETE trial meeting the limits, and up to ``runners_up`` next ones.
+
+    ``prefer``: ``accuracy`` (highest validation accuracy), or ``size`` /
+    ``macs`` / ``latency`` (smallest, ties by accuracy). Limits left None are
+    the study's own constraints. ``require_weights``: only trials whose
+    fine-tuned weights were kept (export needs them). Raises
+    :class:`NothingQualifies` naming the closest trial when none qualifies.
+    """
+    if prefer not in PREFER:
+        raise AutopruneError(f"--prefer must be one of {', '.join(PREFER)}, got {prefer!r}")
+    if prefer == "latency" and config.study.kind != "channel":
+        raise AutopruneError("--prefer latency needs a channel study: fine-grained trials record no latency")
+    limits = study_limits(study, config, max_size, min_accuracy, max_macs, max_latency_ms)
+    name = study.study_name
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise NothingQualifies(f"study {name!r} has no complete trial yet; run autoprune search first")
+    deployable = [t for t in complete if is_deployable(t, config)]
+    pool = [t for t in deployable if has_weights(t)] if require_weights else deployable
+    ok = sorted((t for t in pool if limits.met_by(t)), key=_sort_key(prefer))
+    if ok:
+        return ok[0], ok[1:1 + runners_up]
+    near = closest(pool or complete, limits)
+    v = {k: x for k, x in limits.violations(near).items() if x > 1e-12}
+    misses = ", ".join(_miss(k, x, limits) for k, x in v.items()) or "meets the limits but is not deployable"
+    what = "deployable trial with kept weights" if require_weights else "deployable trial"
+    skipped = len(complete) - len(pool)
+    raise NothingQualifies(
+        f"no {what} in study {name!r} meets {limits.describe()} ({len(complete)} complete, "
+        f"{skipped} not deployable{' or without weights' if require_weights else ''}); closest: trial "
+        f"{near.number} (size_fraction {near.user_attrs['size_fraction']:.4f}, val "
+        f"{near.user_attrs['val_accuracy']:.2f}%: {misses}); relax a limit or run more trials"
+    )
+
+
+def _miss(key: str, value: float, limits: Limits) -> str:
+    if key == "accuracy":
+        return f"accuracy short by {100 * value:.2f} points"
+    if key == "latency":
+        return "no latency recorded" if math.isinf(value) else f"latency over by {value * limits.max_latency_ms:.3g} ms"
+    return f"{key} over by {value:.4f}"
+
+
+# --- presenting a trial --------------------------------------------------------
+
+
+def trial_summary(trial: FrozenTrial, config: StudyConfig | None = None) -> dict:
+    """The figures of one trial that pick, report and export print."""
+    a = trial.user_attrs
+    out = {"trial": trial.number, "state": trial.state.name}
+    for key in ("size_fraction", "nonzero_size_mib", "macs_fraction", "latency_ms", "val_accuracy",
+                "test_accuracy", "val_accuracy_before_finetune", "params", "nonzero_params", "macs",
+                "finetune_epochs_done", "stopped_early_at_epoch", "fidelity"):
+        if key in a:
+            out[key] = a[key]
+    out["plan"] = dict(a.get("plan") or {})
+    if "channels" in a:
+        out["channels"] = list(a["channels"])
+    out["feasible"] = is_feasible(trial)
+    if config is not None:
+        out["deployable"] = is_deployable(trial, config)
+    out["has_weights"] = has_weights(trial)
+    return out
+
+
+def pick_result(study: optuna.Study, config: StudyConfig, best: FrozenTrial, runners: list[FrozenTrial],
+                limits: Limits, prefer: str) -> dict:
+    return {"study": study.study_name, "kind": config.study.kind, "prefer": prefer,
+            "limits": limits.to_dict(), **trial_summary(best, config),
+            "runners_up": [trial_summary(t, config) for t in runners]}
+
+
+def format_pick(result: dict, cost_attr: str) -> str:
+    def line(r):
+        extra = f"  macs {r['macs_fraction']:.4f}" if cost_attr == "macs_fraction" else ""
+        extra += f"  latency {r['latency_ms']:.2f} ms" if "latency_ms" in r else ""
+        return (f"trial {r['trial']:>4}  size {r['size_fraction']:.4f}{extra}  val {r['val_accuracy']:.2f}%  "
+                f"test {r['test_accuracy']:.2f}%")
+
+    lim = Limits(*(result["limits"][k] for k in ("max_size_fraction", "min_val_accuracy", "max_macs_fraction",
+                                                 "max_latency_ms")))
+    lines = [f"picked from study {result['study']} ({result['kind']}), prefer {result['prefer']}, "
+             f"limits: {lim.describe()}",
+             "  " + line(result),
+             "  plan: " + (", ".join(f"{k}={v:.3f}" for k, v in result["plan"].items()) or "dense"),
+             "  val accuracy chose it (validation carved from training); test accuracy is reported only"]
+    if not result["has_weights"]:
+        lines.append("  note: its weights were not kept (infeasible under the study's constraints); "
+                     "export needs a trial with kept weights")
+    if result["runners_up"]:
+        lines.append("runners-up:")
+        lines += ["  " + line(r) for r in result["runners_up"]]
+    return "\n".join(lines)

@@ -1,0 +1,760 @@
+"""A study's report: trials table, figures, and one self-contained HTML page.
+
+``write_report(storage_url, study_name, out_dir)`` writes into ``out_dir``
+(default ``reports/<study>/``):
+
+* ``trials.csv``: every trial (all states), one column per layer ratio,
+  metrics, constraints, feasibility, deployability, early stop;
+* ``pareto.png``: cost fraction vs validation accuracy, with feasible,
+  infeasible and not-fully-fine-tuned trials told apart, Optuna's front
+  (``study.best_trials``) as a step line, the constraint lines, the dense
+  model, the uniform-pruning baseline and the picked config;
+* channel studies: ``accuracy_vs_macs.png`` and ``accuracy_vs_latency.png``;
+* ``picked_layers.png``: the pick's per-layer ratios beside each layer's
+  share of the dense parameters;
+* ``sensitivity-<kind>.png`` (copied from the study's folder when the scan
+  wrote one), ``history.png`` and ``importances.png`` (Optuna's plots);
+* ``report.md`` and ``report.html`` (images embedded as data URIs).
+
+The uniform baseline (every layer pruned alike, exactly at the cap, fine-tuned
+with the study's recipe on the study's data) is computed once and cached in
+``out_dir/baseline-cache.json``, keyed by the checkpoint's sha256, the plan,
+the recipe and the data. Storage URLs are always redacted; a password never
+reaches a report file.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import optuna
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
+
+from .config import StudyConfig
+from .errors import AutopruneError, NothingQualifies
+from .pick import has_weights, is_deployable, is_feasible, open_existing, pick, study_limits
+from .storage import redact
+
+log = logging.getLogger("autoprune")
+
+ACCURACY_NOTE = ("Validation accuracy is measured on a split carved from the training images and is what "
+                 "the search and pick select on. Test accuracy is measured on the held-out test split and "
+                 "is reported only: it is never used to choose a trial.")
+
+COLORS = {"feasible": "tab:blue", "infeasible": "0.55", "partial": "tab:orange", "front": "tab:green",
+          "dense": "black", "baseline": "tab:red", "pick": "tab:purple"}
+
+
+# --- helpers ---------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    plt = _pyplot()
+    tmp = path.with_name(path.stem + f".tmp{os.getpid()}" + path.suffix)
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _write_text(path: Path, text: str) -> Path:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def _passwords(*urls: str) -> list[str]:
+    """Passwords inside ``urls`` (to make sure none reaches a file)."""
+    found = []
+    for url in urls:
+        if not url or "://" not in url or url.startswith("journal:"):
+            continue
+        try:
+            from sqlalchemy.engine import make_url
+
+            pw = make_url(url).password
+        except Exception:
+            rest = url.partition("://")[2]
+            creds = rest.rpartition("@")[0]
+            pw = creds.partition(":")[2] if ":" in creds else None
+        if pw:
+            found.append(str(pw))
+    return found
+
+
+def _scrub(text: str, secrets: list[str]) -> str:
+    for s in secrets:
+        if s:
+            text = text.replace(s, "***")
+    return text
+
+
+def redacted_config(config: StudyConfig) -> dict:
+    """The config dict with its storage URL redacted (the form every report shows)."""
+    d = config.to_dict()
+    d["study"]["storage"] = redact(d["study"].get("storage") or "")
+    return d
+
+
+def _category(t: FrozenTrial, config: StudyConfig) -> str:
+    if not is_deployable(t, config):
+        return "partial"
+    return "feasible" if is_feasible(t) else "infeasible"
+
+
+def _fmt(v, digits=4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+# --- trials table ----------------------------------------------------------------
+
+
+def trials_frame(study: optuna.Study, config: StudyConfig) -> pd.DataFrame:
+    """One row per trial, every state."""
+    from .plan import layers_for
+
+    layers = list(layers_for(config.study.kind))
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        a = t.user_attrs
+        row = {"number": t.number, "state": t.state.name,
+               "datetime_start": t.datetime_start, "datetime_complete": t.datetime_complete,
+               "duration_s": t.duration.total_seconds() if t.duration else None}
+        plan = a.get("plan") or {}
+        for layer in layers:
+            row[f"plan_{layer}"] = plan.get(layer, 0.0) if "plan" in a else None
+        for key in ("size_fraction", "nonzero_size_mib", "params", "nonzero_params", "macs", "macs_fraction",
+                    "latency_ms", "val_accuracy", "val_accuracy_before_finetune", "test_accuracy",
+                    "finetune_seconds", "finetune_epochs_done", "fidelity", "repaired"):
+            row[key] = a.get(key)
+        complete = t.state == TrialState.COMPLETE
+        row["feasible"] = is_feasible(t) if complete else None
+        row["deployable"] = is_deployable(t, config)
+        row["stopped_early"] = "stopped_early_at_epoch" in a
+        row["stopped_early_at_epoch"] = a.get("stopped_early_at_epoch")
+        row["has_weights"] = has_weights(t)
+        for name, value in sorted((t.constraints or {}).items()):
+            row[f"constraint_{name}"] = value
+        row["channels"] = "-".join(str(c) for c in a["channels"]) if "channels" in a else None
+        for layer in layers:
+            if layer in t.params:
+                row[f"proposed_{layer}"] = t.params[layer]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# --- the uniform baseline --------------------------------------------------------
+
+
+def _search_cwd(study: optuna.Study, config: StudyConfig) -> Path | None:
+    """The directory the search ran from (its relative paths are relative to it)."""
+    art = study.user_attrs.get("artifact_dir")
+    rel = config.out_dir
+    if not art or rel.is_absolute():
+        return None
+    out = Path(art).parent
+    n = len(rel.parts)
+    if out.parts[-n:] == rel.parts:
+        return Path(*out.parts[:-n]) if len(out.parts) > n else Path("/")
+    return None
+
+
+def _checkpoint_path(study: optuna.Study, config: StudyConfig) -> Path | None:
+    ckpt = study.user_attrs.get("checkpoint")
+    if not ckpt:
+        return None
+    candidates = [Path(ckpt)]
+    cwd = _search_cwd(study, config)
+    if cwd is not None and not Path(ckpt).is_absolute():
+        candidates.append(cwd / ckpt)
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def baseline_plan(config: StudyConfig, channels, num_classes: int = 10):
+    """Uniform pruning exactly at the study's cap(s): equal preferences for every layer."""
+    from . import budget
+    from .plan import PruningPlan
+
+    c = config.constraints
+    kind = config.study.kind
+    if kind == "fine_grained":
+        ratios = budget.fine_grained_budget(channels, c.max_size_fraction, num_classes=num_classes)
+    else:
+        ratios = budget.channel_budget(channels, c.max_size_fraction, "params", num_classes=num_classes)
+        if c.max_macs_fraction is not None:
+            by_macs = budget.channel_budget(channels, c.max_macs_fraction, "macs", num_classes=num_classes)
+            ratios = {n: max(r, by_macs[n]) for n, r in ratios.items()}
+    return PruningPlan(kind, {n: r for n, r in ratios.items() if r > 0}, config.study.criterion, tuple(channels))
+
+
+def uniform_baseline(study: optuna.Study, config: StudyConfig, out_dir: Path, device="auto",
+                     progress: bool = False) -> dict:
+    """Prune the dense checkpoint uniformly at the cap, fine-tune by the study's recipe, measure (cached)."""
+    from . import metrics
+    from .model import load_checkpoint
+    from .plan import prune
+    from .search import file_digest
+    from .train import evaluate, fit, resolve_device
+
+    ua = study.user_attrs
+    ckpt = _checkpoint_path(study, config)
+    if ckpt is None and ua.get("checkpoint_artifact_id"):  # studies that upload their dense checkpoint
+        try:
+            from .export import artifact_store
+            from .workers import study_checkpoint
+
+            ckpt = Path(study_checkpoint(study, artifact_store(study)[0]))
+        except ImportError:
+            pass
+    if ckpt is None:
+        raise AutopruneError(f"the study's dense checkpoint {ua.get('checkpoint')!r} was not found")
+    sha = ua.get("checkpoint_sha256") or file_digest(ckpt)
+    if file_digest(ckpt) != sha:
+        raise AutopruneError(f"{ckpt} changed since the search ran (sha256 differs); the baseline would not be "
+                             f"comparable")
+    model, _ = load_checkpoint(ckpt)
+    plan = baseline_plan(config, model.channels, model.num_classes)
+    d = config.data
+    recipe = config.finetune_recipe().to_dict()
+    key_src = {"checkpoint_sha256": sha, "plan": plan.to_dict(), "recipe": recipe, "data": d.spec,
+               "val_size": d.val_size, "data_seed": d.seed, "version": 1}
+    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
+    cache_path = out_dir / "baseline-cache.json"
+    cache = {}
+    if cache_path.is_file():
+        try:
+            cache = json.loads(cache_path.read_text())
+        except (json.JSONDecodeError, OSError):
+            cache = {}
+    if key in cache:
+        log.info("uniform baseline: reusing cached result %s", key)
+        return {**cache[key], "from_cache": True}
+    log.info("uniform baseline: pruning %s uniformly at the cap and fine-tuning %d epoch(s)",
+             config.study.kind, config.finetune.epochs)
+    dev = resolve_device(device)
+    data = config.load_data().to(dev)
+    model.to(dev)
+    pruned = prune(model, plan)
+    net = pruned.model
+    start = time.perf_counter()
+    history = fit(net, data, config.finetune_recipe(), masks=pruned.masks, progress=progress, desc="baseline")
+    seconds = time.perf_counter() - start
+    dense = ua.get("dense", {})
+    figures = metrics.profile(net.cpu(), latency=False)
+    net.to(dev)
+    result = {
+        "plan": plan.to_dict(), "val_accuracy": history[-1]["val_accuracy"], "test_accuracy": evaluate(net, data.test),
+        "size_fraction": figures["nonzero_params"] / dense.get("params", figures["params"]),
+        "macs_fraction": figures["macs"] / dense.get("macs", figures["macs"]), "macs": figures["macs"],
+        "params": figures["params"], "nonzero_params": figures["nonzero_params"],
+        "finetune_seconds": seconds, "finetune_epochs": len(history), "checkpoint_sha256": sha, "key": key,
+    }
+    if config.study.kind == "channel":
+        result["latency_ms"] = metrics.measure_latency_ms(net.cpu(), 1, 10, 50)
+    cache[key] = result
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_text(cache_path, json.dumps(cache, indent=2))
+    return {**result, "from_cache": False}
+
+
+# --- figures ---------------------------------------------------------------------
+
+
+_LABELS = {"feasible": "feasible", "infeasible": "infeasible",
+           "partial": "not fully fine-tuned (stopped early)"}
+
+
+def _scatter_trials(ax, trials, config, x_of, pick_trial, baseline, dense_xy, baseline_x):
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    for cat, marker in (("infeasible", "x"), ("partial", "v"), ("feasible", "o")):
+        pts = [(x_of(t), t.user_attrs["val_accuracy"]) for t in complete if _category(t, config) == cat]
+        pts = [p for p in pts if p[0] is not None]
+        if pts:
+            kw = dict(facecolors="none") if cat == "partial" else {}
+            ax.scatter(*zip(*pts), marker=marker, s=36, color=COLORS[cat] if cat != "partial" else None,
+                       edgecolors=COLORS[cat] if cat == "partial" else None, label=f"{_LABELS[cat]} ({len(pts)})",
+                       zorder=3, **kw)
+    if dense_xy is not None and dense_xy[0] is not None:
+        ax.scatter(*dense_xy, marker="*", s=160, color=COLORS["dense"], zorder=4,
+                   label=f"dense ({dense_xy[1]:.2f}%)")
+    if baseline and baseline_x is not None:
+        ax.scatter(baseline_x, baseline["val_accuracy"], marker="D", s=60, color=COLORS["baseline"], zorder=4,
+                   label=f"uniform at cap ({baseline['val_accuracy']:.2f}%)")
+    if pick_trial is not None and x_of(pick_trial) is not None:
+        ax.scatter(x_of(pick_trial), pick_trial.user_attrs["val_accuracy"], s=260, facecolors="none",
+                   edgecolors=COLORS["pick"], linewidths=2.2, zorder=5, label=f"picked: trial {pick_trial.number}")
+        ax.annotate(f"#{pick_trial.number}", (x_of(pick_trial), pick_trial.user_attrs["val_accuracy"]),
+                    xytext=(8, 8), textcoords="offset points", color=COLORS["pick"], fontsize=9)
+
+
+def _floor_line(ax, floor):
+    if floor is not None:
+        ax.axhline(floor, color="tab:red", ls="--", lw=1.1, label=f"accuracy floor {floor:.2f}%")
+
+
+def _finish(ax, title, xlabel, floor=None):
+    # Fit the accuracy axis to the points and the floor (a floor below 0% is drawn at the edge).
+    ys = [y for coll in ax.collections for y in coll.get_offsets()[:, 1].tolist()]
+    ys += [floor] if floor is not None else []
+    if ys:
+        lo, hi = max(0.0, min(ys)), min(100.0, max(ys))
+        pad = max(1.0, 0.08 * (hi - lo))
+        ax.set_ylim(max(-1.0, lo - pad), min(101.0, hi + pad))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("validation accuracy (%) [selection split]")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best", framealpha=0.9)
+    ax.figure.tight_layout()
+
+
+def plot_pareto(study, config, path: Path, pick_trial, baseline, floor) -> Path:
+    plt = _pyplot()
+    cost = config.cost_attr
+    trials = study.get_trials(deepcopy=False)
+    dense = study.user_attrs.get("dense", {})
+    fig, ax = plt.subplots(figsize=(8.5, 5.8), dpi=110)
+    _scatter_trials(ax, trials, config, lambda t: t.user_attrs.get(cost), pick_trial, baseline,
+                    (1.0, dense.get("val_accuracy")) if dense.get("val_accuracy") is not None else None,
+                    baseline.get(cost) if baseline else None)
+    try:
+        front = sorted(study.best_trials, key=lambda t: t.user_attrs[cost])
+    except Exception:  # no complete trial yet
+        front = []
+    if front:
+        ax.step([t.user_attrs[cost] for t in front], [t.user_attrs["val_accuracy"] for t in front], where="post",
+                color=COLORS["front"], lw=1.8, zorder=2, marker="s", ms=10, mfc="none", mew=1.5,
+                label=f"Pareto front, Optuna best_trials ({len(front)})")
+    c = config.constraints
+    cap = c.max_size_fraction if cost == "size_fraction" else c.max_macs_fraction
+    if cap is not None:
+        ax.axvline(cap, color="tab:red", ls=":", lw=1.3, label=f"{cost.split('_')[0]} cap {cap:g}")
+    _floor_line(ax, floor)
+    what = "nonzero size" if cost == "size_fraction" else "MACs (conv + linear)"
+    _finish(ax, f"{study.study_name}: {what} vs validation accuracy ({config.study.kind})",
+            f"{cost} ({what} as a fraction of dense)", floor)
+    return _save(fig, path)
+
+
+def plot_channel_extra(study, config, out: Path, pick_trial, baseline, floor) -> dict[str, Path]:
+    plt = _pyplot()
+    trials = study.get_trials(deepcopy=False)
+    dense = study.user_attrs.get("dense", {})
+    written = {}
+    specs = [("accuracy_vs_macs.png", lambda t: t.user_attrs.get("macs", 0) / 1e6, "macs", 1e6,
+              "MACs per image, millions (conv + linear only)", "MACs"),
+             ("accuracy_vs_latency.png", lambda t: t.user_attrs.get("latency_ms"), "latency_ms", 1.0,
+              "latency, ms (median, batch 1, CPU of the search machine)", "latency")]
+    for name, x_of, key, scale, xlabel, what in specs:
+        fig, ax = plt.subplots(figsize=(8.5, 5.8), dpi=110)
+        dx = dense.get(key)
+        _scatter_trials(ax, trials, config, x_of, pick_trial, baseline,
+                        (dx / scale if dx is not None else None, dense.get("val_accuracy")),
+                        baseline[key] / scale if baseline and key in baseline else None)
+        if key == "latency_ms" and config.constraints.max_latency_ms is not None:
+            ax.axvline(config.constraints.max_latency_ms, color="tab:red", ls=":", lw=1.3,
+                       label=f"latency cap {config.constraints.max_latency_ms:g} ms")
+        if key == "macs" and config.constraints.max_macs_fraction is not None and dx:
+            ax.axvline(config.constraints.max_macs_fraction * dx / scale, color="tab:red", ls=":", lw=1.3,
+                       label=f"MACs cap {config.constraints.max_macs_fraction:g} of dense")
+        _floor_line(ax, floor)
+        _finish(ax, f"{study.study_name}: {what} vs validation accuracy (channel pruning)", xlabel, floor)
+        written[name] = _save(fig, out / name)
+    return written
+
+
+def plot_picked_layers(study, config, trial: FrozenTrial, path: Path) -> Path:
+    from . import budget
+    from .model import vgg_channels
+
+    plt = _pyplot()
+    base = vgg_channels(config.model.width)  # the search checked the checkpoint has these widths
+    num_classes = config.model.num_classes
+    numels = budget.layer_numels(base, num_classes)
+    total = budget.vgg_cost(base, num_classes)["params"]
+    kind = config.study.kind
+    layers = list(numels) if kind == "fine_grained" else [n for n in numels if n != "classifier"]
+    plan = trial.user_attrs.get("plan") or {}
+    ratios = [plan.get(n, 0.0) for n in layers]
+    shares = [numels[n] / total for n in layers]
+    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=110)
+    xs = range(len(layers))
+    w = 0.4
+    what = "sparsity (fraction of weights zeroed)" if kind == "fine_grained" else "channel prune ratio"
+    b1 = ax.bar([x - w / 2 for x in xs], ratios, w, color=COLORS["pick"], label=f"picked trial {trial.number}: {what}")
+    b2 = ax.bar([x + w / 2 for x in xs], shares, w, color="tab:gray", label="layer's share of dense parameters")
+    for bars, vals in ((b1, ratios), (b2, shares)):
+        for bar, v in zip(bars, vals):
+            ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                        va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
+    labels = list(layers)
+    if kind == "channel" and "channels" in trial.user_attrs:
+        labels = [f"{n}\n{k}/{c}" for n, k, c in zip(layers, trial.user_attrs["channels"], base)]
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel("fraction")
+    ax.set_title(f"{study.study_name}: per-layer ratios of the picked config (trial {trial.number}) "
+                 f"and each layer's share of parameters", fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _acc_target(config: StudyConfig):
+    i = config.objectives.index("accuracy")
+    return lambda t: t.values[i] if t.values is not None else float("nan")
+
+
+def plot_history(study, config, path: Path) -> Path:
+    from optuna.visualization.matplotlib import plot_optimization_history
+
+    plt = _pyplot()
+    with warnings.catch_warnings(), plt.style.context("default"):  # Optuna switches to ggplot globally
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        target = _acc_target(config) if len(config.objectives) > 1 else None
+        ax = plot_optimization_history(study, target=target, target_name="validation accuracy (%)")
+    ax.set_title(f"{study.study_name}: optimization history (validation accuracy, every complete trial)",
+                 fontsize=10)
+    fig = ax.figure
+    fig.set_size_inches(8.5, 5.2)
+    fig.set_dpi(110)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_importances(study, config, path: Path) -> Path:
+    from optuna.visualization.matplotlib import plot_param_importances
+
+    plt = _pyplot()
+    with warnings.catch_warnings(), plt.style.context("default"):
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        target = _acc_target(config) if len(config.objectives) > 1 else None
+        ax = plot_param_importances(study, target=target, target_name="validation accuracy")
+    ax.set_title("")  # Optuna titles it on the left; one title, ours
+    ax.set_title(f"{study.study_name}: parameter importances for validation accuracy (fANOVA)", fontsize=10,
+                 loc="left")
+    fig = ax.figure
+    fig.set_size_inches(8.5, 5.2)
+    fig.set_dpi(110)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _sensitivity_png(study, config) -> Path | None:
+    name = f"sensitivity-{config.study.kind}.png"
+    candidates = []
+    art = study.user_attrs.get("artifact_dir")
+    if art:
+        candidates.append(Path(art).parent / name)
+    candidates.append(config.out_dir / name)
+    return next((c for c in candidates if c.is_file()), None)
+
+
+# --- the text --------------------------------------------------------------------
+
+
+def _wall_span(trials) -> float | None:
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    if not starts or not ends:
+        return None
+    return (max(ends) - min(starts)).total_seconds()
+
+
+def _hms(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h {m:02d}m {s:02d}s" if h else f"{m}m {s:02d}s"
+
+
+def _table(headers: list[str], rows: list[list]) -> dict:
+    return {"headers": headers, "rows": [[_fmt(v) if not isinstance(v, str) else v for v in r] for r in rows]}
+
+
+def _md_table(t: dict) -> str:
+    lines = ["| " + " | ".join(t["headers"]) + " |", "|" + "---|" * len(t["headers"])]
+    lines += ["| " + " | ".join(r) + " |" for r in t["rows"]]
+    return "\n".join(lines)
+
+
+def _html_table(t: dict) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in t["headers"])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in t["rows"])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def build_sections(study, config, storage_url, pick_trial, pick_note, runners, baseline, baseline_note,
+                   floor, limits) -> list[tuple[str, list]]:
+    """The report as (heading, blocks); a block is ('p', text) | ('table', t) | ('img', name, caption) | ('pre', text)."""
+    cost = config.cost_attr
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    feasible = [t for t in complete if is_feasible(t)]
+    deployable = [t for t in complete if is_deployable(t, config)]
+    stopped = [t for t in complete if "stopped_early_at_epoch" in t.user_attrs]
+    states = {}
+    for t in trials:
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    dense = study.user_attrs.get("dense", {})
+    ft_seconds = sum(t.user_attrs.get("finetune_seconds", 0.0) for t in complete)
+    saved = sum(t.user_attrs.get("finetune_seconds_saved", 0.0) for t in complete)
+    sections = []
+
+    overview = [
+        ("p", f"Study **{study.study_name}** in `{redact(storage_url)}`: {config.study.kind} pruning of a VGG "
+              f"(width {config.model.width:g}) on `{study.user_attrs.get('data', config.data.spec)}`; objectives "
+              f"{', '.join(config.objectives)}; sampler {config.study.sampler} (seed {config.study.seed})."),
+        ("p", f"Trials: {len(trials)} in all ({', '.join(f'{n} {k.lower()}' for k, n in sorted(states.items()))}); "
+              f"**{len(feasible)} feasible** of {len(complete)} complete; {len(deployable)} fully fine-tuned "
+              f"(deployable); {len(stopped)} stopped early."),
+        ("p", f"Constraints: {limits.describe()} (accuracy floor {floor:.2f}%"
+              + (f", i.e. dense {dense['val_accuracy']:.2f}% - {config.constraints.max_accuracy_drop:g} points"
+                 if config.constraints.max_accuracy_drop is not None and 'val_accuracy' in dense else "") + ")."),
+        ("p", f"Time spent: {_hms(ft_seconds)} of fine-tuning in all complete trials "
+              f"({_hms(saved)} saved by early stop); wall span of the trials {_hms(_wall_span(trials))}."),
+        ("p", "Dense model: " + ", ".join(
+            x for x in [f"{dense['params']:,} parameters" if 'params' in dense else "",
+                        f"{dense['macs'] / 1e6:.2f} M MACs (conv + linear)" if 'macs' in dense else "",
+                        f"val {dense['val_accuracy']:.2f}%" if 'val_accuracy' in dense else "",
+                        f"test {dense['test_accuracy']:.2f}%" if 'test_accuracy' in dense else "",
+                        f"latency {dense['latency_ms']:.2f} ms" if 'latency_ms' in dense else ""] if x) + "."),
+        ("p", "**Which split:** " + ACCURACY_NOTE),
+    ]
+    sections.append(("Overview", overview))
+
+    blocks = []
+    if pick_trial is None:
+        blocks.append(("p", f"No config to recommend: {pick_note}"))
+    else:
+        a = pick_trial.user_attrs
+        cost_txt = "" if cost == "size_fraction" else f"{cost} {a[cost]:.4f}, "
+        blocks.append(("p", f"Trial **{pick_trial.number}**: {cost_txt}size_fraction "
+                            f"{a['size_fraction']:.4f} ({a['nonzero_size_mib']:.3f} MiB nonzero), val "
+                            f"{a['val_accuracy']:.2f}% (selection), test {a['test_accuracy']:.2f}% (reported only)"
+                       + (f", latency {a['latency_ms']:.2f} ms" if "latency_ms" in a else "")
+                       + f". Chosen by `autoprune pick` (highest validation accuracy among fully fine-tuned "
+                         f"trials meeting {limits.describe()})."
+                       + ("" if has_weights(pick_trial) else " Its weights were not kept.")))
+        from .plan import layers_for
+
+        plan = a.get("plan") or {}
+        kept = a.get("channels")
+        headers = ["layer", "ratio removed"] + (["channels kept"] if kept and config.study.kind == "channel" else [])
+        rows = []
+        for i, layer in enumerate(layers_for(config.study.kind)):
+            row = [layer, f"{plan.get(layer, 0.0):.4f}"]
+            if len(headers) == 3:
+                row.append(str(kept[i]))
+            rows.append(row)
+        blocks.append(("table", _table(headers, rows)))
+        blocks.append(("img", "picked_layers.png", "Per-layer ratios of the picked config beside each layer's "
+                                                   "share of the dense parameters."))
+        if runners:
+            blocks.append(("p", "Runners-up: " + "; ".join(
+                f"trial {t.number} ({cost} {t.user_attrs[cost]:.4f}, val {t.user_attrs['val_accuracy']:.2f}%)"
+                for t in runners) + "."))
+    sections.append(("Best feasible config", blocks))
+
+    try:
+        front = sorted(study.best_trials, key=lambda t: t.user_attrs[cost])
+    except Exception:
+        front = []
+    costs = [cost] if cost == "size_fraction" else [cost, "size_fraction"]
+    prows = [[str(t.number), *(f"{t.user_attrs[c]:.4f}" for c in costs), f"{t.user_attrs['val_accuracy']:.2f}",
+              f"{t.user_attrs['test_accuracy']:.2f}", "yes" if is_feasible(t) else "no",
+              "yes" if is_deployable(t, config) else "no", "yes" if has_weights(t) else "no"] for t in front]
+    blocks = [("p", f"Optuna's `study.best_trials` ({len(front)} trials; constraint-aware: feasible trials only)."),
+              ("table", _table(["trial", *costs, "val acc (%)", "test acc (%)", "feasible", "deployable",
+                                "weights kept"], prows)),
+              ("img", "pareto.png", f"{cost} vs validation accuracy. Circles: feasible; crosses: infeasible; "
+                                    "hollow triangles: stopped early (not fully fine-tuned); green steps: the "
+                                    "Pareto front; star: dense; diamond: uniform pruning at the cap; ring: the "
+                                    "picked config.")]
+    if config.study.kind == "channel":
+        blocks += [("img", "accuracy_vs_macs.png", "MACs (conv + linear) vs validation accuracy."),
+                   ("img", "accuracy_vs_latency.png", "Latency (median of batch-1 CPU runs on the search machine) "
+                                                      "vs validation accuracy.")]
+    sections.append(("Pareto front", blocks))
+
+    blocks = []
+    if baseline:
+        blocks.append(("p", f"Uniform pruning at the cap ({baseline['plan']['kind']}, every layer alike: "
+                            + ", ".join(f"{k}={v:.3f}" for k, v in baseline["plan"]["ratios"].items())
+                            + f"), fine-tuned {baseline['finetune_epochs']} epoch(s) with the study's recipe: "
+                              f"{cost} {baseline[cost]:.4f}, val {baseline['val_accuracy']:.2f}%, test "
+                              f"{baseline['test_accuracy']:.2f}%"
+                            + (f", latency {baseline['latency_ms']:.2f} ms" if "latency_ms" in baseline else "")
+                            + (" (cached)." if baseline.get("from_cache") else ".")))
+        if pick_trial is not None:
+            diff = pick_trial.user_attrs["val_accuracy"] - baseline["val_accuracy"]
+            blocks.append(("p", f"The picked config is {diff:+.2f} points of validation accuracy against it."))
+    else:
+        blocks.append(("p", f"Not computed: {baseline_note}"))
+    sections.append(("Uniform baseline", blocks))
+
+    sections.append(("Search diagnostics", [("img", "sensitivity.png", "Sensitivity scan: each layer pruned alone, "
+                                                                       "no fine-tuning (validation split)."),
+                                            ("img", "history.png", "Optimization history (validation accuracy)."),
+                                            ("img", "importances.png", "Parameter importances for validation "
+                                                                       "accuracy (fANOVA), over the sampler's "
+                                                                       "proposed ratios (before the budget "
+                                                                       "repair).")]))
+    cfg_dump = json.dumps(redacted_config(config), indent=2, default=str)
+    sections.append(("Study config", [("p", f"Storage: `{redact(storage_url)}`; dense checkpoint: "
+                                            f"`{study.user_attrs.get('checkpoint', '')}`."),
+                                      ("pre", cfg_dump)]))
+    return sections
+
+
+def render_md(title: str, sections, images: dict[str, Path]) -> str:
+    out = [f"# {title}", ""]
+    for heading, blocks in sections:
+        out += [f"## {heading}", ""]
+        for b in blocks:
+            if b[0] == "p":
+                out += [b[1], ""]
+            elif b[0] == "table":
+                out += [_md_table(b[1]), ""]
+            elif b[0] == "pre":
+                out += ["```json", b[1], "```", ""]
+            elif b[0] == "img" and b[1] in images:
+                out += [f"![{b[2]}]({images[b[1]].name})", "", f"*{b[2]}*", ""]
+    return "\n".join(out)
+
+
+def _inline_md(text: str) -> str:
+    """The few inline marks used above (**bold**, `code`) as HTML, escaped."""
+    import re
+
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
+CSS = """body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;max-width:1080px;margin:24px auto;
+padding:0 16px;color:#222;line-height:1.45}h1{font-size:1.6em;border-bottom:2px solid #ddd;padding-bottom:6px}
+h2{font-size:1.25em;margin-top:1.8em;border-bottom:1px solid #eee}table{border-collapse:collapse;margin:8px 0 14px}
+th,td{border:1px solid #ccc;padding:3px 9px;text-align:right;font-size:.9em}th{background:#f3f3f3}
+td:first-child,th:first-child{text-align:left}figure{margin:12px 0 22px}img{max-width:100%;border:1px solid #eee}
+figcaption{font-size:.88em;color:#555}pre{background:#f7f7f7;padding:10px;overflow-x:auto;font-size:.8em}
+code{background:#f3f3f3;padding:0 3px}"""
+
+
+def render_html(title: str, sections, images: dict[str, Path]) -> str:
+    out = ["<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
+           f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    for heading, blocks in sections:
+        out.append(f"<h2>{html.escape(heading)}</h2>")
+        for b in blocks:
+            if b[0] == "p":
+                out.append(f"<p>{_inline_md(b[1])}</p>")
+            elif b[0] == "table":
+                out.append(_html_table(b[1]))
+            elif b[0] == "pre":
+                out.append(f"<pre>{html.escape(b[1])}</pre>")
+            elif b[0] == "img" and b[1] in images:
+                data = base64.b64encode(images[b[1]].read_bytes()).decode("ascii")
+                out.append(f"<figure><img alt='{html.escape(b[1])}' src='data:image/png;base64,{data}'>"
+                           f"<figcaption>{_inline_md(b[2])}</figcaption></figure>")
+    out.append(f"<p style='color:#888;font-size:.8em'>Written by autoprune report on "
+               f"{time.strftime('%Y-%m-%d %H:%M')}.</p></body></html>")
+    return "\n".join(out)
+
+
+# --- the report --------------------------------------------------------------------
+
+
+def write_report(storage_url: str, study_name: str, out_dir=None, baseline: bool = True, device="auto",
+                 progress: bool = False) -> dict[str, str]:
+    """Write the study's report files (see the module doc); returns file name -> path."""
+    study, config = open_existing(storage_url, study_name)
+    out = Path(out_dir) if out_dir else Path("reports") / study_name
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise AutopruneError(f"cannot write the report to {out}: {exc.strerror or exc}; choose another --out") from None
+    secrets = _passwords(storage_url, config.study.storage)
+    written: dict[str, Path] = {}
+
+    df = trials_frame(study, config)
+    written["trials.csv"] = _write_text(out / "trials.csv", _scrub(df.to_csv(index=False), secrets))
+
+    limits = study_limits(study, config)
+    floor = limits.min_accuracy
+    pick_trial, runners, pick_note = None, [], ""
+    try:
+        pick_trial, runners = pick(study, config)
+    except NothingQualifies as exc:
+        pick_note = str(exc)
+
+    base, base_note = None, "skipped (--no-baseline)."
+    if baseline:
+        try:
+            base = uniform_baseline(study, config, out, device=device, progress=progress)
+        except AutopruneError as exc:
+            base_note = str(exc)
+            log.warning("uniform baseline skipped: %s", exc)
+
+    written["pareto.png"] = plot_pareto(study, config, out / "pareto.png", pick_trial, base, floor)
+    if config.study.kind == "channel":
+        written.update(plot_channel_extra(study, config, out, pick_trial, base, floor))
+    if pick_trial is not None:
+        written["picked_layers.png"] = plot_picked_layers(study, config, pick_trial, out / "picked_layers.png")
+    sens = _sensitivity_png(study, config)
+    if sens is not None:
+        target = out / sens.name
+        if sens.resolve() != target.resolve():
+            shutil.copyfile(sens, target)
+        written["sensitivity.png"] = target
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if complete:
+        try:
+            written["history.png"] = plot_history(study, config, out / "history.png")
+        except Exception as exc:  # a plotting corner case must not sink the report
+            log.warning("optimization history plot skipped: %s", str(exc).splitlines()[0] if str(exc) else exc)
+    if len(complete) >= 2:
+        try:
+            written["importances.png"] = plot_importances(study, config, out / "importances.png")
+        except Exception as exc:
+            log.warning("parameter importance plot skipped: %s", str(exc).splitlines()[0] if str(exc) else exc)
+
+    sections = build_sections(study, config, storage_url, pick_trial, pick_note, runners, base, base_note,
+                              floor, limits)
+    title = f"autoprune report: {study_name}"
+    written["report.md"] = _write_text(out / "report.md", _scrub(render_md(title, sections, written), secrets))
+    written["report.html"] = _write_text(out / "report.html", _scrub(render_html(title, sections, written), secrets))
+    return {path.name: str(path) for path in written.values()}

@@ -1,0 +1,541 @@
+"""Many workers on one study: join through the study, count trials exactly, survive dead workers.
+
+``autoprune search STUDY.toml`` creates a study (dense model, priors, space) and
+runs trials; ``autoprune worker --storage URL --study NAME`` joins it from any
+machine. A worker needs nothing but the storage: the study records its config
+(``config``), dense figures and accuracy floor, the search space bounds
+(``space_upper``, so no sensitivity scan is re-run) and its dense checkpoint,
+uploaded as an artifact (``checkpoint_artifact_id``) into the study's artifact
+store (see :mod:`autoprune.artifacts`). The creator marks the study ``ready``
+last; joiners wait for that mark.
+
+The trial loop (:func:`run_trials`) is shared by the creator and the workers.
+Exactly ``total`` trials finish complete: under a per-study lock (a PostgreSQL
+advisory lock; a file lock beside SQLite and journal files) a worker fails the
+trials of dead workers (stale heartbeats; dead processes on this host) and
+queues them again, counts COMPLETE and RUNNING trials, and asks for a trial only
+while ``complete + running < total`` (``ask`` pops queued retries first). When
+the remaining trials are all running elsewhere it polls: one of them may die
+and come back as a retry. Each retry reruns the failed trial's parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import warnings
+import zlib
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from .artifacts import descriptor_for, is_server_url, open_store, study_artifact_store
+from .config import StudyConfig
+from .errors import AutopruneError
+from .objective import Objective, TrialContext, worker_id
+from .storage import _alive, _retry, open_storage, recover_dead_local_trials, redact, with_driver
+
+log = logging.getLogger("autoprune")
+
+READY_TIMEOUT_S = 300.0  # how long a joiner waits for the creator to finish setting up
+ORPHAN_S = 600.0  # a RUNNING trial that never got a worker or heartbeat is retried after this
+CONNECT_TRIES = 3
+
+
+# --- connecting --------------------------------------------------------------
+
+
+def _reason(exc: BaseException, password: str | None) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    lines = [line.strip() for line in str(orig).splitlines() if line.strip()]
+    text = lines[0] if lines else type(orig).__name__
+    if password:
+        text = text.replace(password, "***")
+    return text[:240]
+
+
+def connect_storage(url: str, heartbeat_seconds: int = 30, tries: int = CONNECT_TRIES,
+                    first_wait: float = 1.0) -> optuna.storages.BaseStorage:
+    """``open_storage`` with, for server databases, a checked connection first.
+
+    An unreachable server is retried ``tries`` times with a doubling wait
+    (1 s, 2 s, ...), then reported naming its host and port; a refused login
+    or a missing database is reported at once. No message holds the password.
+    """
+    if is_server_url(url):
+        _preflight(url, tries, first_wait)
+    return open_storage(url, heartbeat_seconds=heartbeat_seconds)
+
+
+def _preflight(url: str, tries: int, first_wait: float) -> None:
+    import sqlalchemy as sa
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    shown, url = redact(url), with_driver(url)
+    try:
+        u = make_url(url)
+    except Exception:
+        raise AutopruneError(f"cannot read the storage URL {shown}; expected e.g. "
+                             f"postgresql://USER:PASSWORD@HOST:5432/DB") from None
+    backend = u.get_backend_name()
+    server = {"postgresql": "PostgreSQL", "mysql": "MySQL", "mariadb": "MariaDB"}.get(backend, backend)
+    host = u.host or "localhost"
+    port = u.port or {"postgresql": 5432, "mysql": 3306, "mariadb": 3306}.get(backend, "default port")
+    where = f"{server} server at {host} port {port}"
+    args = {"connect_timeout": 5} if backend in ("postgresql", "mysql", "mariadb") else {}
+    try:
+        engine = sa.create_engine(url, poolclass=NullPool, connect_args=args)
+    except Exception as exc:  # no driver, bad URL
+        raise AutopruneError(f"cannot open storage {shown}: {_reason(exc, u.password)}"
+                             + ("; pip install 'autoprune[postgres]'" if backend == "postgresql" else "")) from None
+    start, reason = time.monotonic(), ""
+    try:
+        for attempt in range(tries):
+            try:
+                with engine.connect() as conn:
+                    conn.execute(sa.text("SELECT 1"))
+                return
+            except sa.exc.SQLAlchemyError as exc:
+                reason = _reason(exc, u.password)
+                low = reason.lower()
+                if "authentication failed" in low or "password" in low or "access denied" in low:
+                    raise AutopruneError(
+                        f"cannot open storage {shown}: the {where} refused the login of user "
+                        f"{u.username!r} (password authentication failed); check the user and password "
+                        f"in the URL") from None
+                if "does not exist" in low or "unknown database" in low:
+                    raise AutopruneError(f"cannot open storage {shown}: {reason}; create the database "
+                                         f"first (e.g. createdb {u.database})") from None
+                if attempt + 1 < tries:
+                    wait = first_wait * 2 ** attempt
+                    log.warning("cannot reach the %s (try %d of %d): %s; retrying in %.0fs",
+                                where, attempt + 1, tries, reason, wait)
+                    time.sleep(wait)
+    finally:
+        engine.dispose()
+    raise AutopruneError(
+        f"cannot open storage {shown}: cannot reach the {where} after {tries} tries over "
+        f"{time.monotonic() - start:.0f}s ({reason}); is the server running and reachable from this machine?")
+
+
+def find_study(storage, name: str) -> optuna.Study | None:
+    try:
+        storage.get_study_id_from_name(name)
+    except KeyError:
+        return None
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def load_existing_study(storage, name: str, url: str) -> optuna.Study:
+    study = find_study(storage, name)
+    if study is None:
+        names = sorted(optuna.get_all_study_names(storage))
+        known = ", ".join(names) if names else "none"
+        raise AutopruneError(f"no study named {name!r} in {redact(url)}; studies there: {known} "
+                             f"(create one with: autoprune search STUDY.toml --storage URL)")
+    return study
+
+
+def wait_ready(study: optuna.Study, timeout: float = READY_TIMEOUT_S) -> dict:
+    """The study's user attributes once its creator has finished setting it up."""
+    deadline = time.monotonic() + timeout
+    said = False
+    while True:
+        attrs = study.user_attrs
+        if attrs.get("ready") or ("config" in attrs and "space_upper" in attrs and study.get_trials(deepcopy=False)
+                                  and "checkpoint" in attrs):  # a study made before the ready mark
+            return attrs
+        creator = attrs.get("created_by", "")
+        host, _, pid = creator.rpartition(":")
+        gone = host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
+        if gone or time.monotonic() > deadline:
+            why = (f"its creator (process {pid} on this host) died while setting it up" if gone else
+                   f"its creator has not finished setting it up after {timeout:.0f}s (or died doing so)")
+            raise AutopruneError(
+                f"study {study.study_name!r} is not ready: {why}; delete it (optuna delete-study --study-name "
+                f"{study.study_name} --storage URL) and run autoprune search again")
+        if not said:
+            log.info("study %r: waiting for its creator to finish setting it up", study.study_name)
+            said = True
+        time.sleep(1.0)
+
+
+# --- creating and joining ----------------------------------------------------
+
+# The parts of a config that define the search: a study refuses a joiner whose differ.
+_IDENTITY = {"study": ("kind", "criterion", "budget_low"), "model": ("name", "width", "num_classes"),
+             "constraints": None, "finetune": None, "priors": ("enabled", "grid", "tolerance")}
+
+
+def check_same_search(study: optuna.Study, config: StudyConfig) -> None:
+    stored = study.user_attrs.get("config")
+    directions = ["maximize" if o == "accuracy" else "minimize" for o in config.objectives]
+    diffs = []
+    if [d.name.lower() for d in study.directions] != directions:
+        diffs.append(f"objectives {[d.name.lower() for d in study.directions]} in the study vs {directions} here")
+    if isinstance(stored, dict):
+        mine = config.to_dict()
+        for section, keys in _IDENTITY.items():
+            theirs, ours = stored.get(section, {}), mine[section]
+            for key in keys or ours:
+                if key in theirs and theirs[key] != ours[key]:
+                    diffs.append(f"[{section}] {key}: {theirs[key]!r} in the study vs {ours[key]!r} here")
+    if diffs:
+        raise AutopruneError(
+            f"study {study.study_name!r} already exists with another search space or objectives "
+            f"({'; '.join(diffs[:3])}); use another --study-name or storage (nothing was changed)")
+
+
+def create_or_join(config: StudyConfig, storage, url: str, device="auto", progress: bool = True):
+    """The study named by ``config``, created (and set up) here or joined: (study, ctx, created)."""
+    from .search import prepare
+
+    name = config.study.name
+    study = find_study(storage, name)
+    if study is None:
+        ctx, info = prepare(config, device, progress)
+        directions = ["maximize" if o == "accuracy" else "minimize" for o in config.objectives]
+        try:
+            study = optuna.create_study(storage=storage, study_name=name, directions=directions)
+        except optuna.exceptions.DuplicatedStudyError:  # another machine created it meanwhile
+            log.info("study %r was created by another process meanwhile: joining it", name)
+            study = optuna.load_study(study_name=name, storage=storage)
+        else:
+            publish(study, config, info, ctx, storage, url)
+            return study, ctx, True
+    check_same_search(study, config)
+    wait_ready(study)
+    return study, worker_context(study, url, device, progress), False
+
+
+def publish(study: optuna.Study, config: StudyConfig, info: dict, ctx: TrialContext, storage, url: str) -> None:
+    """Record everything a worker needs in a new study, then mark it ready."""
+    study.set_user_attr("created_by", worker_id())
+    for key, value in info.items():
+        study.set_user_attr(key, value)
+    if config.priors.enabled and config.priors.enqueue_allocation and info.get("prior_allocation"):
+        study.enqueue_trial(ctx.space.initial_params(info["prior_allocation"]))
+        log.info("enqueued the prior allocation as the first trial")
+    descriptor = descriptor_for(config.study.artifacts, url, config.out_dir)
+    store = open_store(descriptor, storage, create=True)
+    study.set_user_attr("artifact_store", descriptor)
+    if descriptor["kind"] == "file":
+        study.set_user_attr("artifact_dir", descriptor["path"])
+    from optuna.artifacts import upload_artifact
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        artifact_id = upload_artifact(artifact_store=store, file_path=info["checkpoint"], study_or_trial=study)
+    study.set_user_attr("checkpoint_artifact_id", artifact_id)
+    ctx.artifact_store = store
+    study.set_user_attr("ready", True)
+    log.info("study %r created in %s; workers join with: autoprune worker --storage URL --study %s",
+             study.study_name, redact(url), study.study_name)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "autoprune"
+
+
+def study_checkpoint(study: optuna.Study, store) -> str:
+    """A local copy of the study's dense checkpoint: its recorded path if the bytes match, else the artifact."""
+    from .search import file_digest
+
+    attrs = study.user_attrs
+    path, digest = attrs.get("checkpoint", ""), attrs.get("checkpoint_sha256")
+    if path and Path(path).is_file() and (digest is None or file_digest(path) == digest):
+        return path
+    artifact_id = attrs.get("checkpoint_artifact_id")
+    if not artifact_id or store is None:
+        raise AutopruneError(f"the study's dense checkpoint {path} is not on this machine and the study has no "
+                             f"uploaded copy (it was created before workers could join); copy it to that path")
+    local = cache_dir() / f"dense-{(digest or artifact_id)[:16]}.pt"
+    if local.is_file() and (digest is None or file_digest(local) == digest):
+        return str(local)
+    from optuna.artifacts import download_artifact
+
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        download_artifact(artifact_store=store, file_path=str(tmp), artifact_id=artifact_id)
+    except AutopruneError:
+        raise
+    except Exception as exc:
+        raise AutopruneError(f"cannot fetch the study's dense checkpoint (artifact {artifact_id}): "
+                             f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}") from None
+    if digest is not None and file_digest(tmp) != digest:
+        tmp.unlink(missing_ok=True)
+        raise AutopruneError(f"the study's dense checkpoint artifact {artifact_id} does not match its recorded "
+                             f"sha256 {digest[:12]}...; the study's artifact store is damaged")
+    os.replace(tmp, local)
+    log.info("dense checkpoint: fetched from the study's artifact store to %s", local)
+    return str(local)
+
+
+def study_config(study: optuna.Study, url: str) -> StudyConfig:
+    stored = study.user_attrs.get("config")
+    if not isinstance(stored, dict):
+        raise AutopruneError(f"study {study.study_name!r} has no stored config: it was not made by autoprune "
+                             f"search, so a worker cannot join it")
+    config = StudyConfig.from_dict(stored).validate()
+    config.study.name = study.study_name
+    config.study.storage = url
+    return config
+
+
+def worker_context(study: optuna.Study, url: str, device="auto", progress: bool = True) -> TrialContext:
+    """A worker's TrialContext, built from what the study records (no dense training, no scan)."""
+    from .model import load_checkpoint
+    from .space import SearchSpace
+    from .train import resolve_device
+
+    attrs = study.user_attrs
+    config = study_config(study, url)
+    device = resolve_device(device)
+    data = config.load_data().to(device)
+    store = study_artifact_store(study)
+    dense, _ = load_checkpoint(study_checkpoint(study, store))
+    space = SearchSpace.for_study(config, dense.channels, attrs.get("space_upper"), dense.num_classes)
+    if attrs.get("space_signature") not in (None, space.signature()):
+        raise AutopruneError(f"the search space rebuilt from study {study.study_name!r} has signature "
+                             f"{space.signature()}, not the recorded {attrs['space_signature']}; the study's "
+                             f"checkpoint or attributes were changed")
+    log.info("joined study %r in %s: %s trials, dense val %.2f%%, floor %.2f%%", study.study_name, redact(url),
+             config.study.kind, attrs["dense"]["val_accuracy"], attrs["accuracy_floor"])
+    return TrialContext(config=config, space=space, dense=dense.to(device).eval(), data=data,
+                        floor=attrs["accuracy_floor"], dense_figures=attrs["dense"], artifact_store=store,
+                        progress=progress)
+
+
+def worker_seed(config: StudyConfig, study: optuna.Study, created: bool) -> int:
+    """The sampler seed: reproducible for the creator, distinct for each joining worker."""
+    existing = len(study.get_trials(deepcopy=False))
+    seed = config.study.seed + existing
+    return seed if created else seed + 1 + zlib.crc32(worker_id().encode()) % 1_000_003
+
+
+# --- the quota lock ----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _pg_lock(engine, key: int):
+    import sqlalchemy as sa
+
+    with engine.connect() as conn, conn.begin():  # released at the end of the transaction, or if we die
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+        yield
+
+
+def quota_lock(url: str, study: optuna.Study):
+    """A callable returning a context manager that serializes 'count, then ask' across workers."""
+    from .artifacts import _rdb
+
+    name = f"autoprune-quota:{study.study_name}"
+    if url.startswith("journal:"):
+        path = url[len("journal:"):] + ".autoprune-quota.lock"
+        return lambda: _file_lock(path)
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///"):] + ".autoprune-quota.lock"
+        return lambda: _file_lock(path)
+    rdb = _rdb(study._storage)
+    if rdb is not None and rdb.engine.dialect.name == "postgresql":
+        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+        return lambda: _pg_lock(rdb.engine, key)
+    log.warning("no cross-process lock for %s: several workers may finish a few trials more than asked",
+                redact(url))
+    return contextlib.nullcontext
+
+
+# --- the trial loop ----------------------------------------------------------
+
+
+class _Heartbeat:
+    """Records the trial's heartbeat every ``interval`` seconds until the trial ends (errors: retried)."""
+
+    def __init__(self, storage, trial_id: int, interval: int):
+        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"heartbeat-{trial_id}")
+
+    def _run(self):
+        while not self.stop.wait(self.interval):
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception as exc:  # a network blip: the next beat may get through
+                log.warning("heartbeat of trial id %d failed: %s", self.trial_id, str(exc).splitlines()[0][:200])
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def _heartbeat_interval(study: optuna.Study) -> int | None:
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    storage = study._storage
+    return storage.get_heartbeat_interval() if is_heartbeat_enabled(storage) else None
+
+
+def reclaim(study: optuna.Study, local: bool) -> None:
+    """Fail and queue again the trials of dead workers (call under the quota lock)."""
+    if _heartbeat_interval(study) is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+    if local:
+        recover_dead_local_trials(study)
+    # Died between ask and recording who runs it (no worker, no heartbeat): retry after a long wait.
+    now = time.time()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if "worker" not in t.user_attrs and t.datetime_start and now - t.datetime_start.timestamp() > ORPHAN_S:
+            try:
+                if study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
+                    _retry()(study, study._storage.get_trial(t._trial_id))
+                    log.info("trial %d never got a worker in %.0fs: failed and queued again", t.number, ORPHAN_S)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass
+
+
+def _counts(study: optuna.Study) -> tuple[int, int, int]:
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))
+    c = sum(t.state == TrialState.COMPLETE for t in trials)
+    r = sum(t.state == TrialState.RUNNING for t in trials)
+    return c, r, len(trials) - c - r
+
+
+def run_trials(study: optuna.Study, objective, total: int, url: str, on_trial=None,
+               poll_seconds: float | None = None) -> int:
+    """Run trials until the study holds exactly ``total`` complete ones; returns how many ran here.
+
+    ``objective(trial)`` returns the value(s); ``on_trial(frozen, done)`` is called after each.
+    An exception in ``objective`` fails its trial and is raised (as ``Study.optimize`` does).
+    """
+    lock = quota_lock(url, study)
+    interval = _heartbeat_interval(study)
+    # Heartbeats find dead workers anywhere; without them (journal) dead local processes are
+    # checked at every round. With them, only at start: a quick resume on the same machine.
+    local_each_round = interval is None
+    poll = poll_seconds or (1.0 if interval is None else min(5.0, max(0.5, interval / 2)))
+    me = worker_id()
+    ran, waiting_since = 0, None
+    with lock():
+        reclaim(study, local=True)
+    while True:
+        trial = None
+        with lock():
+            reclaim(study, local=local_each_round)
+            complete, running, waiting = _counts(study)
+            if complete < total and complete + running < total:
+                with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": it is, here
+                    warnings.simplefilter("ignore", UserWarning)
+                    trial = study.ask()  # pops a queued trial (a retry, the prior allocation) first
+                trial.set_user_attr("worker", me)
+                if interval is not None:
+                    study._storage.record_heartbeat(trial._trial_id)
+        if trial is None:
+            if complete >= total:
+                break
+            if waiting_since is None:
+                waiting_since = time.monotonic()
+                log.info("%d of %d trials complete, %d running elsewhere: waiting for them (a dead worker's "
+                         "trial comes back as a retry)", complete, total, running)
+            time.sleep(poll)
+            continue
+        waiting_since = None
+        frozen = _run_one(study, trial, objective, interval)
+        ran += 1
+        if on_trial is not None and frozen is not None:
+            on_trial(frozen, _counts(study)[0])
+    return ran
+
+
+def _run_one(study: optuna.Study, trial: optuna.Trial, objective, interval: int | None):
+    """Run one asked trial and tell its result; None when another worker declared it dead meanwhile."""
+    beat = _Heartbeat(study._storage, trial._trial_id, interval) if interval else contextlib.nullcontext()
+    values, state, error = None, None, None
+    with beat:
+        try:
+            values = objective(trial)
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+        except (Exception, KeyboardInterrupt) as exc:
+            state, error = TrialState.FAIL, exc
+    taken = study._storage.get_trial(trial._trial_id).state.is_finished()
+    if not taken:
+        try:
+            study.tell(trial, values if state is None else None, state=state)
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
+            taken = study._storage.get_trial(trial._trial_id).state.is_finished()
+            if not taken:
+                raise
+    if taken:
+        log.warning("trial %d was declared dead by another worker (no heartbeat for the grace period) and "
+                    "queued again; this run's result is dropped", trial.number)
+        if isinstance(error, KeyboardInterrupt):
+            raise error
+        return None
+    if error is not None:
+        raise error
+    return study._storage.get_trial(trial._trial_id)
+
+
+# --- the worker command ------------------------------------------------------
+
+
+def run_worker(url: str, study_name: str, *, device="auto", trials: int | None = None,
+               progress: bool = True) -> dict:
+    """``autoprune worker``: join an existing study and run trials until it holds N complete ones."""
+    from .search import _line, make_sampler, summarize
+
+    if trials is not None and trials < 1:
+        raise AutopruneError(f"--trials must be >= 1, got {trials}")
+    if url.startswith("journal:") and not Path(url[len("journal:"):]).is_file():
+        raise AutopruneError(f"journal file {url[len('journal:'):]} not found; no study to join there")
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+        raise AutopruneError(f"database file {url[len('sqlite:///'):]} not found; no study to join there")
+    start = time.perf_counter()
+    # The heartbeat period is the study's: read it from the study's config before opening for real.
+    storage = connect_storage(url)
+    study = load_existing_study(storage, study_name, url)
+    wait_ready(study)
+    heartbeat = int(study_config(study, url).study.heartbeat_seconds)
+    if heartbeat != 30:
+        storage = open_storage(url, heartbeat_seconds=heartbeat)
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    ctx = worker_context(study, url, device, progress)
+    config = ctx.config
+    total = trials or config.study.trials
+    study.sampler = make_sampler(config.study.sampler, worker_seed(config, study, created=False), total)
+    ran = run_trials(study, Objective(ctx), total, url, on_trial=_printer(study, total, config.cost_attr, _line))
+    return summarize(study, config, time.perf_counter() - start, ran)
+
+
+def _printer(study, total, cost, line):
+    def on_trial(frozen, done):
+        print(line(study, frozen, done, total, cost), flush=True, file=sys.stderr)
+
+    return on_trial

@@ -1,0 +1,447 @@
+"""Many workers on one study: exact trial counts, dead workers retried, bad storage input.
+
+The PostgreSQL tests need a server: ``export AUTOPRUNE_TEST_POSTGRES_URL="$(.ci/postgres.sh start)"``
+(``.ci/run`` does this). Without the variable they skip, unless ``CI`` is set: then they fail.
+The same tests run on Optuna's journal file storage (one host, no heartbeat).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from autoprune.storage import redact
+
+REPO = Path(__file__).resolve().parents[1]
+PG_ENV = "AUTOPRUNE_TEST_POSTGRES_URL"
+HEARTBEAT = 2  # seconds; a trial silent for 3x this is failed and retried
+
+ATTRS = ["size_fraction", "nonzero_size_mib", "params", "macs", "macs_fraction", "val_accuracy",
+         "val_accuracy_before_finetune", "test_accuracy", "finetune_seconds", "plan", "proposed", "worker",
+         "weights_artifact_id"]
+
+CONFIG = """
+[study]
+name = "{name}"
+kind = "fine_grained"
+trials = {trials}
+seed = 0
+out_dir = "{out}"
+storage = "{storage}"
+heartbeat_seconds = {heartbeat}
+
+[model]
+width = 0.125
+checkpoint = "{checkpoint}"
+
+[data]
+spec = "synthetic:600"
+
+[constraints]
+max_size_fraction = 0.3
+max_accuracy_drop = 90.0  # every trial feasible: every trial uploads its weights
+
+[finetune]
+epochs = {epochs}
+batch_size = 128
+
+[priors]
+grid = [0.5, 0.9]
+tolerance = 30.0
+"""
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+class SecretURL(str):
+    """A URL whose repr (in pytest's reports) hides its password."""
+
+    def __repr__(self) -> str:
+        return repr(redact(str(self)))
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    url = os.environ.get(PG_ENV, "")
+    if not url:
+        message = (f"{PG_ENV} is not set; start a throwaway PostgreSQL with "
+                   f'export {PG_ENV}="$(.ci/postgres.sh start)"')
+        if _in_ci():
+            pytest.fail(f"{message} (CI is set, so the PostgreSQL tests must run: .ci/run starts the server)")
+        pytest.skip(message)
+    import psycopg2
+
+    try:
+        psycopg2.connect(url, connect_timeout=5).close()
+    except Exception as exc:
+        pytest.fail(f"{PG_ENV} is set ({redact(url)}) but the server cannot be used: {str(exc).splitlines()[0]}")
+    return SecretURL(url)
+
+
+@pytest.fixture(params=["postgres", "journal"])
+def storage_url(request, tmp_path) -> str:
+    if request.param == "postgres":
+        return request.getfixturevalue("pg_url")
+    return f"journal:{tmp_path}/study.log"
+
+
+def _password(url: str) -> str | None:
+    if url.startswith("journal:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).password
+
+
+def _env(tmp_path: Path) -> dict:
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg-cache"), PYTHONUNBUFFERED="1")
+    env.pop("OMP_NUM_THREADS", None)
+    return env
+
+
+def make_study(tmp_path, tiny_checkpoint, url, *, trials, epochs=1, remove_checkpoint=True):
+    """Create (and set up) a study in this process; returns (name, config path).
+
+    With ``remove_checkpoint`` the dense checkpoint file is deleted afterwards, so the
+    workers must fetch it from the study's artifact store, as on another machine.
+    """
+    from autoprune.config import load_config
+    from autoprune.workers import connect_storage, create_or_join
+
+    name = f"w-{uuid.uuid4().hex[:10]}"
+    ckpt = tmp_path / "dense.pt"
+    shutil.copy(tiny_checkpoint, ckpt)
+    path = tmp_path / f"{name}.toml"
+    path.write_text(CONFIG.format(name=name, trials=trials, out=tmp_path / "out", storage=url, heartbeat=HEARTBEAT,
+                                  checkpoint=ckpt, epochs=epochs))
+    config = load_config(path)
+    storage = connect_storage(url, heartbeat_seconds=HEARTBEAT)
+    study, ctx, created = create_or_join(config, storage, url, device="cpu", progress=False)
+    assert created and study.user_attrs["ready"]
+    if remove_checkpoint:
+        ckpt.unlink()
+    return name, path
+
+
+def load(url: str, name: str) -> optuna.Study:
+    from autoprune.storage import open_storage
+
+    return optuna.load_study(study_name=name, storage=open_storage(url, heartbeat_seconds=HEARTBEAT))
+
+
+def worker_cmd(url, name, *extra):
+    return [sys.executable, "-m", "autoprune", "worker", "--storage", url, "--study", name, "--device", "cpu",
+            "--threads", "1", "-q", *extra]
+
+
+def spawn(cmd, tmp_path, tag):
+    out = open(tmp_path / f"{tag}.log", "w+")
+    return subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=_env(tmp_path)), out
+
+
+def finish(procs, timeout):
+    deadline = time.time() + timeout
+    outputs = []
+    for proc, out in procs:
+        try:
+            proc.wait(timeout=max(1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        out.seek(0)
+        outputs.append(out.read())
+        out.close()
+    return outputs
+
+
+def check_exact(study: optuna.Study, total: int) -> list:
+    """Exactly ``total`` complete trials, nothing left running or queued, numbers unique, attrs all there."""
+    trials = study.get_trials()
+    states = [t.state for t in trials]
+    assert states.count(TrialState.COMPLETE) == total, states
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states, states
+    numbers = [t.number for t in trials]
+    assert len(set(numbers)) == len(numbers), numbers
+    # A failed trial is only ever a dead worker's, and it was run again to completion, once.
+    for t in trials:
+        if t.state == TrialState.FAIL:
+            retries = [r for r in trials if r.system_attrs.get("failed_trial") == t.system_attrs.get(
+                "failed_trial", t.number) and r.number > t.number]
+            assert retries, f"failed trial {t.number} was not retried"
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    origins = [t.system_attrs.get("failed_trial", t.number) for t in complete]
+    assert len(set(origins)) == len(origins), "a trial (or its retry) completed twice"
+    for t in complete:
+        missing = [key for key in ATTRS if key not in t.user_attrs]
+        assert not missing, f"trial {t.number} lacks {missing}"
+        assert len(t.values) == 2 and t.user_attrs["size_fraction"] <= 0.3 + 1e-9
+    return complete
+
+
+def test_three_workers_finish_exactly_n_trials(tmp_path, tiny_checkpoint, storage_url):
+    total = 6
+    name, config_path = make_study(tmp_path, tiny_checkpoint, storage_url, trials=total)
+    # Two `autoprune worker`s and one `autoprune search` joining the same study, started together.
+    procs = [spawn(worker_cmd(storage_url, name), tmp_path, "w1"),
+             spawn(worker_cmd(storage_url, name), tmp_path, "w2"),
+             spawn([sys.executable, "-m", "autoprune", "search", str(config_path), "--device", "cpu",
+                    "--threads", "1", "-q"], tmp_path, "s3")]
+    outputs = finish(procs, timeout=180)
+    for (proc, _), out in zip(procs, outputs):
+        assert proc.returncode == 0, out[-3000:]
+    study = load(storage_url, name)
+    complete = check_exact(study, total)
+    if storage_url.startswith("journal:"):  # no heartbeat: nothing may fail a live worker's trial
+        assert all(t.state == TrialState.COMPLETE for t in study.get_trials())
+    workers = {t.user_attrs["worker"] for t in complete}
+    assert len(workers) >= 2, f"one process ran every trial: {workers}"
+    secret = _password(storage_url)
+    if secret:
+        assert not any(secret in out for out in outputs)
+    # The weights of a trial run by a worker without the dense checkpoint file come back from the store.
+    from optuna.artifacts import download_artifact
+
+    from autoprune.artifacts import study_artifact_store
+
+    target = tmp_path / "weights.pt"
+    download_artifact(artifact_store=study_artifact_store(study), file_path=str(target),
+                      artifact_id=complete[-1].user_attrs["weights_artifact_id"])
+    assert target.stat().st_size > 0
+
+
+def test_sigkilled_worker_trial_is_retried(tmp_path, tiny_checkpoint, storage_url):
+    total = 4
+    name, _ = make_study(tmp_path, tiny_checkpoint, storage_url, trials=total, epochs=4)
+    procs = [spawn([a for a in worker_cmd(storage_url, name) if a != "-q"], tmp_path, f"w{i}") for i in range(2)]
+    host = socket.gethostname()
+    by_id = {f"{host}:{pair[0].pid}": pair for pair in procs}
+    victim, killed_number, killed_at = None, None, None
+    deadline = time.time() + 120
+    study = load(storage_url, name)
+    while time.time() < deadline and victim is None:
+        time.sleep(0.2)
+        # Both in their trial loop first ("joined study" is logged just before it): a dead worker found
+        # by the survivor's start-up check is not what this test is about.
+        if not all("joined study" in (tmp_path / f"w{i}.log").read_text() for i in range(2)):
+            continue
+        for t in study.get_trials(states=(TrialState.RUNNING,)):
+            owner = by_id.get(t.user_attrs.get("worker"))
+            # Kill it fine-tuning ("plan" is recorded just before): mid-trial, and not in the middle of a
+            # write to the journal, whose file lock a killed holder keeps for 30 s.
+            if owner is not None and owner[0].poll() is None and "plan" in t.user_attrs:
+                owner[0].send_signal(signal.SIGKILL)
+                victim, killed_number, killed_at = owner, t.number, time.time()
+                break
+    assert victim is not None, "no trial was caught running"
+    victim[0].wait()
+    survivor = [pair for pair in procs if pair[0] is not victim[0]]
+    assert len(survivor) == 1
+    outputs = finish(survivor, timeout=150)
+    assert survivor[0][0].returncode == 0, outputs[0][-3000:]
+    study = load(storage_url, name)
+    check_exact(study, total)
+    killed = study.trials[killed_number]
+    assert killed.state == TrialState.FAIL
+    retries = [t for t in study.get_trials() if t.system_attrs.get("failed_trial") == killed_number]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    # The same proposal, run again (as far as the killed run had drawn it: params are stored one by one).
+    assert killed.params.items() <= retries[0].params.items()
+    assert retries[0].user_attrs["worker"] != killed.user_attrs.get("worker")
+    if not storage_url.startswith("journal:"):
+        # Found by its heartbeat: not before the grace period (3 x 2 s, less one beat) had passed.
+        waited = killed.datetime_complete.timestamp() - killed_at
+        assert waited >= 2 * HEARTBEAT - 0.5, f"failed {waited:.1f}s after the kill"
+
+
+QUOTA_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    import optuna
+    from autoprune.storage import open_storage
+    from autoprune.workers import run_trials
+    url, name, total, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    study = optuna.load_study(study_name=name, storage=open_storage(url, heartbeat_seconds=2),
+                              sampler=optuna.samplers.RandomSampler())
+    def objective(trial):
+        x = trial.suggest_float("x", 0, 1)
+        time.sleep(0.1)
+        return x
+    print("ready", flush=True)
+    while not os.path.exists(go):  # all start together
+        time.sleep(0.01)
+    print(run_trials(study, objective, total, url), flush=True)
+""")
+
+
+def test_trial_count_is_exact_under_contention(tmp_path, storage_url):
+    """Four processes racing on a fast objective: never a trial more than asked, none lost."""
+    from autoprune.storage import open_storage
+
+    name, total, go = f"q-{uuid.uuid4().hex[:10]}", 20, tmp_path / "go"
+    optuna.create_study(study_name=name, storage=open_storage(storage_url, heartbeat_seconds=2))
+    procs = [subprocess.Popen([sys.executable, "-c", QUOTA_SCRIPT, storage_url, name, str(total), str(go)],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    for proc in procs:
+        assert proc.stdout.readline().strip() == "ready", proc.communicate(timeout=60)[1][-3000:]
+    go.touch()
+    ran = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+        ran.append(int(out.strip().splitlines()[-1]))
+    study = load(storage_url, name)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * total
+    assert sum(ran) == total and sum(r > 0 for r in ran) >= 3, ran
+
+
+def test_creation_race_joins_the_winner(tmp_path, tiny_checkpoint, monkeypatch):
+    """`autoprune search` on two machines at once: the loser of create_study joins the winner's study."""
+    import autoprune.workers as workers
+    from autoprune.config import load_config
+
+    url = f"journal:{tmp_path}/race.log"
+    name, path = make_study(tmp_path, tiny_checkpoint, url, trials=2, remove_checkpoint=False)
+    real = workers.find_study
+    calls = []
+
+    def not_yet(storage, study_name):  # the study did not exist when this process looked
+        calls.append(study_name)
+        return None if len(calls) == 1 else real(storage, study_name)
+
+    monkeypatch.setattr(workers, "find_study", not_yet)
+    import autoprune.search
+
+    # The loser's own preparation is thrown away when create_study finds the name taken: skip its cost.
+    monkeypatch.setattr(autoprune.search, "prepare", lambda config, device, progress: (None, {}))
+    config = load_config(path)
+    storage = workers.connect_storage(url)
+    study, ctx, created = workers.create_or_join(config, storage, url, device="cpu", progress=False)
+    assert not created and study.study_name == name
+    assert ctx.space.signature() == study.user_attrs["space_signature"]
+    assert len(optuna.get_all_study_names(storage)) == 1
+
+
+def test_local_recovery_spares_live_workers(tmp_path):
+    """Journal storage has no heartbeat: only trials of gone (or reaped-pid-reused) processes are retried."""
+    from autoprune.storage import open_storage, recover_dead_local_trials
+
+    url = f"journal:{tmp_path}/local.log"
+    study = optuna.create_study(study_name="local", storage=open_storage(url))
+    host = socket.gethostname()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # exits, left unreaped
+    time.sleep(1.5)
+    owners = {"live": live.pid, "dead": dead.pid, "zombie": zombie.pid, "me": os.getpid()}
+    numbers = {}
+    for tag, pid in owners.items():
+        trial = study.ask()
+        trial.suggest_float("x", 0, 1)
+        trial.set_user_attr("worker", f"{host}:{pid}")
+        numbers[tag] = trial.number
+    other_host = study.ask()
+    other_host.set_user_attr("worker", f"not-{host}:1")
+    try:
+        recovered = recover_dead_local_trials(study)
+    finally:
+        live.kill()
+        live.wait()
+        zombie.wait()
+    assert sorted(recovered) == sorted([numbers["dead"], numbers["zombie"]])
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states[numbers["live"]] == states[numbers["me"]] == states[other_host.number] == TrialState.RUNNING
+    retries = [t for t in study.get_trials(states=(TrialState.WAITING,))]
+    assert sorted(t.system_attrs["failed_trial"] for t in retries) == sorted(recovered)
+    assert all("worker" not in t.user_attrs for t in retries)  # a retry does not inherit the dead worker
+
+
+# --- bad input ---------------------------------------------------------------
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "autoprune", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_one_line_error(result, *fragments, secrets=()):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("autoprune: error:"), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+    for secret in secrets:
+        assert secret not in result.stderr + result.stdout
+
+
+def test_unreachable_postgres_is_retried_then_named(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    result = run_cli("worker", "--storage", f"postgresql://someone:s3cretpw@127.0.0.1:{port}/db", "--study", "x")
+    elapsed = time.monotonic() - start
+    assert_one_line_error(result, "127.0.0.1", f"port {port}", "3 tries", secrets=["s3cretpw"])
+    assert 2.5 <= elapsed <= 60, elapsed  # waits 1 s then 2 s between the tries, no more
+
+
+def test_wrong_password(pg_url):
+    from sqlalchemy.engine import make_url
+
+    right = make_url(pg_url)
+    if not right.password:
+        pytest.skip("the test server's URL has no password")
+    wrong = right.set(password="wr0ng-pass-xyz").render_as_string(hide_password=False)
+    result = run_cli("worker", "--storage", wrong, "--study", "x")
+    if result.returncode == 0 or "no study named" in result.stderr:
+        pytest.skip("the test server does not check passwords")
+    assert_one_line_error(result, "password authentication failed", f"port {right.port}",
+                          secrets=["wr0ng-pass-xyz", right.password])
+    assert "try 2" not in result.stderr  # a refused login is not retried
+
+
+def test_missing_study_lists_the_studies_there(pg_url):
+    from autoprune.storage import open_storage
+
+    known = f"known-{uuid.uuid4().hex[:8]}"
+    optuna.create_study(study_name=known, storage=open_storage(pg_url))
+    result = run_cli("worker", "--storage", pg_url, "--study", "no-such-study")
+    assert_one_line_error(result, "no study named 'no-such-study'", known, secrets=[_password(pg_url)])
+
+
+def test_study_whose_creator_died_during_setup(tmp_path):
+    from autoprune.storage import open_storage
+
+    url = f"journal:{tmp_path}/half.log"
+    study = optuna.create_study(study_name="half", storage=open_storage(url), directions=["minimize", "maximize"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    study.set_user_attr("created_by", f"{socket.gethostname()}:{dead.pid}")
+    start = time.monotonic()
+    assert_one_line_error(run_cli("worker", "--storage", url, "--study", "half"), "died while setting it up",
+                          "delete-study")
+    assert time.monotonic() - start < 60  # told at once, not after the wait for a live creator
+
+
+def test_worker_bad_trials_and_missing_journal(tmp_path):
+    assert_one_line_error(run_cli("worker", "--storage", f"journal:{tmp_path}/none.log", "--study", "x"),
+                          "not found")
+    assert not (tmp_path / "none.log").exists()
+    assert_one_line_error(run_cli("worker", "--storage", f"journal:{tmp_path}/none.log", "--study", "x",
+                                  "--trials", "0"), "--trials must be >= 1")
