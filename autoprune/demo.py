@@ -1,6 +1,7 @@
 """The offline demo: the whole pipeline on synthetic data, minutes on 2 CPU cores.
 
-Dense training, sensitivity scan and priors, a short study, the Pareto front.
+Dense training, sensitivity scan and priors, a short study, the Pareto front
+printed and the report written (``reports/demo/report.html``).
 The config is ``studies/demo.toml`` (kept here too so that the demo runs from
 an installed package; a test checks the two are the same).
 """
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from .config import (ConstraintsSection, DataSection, FinetuneSection, ModelSection, PriorsSection,
                      StudyConfig, StudySection)
+from .report import write_report
 from .search import format_summary, run_search
 
 
@@ -29,5 +31,7 @@ def run_demo(out_dir: Path = Path("reports/demo"), quiet: bool = False) -> dict:
     config = demo_config()
     config.study.out_dir = str(out_dir)
     summary = run_search(config, progress=not quiet)
-    summary["summary"] = format_summary(summary)
+    files = write_report(config.storage_url, config.study.name, out_dir)
+    summary["report"] = files.get("report.html")
+    summary["summary"] = format_summary(summary) + f"\nreport: {summary['report']}"
     return summary
