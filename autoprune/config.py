@@ -95,7 +95,7 @@ class FidelitySection:
 
     bn_recal_batches: int = 4  # cheap score: BatchNorm stats recomputed on this many training batches; 0: off
     bn_recal_batch_size: int = 128
-    ladder: bool = False  # rank cheaply; fine-tune only the promising
+    ladder: bool = False  # rank cheaply; fine-tune only the promising (fine-grained studies only)
     promote_top: float = 0.5  # stage 1 -> 2: BN-recal score in this top fraction (at equal cost)
     full_top: float = 0.5  # stage 2 -> 3: accuracy after 1 epoch in this top fraction (at equal cost)
     warmup_trials: int = 4  # the first trials always climb the whole ladder
