@@ -177,7 +177,7 @@ class Objective:
         earlier = [(t.user_attrs[cost_key], t.user_attrs[attr])
                    for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                    if attr in t.user_attrs and cost_key in t.user_attrs]
-        if len(earlier) < fid.warmup_trials:
+        if len(earlier) < max(2, fid.warmup_trials):  # a line needs two points
             return True
         costs, scores = np.array(earlier).T
         slope, intercept = np.polyfit(costs, scores, 1) if np.ptp(costs) > 1e-9 else (0.0, scores.mean())

@@ -265,3 +265,14 @@ def test_fidelity_ladder_never_presents_partial_trials_as_fine_tuned(tmp_path):
         assert t.number not in front
         assert t.user_attrs["finetune_epochs_done"] < 2
         assert "weights_artifact_id" not in t.user_attrs
+
+
+def test_channel_studies_fall_back_from_the_ladder_to_early_stop(tmp_path):
+    extra = "\n[fidelity]\nladder = true\nwarmup_trials = 0\npromote_top = 0.01\nfull_top = 0.01\n"
+    config = load_config(write_config(tmp_path, name="chl", kind="channel", trials=6, cap=0.6, extra=extra))
+    run_search(config, progress=False)
+    _, trials = complete_trials(config.storage_url, "chl")
+    assert len(trials) == 6
+    # With promote_top 0.01 a fine-grained study would stop nearly every trial at bn_recal.
+    assert {t.user_attrs["fidelity"] for t in trials} <= {"full", "stopped_early"}
+    assert all("val_accuracy_bn_recal" in t.user_attrs for t in trials)
