@@ -34,8 +34,8 @@ _PREFER_ATTR = {"size": "size_fraction", "macs": "macs_fraction", "latency": "la
 
 def open_existing(storage_url: str, study_name: str) -> tuple[optuna.Study, StudyConfig]:
     """The study ``study_name`` in ``storage_url`` and its config; nothing is created."""
-    from .search import open_study
     from .storage import open_storage, redact
+    from .workers import load_existing_study
 
     if not storage_url:
         raise AutopruneError("no storage given; pass --storage URL (e.g. sqlite:///reports/NAME/study.db)")
@@ -46,8 +46,7 @@ def open_existing(storage_url: str, study_name: str) -> tuple[optuna.Study, Stud
                 raise AutopruneError(f"no study storage at {path}; check --storage (a search writes "
                                      f"sqlite:///reports/NAME/study.db by default)")
     storage = open_storage(storage_url)
-    # The config only matters when creating; create=False lists the studies there instead.
-    study, _ = open_study(StudyConfig(), storage, None, study_name, create=False)
+    study = load_existing_study(storage, study_name, storage_url)
     raw = study.user_attrs.get("config")
     if not isinstance(raw, dict):
         raise AutopruneError(f"study {study_name!r} in {redact(storage_url)} has no 'config' user attribute; "

@@ -130,33 +130,6 @@ def compute_study_priors(config, dense, checkpoint, data, progress):
     return priors.upper, priors.allocation, info
 
 
-def open_study(config: StudyConfig, storage, info: dict | None, study_name: str, create: bool = True):
-    """Create the study (recording ``info``) or load it and check it is the same search."""
-    directions = ["maximize" if o == "accuracy" else "minimize" for o in config.objectives]
-    try:
-        existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
-    except Exception as exc:
-        raise AutopruneError(f"cannot read studies from the storage: {str(exc).splitlines()[0][:200]}") from None
-    if study_name in existing:
-        study = optuna.load_study(study_name=study_name, storage=storage)
-        if info is not None:
-            got = study.user_attrs.get("space_signature")
-            if got != info["space_signature"] or [d.name.lower() for d in study.directions] != directions:
-                raise AutopruneError(
-                    f"study {study_name!r} already exists with another search space or objectives "
-                    f"(signature {got} vs {info['space_signature']}); use another --study-name or storage "
-                    f"(nothing was changed)"
-                )
-        return study, False
-    if not create:
-        known = ", ".join(sorted(existing)) or "none"
-        raise AutopruneError(f"no study named {study_name!r} in this storage; studies there: {known}")
-    study = optuna.create_study(storage=storage, study_name=study_name, directions=directions)
-    for key, value in (info or {}).items():
-        study.set_user_attr(key, value)
-    return study, True
-
-
 def _line(study: optuna.Study, trial: optuna.trial.FrozenTrial, done: int, total: int, cost: str) -> str:
     a = trial.user_attrs
     if trial.state != TrialState.COMPLETE:
