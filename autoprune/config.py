@@ -86,7 +86,16 @@ class PriorsSection:
     enabled: bool = True
     grid: list = field(default_factory=lambda: [0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     tolerance: float = 5.0  # points of validation accuracy a layer may lose alone
-    enqueue_allocation: bool = True
+    enqueue_allocation: bool = True  # the prior allocation (at the cap) is the first trial
+    # One-shot rules whose allocations at the cap are enqueued next, so the search starts from the
+    # best of them: uniform, global, lamp (fine-grained); uniform (channel). Default (unset):
+    # lamp and global for fine-grained, uniform for channel; [] for none.
+    warm_start: list | None = None
+
+    def warm_start_rules(self, kind: str) -> list[str]:
+        if self.warm_start is not None:
+            return list(self.warm_start)
+        return ["lamp", "global"] if kind == "fine_grained" else ["uniform"]
 
 
 @dataclass
@@ -222,6 +231,13 @@ class StudyConfig:
             raise AutopruneError("[fidelity] ladder needs the cheap score: set bn_recal_batches >= 1")
         if not self.priors.grid or not all(0 < g < 1 for g in self.priors.grid):
             raise AutopruneError(f"[priors] grid must be ratios in (0, 1), got {self.priors.grid}")
+        from .priors import ONE_SHOT_RULES
+
+        rules = ONE_SHOT_RULES[s.kind]
+        bad = [r for r in self.priors.warm_start_rules(s.kind) if r not in rules]
+        if bad:
+            raise AutopruneError(f"[priors] warm_start: unknown rule {bad[0]!r} for {s.kind} pruning; "
+                                 f"use some of {', '.join(rules)}")
         return self
 
 

@@ -27,6 +27,12 @@ Additivity is an approximation: pruning several layers together usually costs
 more than the sum of the single-layer drops, and fine-tuning recovers much of
 it. The allocation is therefore a starting point (a first trial, a prior
 centre) for a search that measures real accuracy, not an answer.
+
+* **Warm starts.** :func:`one_shot_allocation` gives the one-shot rules'
+  allocations (uniform, global magnitude, LAMP; uniform channel ratios). A
+  study enqueues the prior allocation and these (``[priors] warm_start``) as
+  its first trials at the cap, so it starts from the best one-shot answer and
+  searches for better ones; every later trial is the sampler's.
 """
 
 from __future__ import annotations
@@ -300,6 +306,32 @@ def compute_priors(
                   log=messages, target_fraction=float(target_fraction), predicted_drop=predicted)
 
 
+ONE_SHOT_RULES = {"fine_grained": ("uniform", "global", "lamp"), "channel": ("uniform",)}
+
+
+def one_shot_allocation(rule: str, model, kind: str, target_fraction: float, metric: str = "params") -> dict:
+    """A one-shot rule's per-layer ratios at ``target_fraction`` (the baselines a search must beat).
+
+    Fine-grained: ``uniform`` (one sparsity everywhere), ``global`` (one |w|
+    threshold over all layers), ``lamp`` (one threshold on LAMP scores), all
+    with the budget's nonzero count (``floor(target * params)``). Channel:
+    ``uniform`` (one prune ratio per conv, largest configuration <= target in
+    ``metric``).
+    """
+    from .fine_grained import global_magnitude_sparsities, lamp_sparsities
+
+    if rule not in ONE_SHOT_RULES[kind]:
+        raise AutopruneError(f"unknown one-shot rule {rule!r} for {kind}; use one of {', '.join(ONE_SHOT_RULES[kind])}")
+    channels = list(model.channels)
+    if kind == "channel":
+        return channel_budget(channels, target_fraction, metric)
+    if rule == "uniform":
+        return fine_grained_budget(channels, target_fraction)
+    total = vgg_cost(channels, model.num_classes)["params"]
+    zeros = total - math.floor(target_fraction * total + 1e-6)  # the budget's cap
+    return (lamp_sparsities if rule == "lamp" else global_magnitude_sparsities)(model, zeros)
+
+
 def by_hand_rule(
     scan_df: pd.DataFrame,
     dense_accuracy: float,
@@ -314,7 +346,8 @@ def by_hand_rule(
 
     The per-layer ratios become preferences of the budget's shift rule
     (:func:`autoprune.budget.fine_grained_budget` or ``channel_budget``), which
-    moves them together until the target is met; no upper bounds.
+    moves them together until the target is met, no layer beyond the largest
+    scanned ratio (past it the person has seen nothing; at 1.0 a layer is gone).
     """
     kind = {"fine": "fine_grained"}.get(kind, kind)
     check_kind(kind)
@@ -322,4 +355,6 @@ def by_hand_rule(
     prefs, why = _upper_bounds(drops, float(drop))
     for layer in drops:
         log.info("by hand: %s prefers %.2f (%s)", layer, prefs[layer], why[layer])
-    return _budget(kind, [int(c) for c in channels], target_fraction, metric, num_classes, preferences=prefs)
+    upper = {layer: max(r for r, _ in points) for layer, points in drops.items()}
+    return _budget(kind, [int(c) for c in channels], target_fraction, metric, num_classes, preferences=prefs,
+                   upper=upper)

@@ -96,38 +96,67 @@ def prepare(config: StudyConfig, device="auto", progress: bool = True) -> tuple[
         dense.to(device)
     log.info("dense model %s: val %.2f%% on %d images; accuracy floor %.2f%%", checkpoint, dense_val,
              len(data.val), floor)
-    upper, allocation, prior_info = None, None, {}
+    upper, allocation, prior_info, warm = None, None, {}, {}
     if config.priors.enabled:
         upper, allocation, prior_info = compute_study_priors(config, dense, checkpoint, data, progress)
+        warm = warm_starts(config, dense)
     space = SearchSpace.for_study(config, dense.channels, upper, dense.num_classes)
     info = {"config": config.to_dict(), "space_signature": space.signature(), "space_upper": space.upper,
             "dense": figures, "accuracy_floor": floor, "checkpoint": str(checkpoint),
             "checkpoint_sha256": file_digest(checkpoint), "data": data.describe(),
-            "prior_allocation": allocation, **prior_info}
+            "prior_allocation": allocation, "warm_starts": warm, **prior_info}
     ctx = TrialContext(config=config, space=space, dense=dense, data=data, floor=floor, dense_figures=figures,
                        progress=progress)
     return ctx, info
 
 
+def _budget_metric(config) -> str:
+    c = config.constraints
+    return "macs" if config.study.kind == "channel" and c.max_macs_fraction is not None else "params"
+
+
+def _cap(config) -> float:
+    c = config.constraints
+    return c.max_macs_fraction if _budget_metric(config) == "macs" else c.max_size_fraction
+
+
+def warm_starts(config, dense) -> dict[str, dict[str, float]]:
+    """The one-shot rules' allocations at the cap ([priors] warm_start): rule -> ratios."""
+    from .priors import one_shot_allocation
+
+    kind = config.study.kind
+    return {rule: one_shot_allocation(rule, dense, kind, _cap(config), _budget_metric(config))
+            for rule in config.priors.warm_start_rules(kind)}
+
+
 def compute_study_priors(config, dense, checkpoint, data, progress):
-    """Sensitivity scan (cached) -> per-layer upper bounds and a prior allocation."""
+    """Sensitivity scan (cached) -> per-layer upper bounds and a prior allocation at the cap.
+
+    The bounds must leave room for the whole budget range the study samples
+    (down to ``budget_low`` x the cap), or every proposal is projected onto the
+    same corner of the space; the allocation, the study's first trial, is made
+    for the cap itself, with the bounds the cap alone needs.
+    """
     from .priors import compute_priors
     from .sensitivity import scan_cached
 
     kind = config.study.kind
     df, dense_acc, cached = scan_cached(checkpoint, data, kind, list(config.priors.grid), config.study.criterion,
                                         config.out_dir, progress)
-    # Bounds must leave room for the whole budget range the study samples, not just the
-    # cap, or every proposal is projected onto the same corner of the space.
-    c = config.constraints
-    on_macs = kind == "channel" and c.max_macs_fraction is not None
     low = config.study.budget_low if len(config.objectives) > 1 else 1.0
-    target = (c.max_macs_fraction if on_macs else c.max_size_fraction) * low
-    priors = compute_priors(df, dense_acc, dense.channels, kind, target, tolerance=config.priors.tolerance,
-                            metric="macs" if on_macs else "params", num_classes=dense.num_classes)
-    info = {"prior_upper": priors.upper, "prior_rule": priors.rule, "prior_tolerance": priors.tolerance,
+    metric, cap = _budget_metric(config), _cap(config)
+
+    def at(target):
+        log.info("priors at %s fraction %.4f (%s):", "size" if metric == "params" else metric, target,
+                 "the cap" if target == cap else f"the lowest sampled budget, {low:g} x the cap: the bounds")
+        return compute_priors(df, dense_acc, dense.channels, kind, target, tolerance=config.priors.tolerance,
+                              metric=metric, num_classes=dense.num_classes)
+
+    bounds = at(cap * low)
+    first = bounds if low == 1.0 else at(cap)
+    info = {"prior_upper": bounds.upper, "prior_rule": bounds.rule, "prior_tolerance": bounds.tolerance,
             "sensitivity_cached": cached}
-    return priors.upper, priors.allocation, info
+    return bounds.upper, first.allocation, info
 
 
 def _line(study: optuna.Study, trial: optuna.trial.FrozenTrial, done: int, total: int, cost: str) -> str:

@@ -222,9 +222,19 @@ def publish(study: optuna.Study, config: StudyConfig, info: dict, ctx: TrialCont
     study.set_user_attr("created_by", worker_id())
     for key, value in info.items():
         study.set_user_attr(key, value)
+    starts = {}
     if config.priors.enabled and config.priors.enqueue_allocation and info.get("prior_allocation"):
-        study.enqueue_trial(ctx.space.initial_params(info["prior_allocation"]))
-        log.info("enqueued the prior allocation as the first trial")
+        starts["prior allocation"] = info["prior_allocation"]
+    starts.update(info.get("warm_starts") or {})
+    for name, ratios in starts.items():
+        clipped = [n for n, v in ratios.items() if v > ctx.space.upper.get(n, 0.0) + 1e-9]
+        if clipped:
+            log.info("warm start %s: %s clipped to the prior bounds, then shifted back onto the cap", name,
+                     ", ".join(clipped))
+        study.enqueue_trial(ctx.space.initial_params(ratios), user_attrs={"warm_start": name})
+    if starts:
+        log.info("enqueued as the first trials, at the cap: %s (then the sampler searches around them)",
+                 ", ".join(starts))
     descriptor = descriptor_for(config.study.artifacts, url, config.out_dir)
     store = open_store(descriptor, storage, create=True)
     study.set_user_attr("artifact_store", descriptor)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 
 import pytest
@@ -306,3 +307,25 @@ def test_unreadable_ratio_spec_and_unknown_layer_at_library_level():
         parse_ratio_spec("conv0=half", "channel")
     with pytest.raises(AutopruneError, match="valid layers: conv0, conv1, conv2, conv3, conv4, conv5, conv6$"):
         PruningPlan("channel", parse_ratio_spec("conv7=0.5", "channel"))
+
+
+@pytest.mark.parametrize("rule", ["uniform", "global", "lamp"])
+def test_one_shot_allocations_meet_the_size_cap_exactly(rule):
+    from autoprune.priors import one_shot_allocation
+
+    model = randomized_model(0.125, seed=7)
+    params = sum(p.numel() for p in model.parameters())
+    for target in (0.25, 0.1):
+        pruned = prune(model, PruningPlan("fine_grained", one_shot_allocation(rule, model, "fine_grained", target)))
+        nonzero = sum(int((p != 0).sum()) for p in pruned.model.parameters())
+        assert nonzero == math.floor(target * params + 1e-6)  # the budget's cap, to the weight
+
+
+def test_one_shot_channel_uniform_is_the_equal_preference_budget():
+    from autoprune.budget import channel_budget
+    from autoprune.priors import one_shot_allocation
+
+    model = randomized_model(0.125, seed=8)
+    assert one_shot_allocation("uniform", model, "channel", 0.5, "macs") == channel_budget(model.channels, 0.5, "macs")
+    with pytest.raises(AutopruneError, match="unknown one-shot rule 'lamp' for channel; use one of uniform"):
+        one_shot_allocation("lamp", model, "channel", 0.5)

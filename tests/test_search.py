@@ -83,12 +83,19 @@ def test_tiny_study_counts_constraints_and_attributes(tmp_path, storage_kind):
         assert t.user_attrs["size_fraction"] <= 0.3 + 1e-9
         assert set(t.constraints) >= {"size", "accuracy"}
         assert set(t.user_attrs["plan"]) <= {f"conv{i}" for i in range(8)} | {"classifier"}
-    # The prior allocation is the first trial.
+    # The prior allocation is the first trial, then the one-shot rules' allocations (warm starts).
+    assert [t.user_attrs.get("warm_start") for t in trials] == ["prior allocation", "lamp", "global"]
     first = dict(trials[0].params)
     assert first.pop("budget") == 1.0  # the whole cap
     assert first == pytest.approx({k: v for k, v in study.user_attrs["prior_allocation"].items() if k in first})
-    # Every other trial ran at its sampled budget, exactly (one weight of rounding).
-    for t in trials[1:]:
+    upper = study.user_attrs["space_upper"]
+    for t, rule in zip(trials[1:], ("lamp", "global")):
+        assert t.params["budget"] == 1.0
+        wanted = study.user_attrs["warm_starts"][rule]
+        assert {k: v for k, v in t.params.items() if k != "budget"} == pytest.approx(
+            {k: min(v, upper[k]) for k, v in wanted.items() if upper[k] > 0})
+    # Every trial ran at its sampled budget, exactly (one weight of rounding).
+    for t in trials:
         assert t.user_attrs["size_fraction"] == pytest.approx(0.3 * t.params["budget"], abs=1e-4)
     # Running the same command again adds nothing: the study is complete.
     again = run_search(load_config(write_config(tmp_path, trials=3, storage=url)), progress=False)
@@ -113,6 +120,7 @@ def test_same_seed_proposes_same_parameters(tmp_path):
     for run in ("a", "b"):
         config = load_config(write_config(tmp_path / run, name="seeded", trials=3, seed=7))
         config.priors.enqueue_allocation = False
+        config.priors.warm_start = []  # every trial sampled
         run_search(config, progress=False)
         _, trials = complete_trials(config.storage_url, "seeded")
         params.append([t.params for t in trials])
@@ -213,6 +221,12 @@ def test_checkpoint_of_another_width(tmp_path):
     path = write_config(tmp_path)
     path.write_text(path.read_text().replace("train_epochs = 2", f'checkpoint = "{ckpt}"'))
     assert_one_line_error(run_cli("search", path), "width 0.125")
+
+
+def test_unknown_warm_start_rule_is_refused(tmp_path):
+    path = write_config(tmp_path, kind="channel", extra='warm_start = ["lamp"]\n')
+    with pytest.raises(AutopruneError, match="warm_start: unknown rule 'lamp' for channel pruning; use some of uniform"):
+        load_config(path)
 
 
 def test_bad_config_values_raise_library_errors(tmp_path):

@@ -242,10 +242,14 @@ def test_by_hand_rule_is_the_labs_reading_scaled_to_the_target():
     # within a 2-point drop: conv0 0.5, conv1 0.6, conv2-4 0.7, conv5 0.8, the rest 0.9; one shift t
     prefs = {"conv0": 0.5, "conv1": 0.6, "conv2": 0.7, "conv3": 0.7, "conv4": 0.7, "conv5": 0.8,
              "conv6": 0.9, "conv7": 0.9, "classifier": 0.9}
-    assert ratios == fine_grained_budget(channels, 0.25, preferences=prefs)
+    assert ratios == fine_grained_budget(channels, 0.25, preferences=prefs, upper={n: 0.9 for n in prefs})
     numels = layer_numels(channels)
     shift = ratios["conv7"] - 0.9
     assert abs(ratios["conv0"] - (0.5 + shift)) < 2 / numels["conv0"]
+    # Scaled up to a small target, no layer goes past the largest scanned ratio (0.9), and none dies.
+    small = by_hand_rule(df, 90.0, channels, "fine_grained", 0.12)
+    assert fine_size_fraction(channels, small) == int(0.12 * total) / total
+    assert max(small.values()) == 0.9 and min(small.values()) > 0.5
 
 
 def test_priors_on_the_tiny_scan(scans, tiny_checkpoint):
