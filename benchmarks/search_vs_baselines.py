@@ -632,8 +632,10 @@ def main() -> None:
                 best = max((r["val_accuracy"] for r in rows if r["complete"]), default=float("nan"))
                 print(f"[{i}/{len(todo)}] {job.name}: {len(rows)} configs, best val {best:.2f}% ({seconds:.0f}s; "
                       f"{time.perf_counter() - start:.0f}s elapsed)", file=sys.stderr, flush=True)
-    rows = pd.concat([pd.DataFrame(json.loads((args.work / "jobs" / f"{j.name}.json").read_text()))
-                      for j in jobs if (args.work / "jobs" / f"{j.name}.json").is_file()], ignore_index=True)
+    kept = [args.work / "jobs" / f"{j.name}.json" for j in jobs if (args.work / "jobs" / f"{j.name}.json").is_file()]
+    if not kept:
+        sys.exit(f"search_vs_baselines: no finished jobs in {args.work / 'jobs'}; run without --summarize first")
+    rows = pd.concat([pd.DataFrame(json.loads(path.read_text())) for path in kept], ignore_index=True)
     lat = None
     if "channel" in args.kinds:
         runs = per_run(rows, figures["val_accuracy"] - args.max_drop, sorted({10, 20, args.trials, args.trials_other}))
