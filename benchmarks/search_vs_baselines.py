@@ -285,6 +285,11 @@ def smallest_at_floors(rows: pd.DataFrame, dense_val: float, drops: list[float])
     return pd.DataFrame(out)
 
 
+def at_longest(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each study's line at its largest trial budget (baselines: their one line)."""
+    return runs[runs["trials"] == runs.groupby(["kind", "method", "target", "seed"])["trials"].transform("max")]
+
+
 def latencies(runs: pd.DataFrame, dense_channels, repeats: int) -> dict:
     """CPU latency (ms) at batch 1 and 64 of the dense model and each chosen channel config.
 
@@ -292,9 +297,8 @@ def latencies(runs: pd.DataFrame, dense_channels, repeats: int) -> dict:
     training, at the benchmark's width and with the same kept fractions on the
     full-width VGG.
     """
-    chosen = runs[(runs["kind"] == "channel") & runs["channels"].notna()]
-    chosen = chosen[(chosen["trials"] == chosen["trials"].where(chosen["trials"] > 0, 0).groupby(
-        [chosen["method"], chosen["target"], chosen["seed"]]).transform("max"))]
+    chosen = at_longest(runs)
+    chosen = chosen[(chosen["kind"] == "channel") & chosen["channels"].notna()]
     out = {"rows": []}
     full = build_model("vgg", width=1.0).channels
 
@@ -340,10 +344,7 @@ def mean_sd(x) -> str:
     return f"{x.mean():.2f} ± {x.std(ddof=1):.2f}" if len(x) > 1 else f"{x.mean():.2f}"
 
 
-def summarize(args, dense: dict, rows: pd.DataFrame, lat: dict | None) -> dict:
-    floor = dense["val_accuracy"] - args.max_drop
-    budgets = sorted({10, 20, args.trials, args.trials_other} - {0})
-    runs = per_run(rows, floor, budgets)
+def summarize(args, dense: dict, rows: pd.DataFrame, runs: pd.DataFrame, lat: dict | None) -> dict:
     table = []
     for kind, targets in (("fine_grained", args.fine_targets), ("channel", args.channel_targets)):
         for target in targets:
@@ -358,14 +359,15 @@ def summarize(args, dense: dict, rows: pd.DataFrame, lat: dict | None) -> dict:
                         "first_feasible_trials": [None if pd.isna(v) else int(v) for v in h["first_feasible_trial"]],
                     })
     smallest = smallest_at_floors(rows, dense["val_accuracy"], sorted({args.max_drop, *args.floors}))
-    return {"dense": dense, "accuracy_floor": floor, "runs": runs, "table": pd.DataFrame(table),
+    return {"dense": dense, "accuracy_floor": dense["val_accuracy"] - args.max_drop, "runs": runs,
+            "table": pd.DataFrame(table),
             "smallest": smallest, "latency": lat}
 
 
 def _first_feasible(s: dict, method: str, target: float) -> list:
     r = s["runs"]
-    g = r[(r["kind"] == "fine_grained") & (r["method"] == method) & np.isclose(r["target"], target)]
-    g = g[g["trials"] == g["trials"].max()].sort_values("seed")
+    g = at_longest(r[(r["kind"] == "fine_grained") & (r["method"] == method) & np.isclose(r["target"], target)])
+    g = g.sort_values("seed")
     return [None if pd.isna(v) else int(v) for v in g["first_feasible_trial"]]
 
 
@@ -483,8 +485,7 @@ def figure(s: dict, args, path: Path) -> None:
 
     runs = s["runs"]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
-    longest = runs[(runs["trials"] == 0) | (runs["trials"] == runs.groupby(
-        ["kind", "method", "target"])["trials"].transform("max"))]
+    longest = at_longest(runs)
     for ax, kind, targets in ((axes[0], "fine_grained", args.fine_targets), (axes[2], "channel", args.channel_targets)):
         g = longest[longest["kind"] == kind]
         for i, method in enumerate(BASELINES[kind] + args.methods):
@@ -636,11 +637,12 @@ def main() -> None:
     if not kept:
         sys.exit(f"search_vs_baselines: no finished jobs in {args.work / 'jobs'}; run without --summarize first")
     rows = pd.concat([pd.DataFrame(json.loads(path.read_text())) for path in kept], ignore_index=True)
+    # The config each method chose per study, at 10, 20 and the study's own number of trials.
+    runs = per_run(rows, figures["val_accuracy"] - args.max_drop, sorted({10, 20, args.trials, args.trials_other} - {0}))
     lat = None
     if "channel" in args.kinds:
-        runs = per_run(rows, figures["val_accuracy"] - args.max_drop, sorted({10, 20, args.trials, args.trials_other}))
         lat = latencies(runs[runs["target"].isin(args.channel_targets)], list(dense.channels), args.latency_repeats)
-    s = summarize(args, figures, rows, lat)
+    s = summarize(args, figures, rows, runs, lat)
     s["rows"] = rows
     goal_rows = goals(s, args)
     table_md = markdown(s, args, goal_rows)
