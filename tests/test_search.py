@@ -131,19 +131,21 @@ def test_sigkill_mid_trial_then_resume(tmp_path):
     path = write_config(tmp_path, name="killed", trials=3)
     url = load_config(path).storage_url
     cmd = [sys.executable, "-m", "autoprune", "search", str(path), "-q"]
-    # Make each fine-tune slow enough to be caught running.
-    text = path.read_text().replace("epochs = 1\n", "epochs = 3\n").replace("max_accuracy_drop = 30.0",
-                                                                            "max_accuracy_drop = 90.0")
+    # Make each fine-tune slow enough (a few seconds) to be caught running, even on a loaded machine.
+    text = path.read_text().replace("epochs = 1\n", "epochs = 12\n").replace("max_accuracy_drop = 30.0",
+                                                                             "max_accuracy_drop = 90.0")
     path.write_text(text)
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     killed_number = None
+    study = None
     while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
-        try:
-            study = optuna.load_study(study_name="killed", storage=url)
-        except Exception:
-            continue
+        time.sleep(0.1)
+        if study is None:
+            try:
+                study = optuna.load_study(study_name="killed", storage=url)
+            except Exception:
+                continue
         done = study.get_trials(states=(TrialState.COMPLETE,))
         running = study.get_trials(states=(TrialState.RUNNING,))
         if done and running:
