@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import AutopruneError
+from .files import atomic_path
 
 # The lab's layer plan: a number is a 3x3 conv (no bias) + BatchNorm + ReLU.
 VGG_PLAN: tuple = (64, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
@@ -195,7 +196,6 @@ def save_checkpoint(model: VGG, path: str | os.PathLike, **meta: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     payload = {"state_dict": state_dict, "autoprune": {"arch": model.arch(), **meta}}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # never leave a half-written checkpoint behind
+    with atomic_path(path) as tmp:  # never leave a half-written checkpoint behind
+        torch.save(payload, tmp)
     return path

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .files import atomic_path
 from .model import PRUNABLE_LAYERS, param_name
 
 
@@ -25,9 +26,8 @@ def _pyplot():
 
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + f".tmp{os.getpid()}" + path.suffix)
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     return path
 
 

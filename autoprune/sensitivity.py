@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from .channel import kept_channels
 from .data import Data, Split
 from .errors import AutopruneError
+from .files import atomic_path, atomic_write
 from .model import CONV_NAMES, load_checkpoint
 from .plan import PruningPlan, check_kind, layers_for, prune
 from .train import evaluate, resolve_device
@@ -177,12 +178,6 @@ def cache_key(inputs: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _read_cache(cache_dir: Path, key: str) -> tuple[pd.DataFrame, dict] | None:
     csv, meta_path = cache_dir / f"{key}.csv", cache_dir / f"{key}.json"
     if not (csv.is_file() and meta_path.is_file()):
@@ -253,17 +248,17 @@ def scan_cached(
         df = scan(model, data.val, kind, grid, criterion, progress)
         dense = float(df.attrs["dense_accuracy"])
         cache_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(cache_dir / f"{key}.csv", df.to_csv(index=False))
+        atomic_write(cache_dir / f"{key}.csv", df.to_csv(index=False))
         entry = {**inputs, "checkpoint": str(ckpt), "dense_accuracy": dense,
                  "seconds": time.perf_counter() - start,
                  "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-        _atomic_write_text(cache_dir / f"{key}.json", json.dumps(entry, indent=2))
+        atomic_write(cache_dir / f"{key}.json", json.dumps(entry, indent=2))
         log.info("sensitivity scan: cached as %s", key)
         from_cache = False
     df.attrs.update(dense_accuracy=dense, kind=kind, criterion=criterion, key=key)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = df.assign(drop=dense - df["accuracy"], dense_accuracy=dense)
-    _atomic_write_text(csv_path(out_dir, kind), report.to_csv(index=False, float_format="%.4f"))
+    atomic_write(csv_path(out_dir, kind), report.to_csv(index=False, float_format="%.4f"))
     plot_scan(df, dense, kind, png_path(out_dir, kind), criterion=criterion, images=len(data.val))
     return df, dense, from_cache
 
@@ -333,8 +328,7 @@ def plot_scan(
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower left", fontsize=8, ncol=2, framealpha=0.9)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + f".tmp{os.getpid()}" + path.suffix)
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

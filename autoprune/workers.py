@@ -26,6 +26,8 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
+import shutil
 import socket
 import sys
 import threading
@@ -40,6 +42,7 @@ from optuna.trial import TrialState
 from .artifacts import descriptor_for, is_server_url, open_store, study_artifact_store
 from .config import StudyConfig
 from .errors import AutopruneError
+from .files import atomic_path
 from .objective import Objective, TrialContext, worker_id
 from .storage import _alive, _retry, open_storage, recover_dead_local_trials, redact, with_driver
 
@@ -268,26 +271,25 @@ def study_checkpoint(study: optuna.Study, store) -> str:
     if not artifact_id or store is None:
         raise AutopruneError(f"the study's dense checkpoint {path} is not on this machine and the study has no "
                              f"uploaded copy (it was created before workers could join); copy it to that path")
-    local = cache_dir() / f"dense-{(digest or artifact_id)[:16]}.pt"
+    # The cache file is named by a hash, never by the study's text (an id like /../../x would escape the cache).
+    name = (digest if re.fullmatch(r"[0-9a-f]{64}", str(digest))
+            else hashlib.sha256(str(artifact_id).encode()).hexdigest())
+    local = cache_dir() / f"dense-{name[:16]}.pt"
     if local.is_file() and (digest is None or file_digest(local) == digest):
         return str(local)
-    from optuna.artifacts import download_artifact
-
     local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local.with_name(f".{local.name}.{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        download_artifact(artifact_store=store, file_path=str(tmp), artifact_id=artifact_id)
-    except AutopruneError:
-        raise
-    except Exception as exc:
-        raise AutopruneError(f"cannot fetch the study's dense checkpoint (artifact {artifact_id}): "
-                             f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}") from None
-    if digest is not None and file_digest(tmp) != digest:
-        tmp.unlink(missing_ok=True)
-        raise AutopruneError(f"the study's dense checkpoint artifact {artifact_id} does not match its recorded "
-                             f"sha256 {digest[:12]}...; the study's artifact store is damaged")
-    os.replace(tmp, local)
+    with atomic_path(local) as tmp:
+        try:
+            with store.open_reader(artifact_id) as reader, open(tmp, "wb") as f:
+                shutil.copyfileobj(reader, f)
+        except AutopruneError:
+            raise
+        except Exception as exc:
+            raise AutopruneError(f"cannot fetch the study's dense checkpoint (artifact {artifact_id}): "
+                                 f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}") from None
+        if digest is not None and file_digest(tmp) != digest:
+            raise AutopruneError(f"the study's dense checkpoint artifact {artifact_id} does not match its recorded "
+                                 f"sha256 {digest[:12]}...; the study's artifact store is damaged")
     log.info("dense checkpoint: fetched from the study's artifact store to %s", local)
     return str(local)
 
