@@ -80,7 +80,8 @@ def add_commands(sub, common) -> None:
     """Add report, pick and export to the main parser's subcommands; ``common`` adds --json etc."""
     p = sub.add_parser("report", help="trials.csv, figures and an HTML report of a study")
     _study_options(p)
-    p.add_argument("--out", metavar="DIR", help="output directory (default reports/<study>)")
+    p.add_argument("--out", metavar="DIR", help="output directory (default reports/<study>, the name made safe "
+                                                "as one folder name)")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the uniform-pruning baseline (else computed once, fine-tuned, and cached)")
     common(p)
@@ -98,7 +99,9 @@ def add_commands(sub, common) -> None:
     which.add_argument("--trial", type=int, metavar="N", help="the trial number to export")
     which.add_argument("--pick", action="store_true", help="export what `autoprune pick` chooses")
     _pick_options(p)
-    p.add_argument("--out", required=True, metavar="DIR", help="directory to write (must be new or empty)")
-    p.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write (new or empty; a symbolic "
+                                                               "link to one is written through)")
+    p.add_argument("--force", action="store_true", help="replace an earlier autoprune export in --out (a folder "
+                                                        "holding anything else is refused)")
     common(p)
     p.set_defaults(func=cmd_export)

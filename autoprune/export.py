@@ -14,13 +14,18 @@
   (``torch.jit.load`` in a Python with torch alone).
 
 The weights come from the trial's Optuna artifact (``weights_artifact_id``),
-loaded with ``weights_only=True``. Files are written to a temporary directory
-beside the target and renamed into place, so a failure leaves nothing
-half-written and an existing export is replaced only with ``force``.
+loaded with ``weights_only=True`` (read into memory: a read failure and a write
+failure are told apart). Files are written to a private temporary directory
+inside the target and renamed into place one by one, so a failure leaves no
+half-written file; the target directory itself is never renamed. ``force``
+replaces only an earlier export (model.pt made by ``autoprune export`` and the
+export's own files, nothing else), never a user's files or the study's.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -42,47 +47,83 @@ SPARSE_FORMAT = "autoprune-sparse-v1"
 
 # --- the output directory ------------------------------------------------------
 
+# What an export writes, model.pt first (see _move_into_place).
+EXPORT_FILES = ("model.pt", "sparse.npz", "model.ts", "plan.json", "metrics.json")
+MADE_BY = "autoprune export"
 
-def check_out_dir(out: Path, force: bool) -> None:
-    """Refuse an existing non-empty directory (without ``force``) or a file, before any work."""
+
+def _names(paths: list[Path]) -> str:
+    shown = [p.name + ("/" if p.is_dir() else "") for p in paths[:4]]
+    return ", ".join(shown) + (f" and {len(paths) - 4} more" if len(paths) > 4 else "")
+
+
+def _inside(path: Path, out: Path) -> bool:
+    try:
+        path.resolve().relative_to(out.resolve())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _made_by_export(path: Path) -> bool:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False
+    meta = obj.get("autoprune") if isinstance(obj, dict) else None
+    return isinstance(meta, dict) and meta.get("made_by") == MADE_BY
+
+
+def check_out_dir(out: Path, force: bool, study_paths: dict[str, Path] | None = None, skip: str = "") -> None:
+    """Refuse, before any work, a file, a dangling link, or a non-empty directory unless ``force`` and it
+    holds nothing but an earlier export (never the study's own files, ``study_paths``: what -> path)."""
+    if out.is_symlink() and not out.exists():
+        raise AutopruneError(f"--out {out} is a symbolic link to {os.readlink(out)}, which does not exist; "
+                             f"create that folder or choose another --out")
     if out.exists() and not out.is_dir():
         raise AutopruneError(f"--out {out} exists and is not a directory; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise AutopruneError(f"--out {out} exists and is not empty; pass --force to replace it "
-                             f"(nothing was written)")
-
-
-def _staging_dir(out: Path) -> Path:
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; an export is an ordinary directory
-        return staging
+        entries = sorted(p for p in out.iterdir() if p.name != skip) if out.is_dir() else []
+    except OSError as exc:
+        raise AutopruneError(f"cannot read --out {out}: {exc.strerror or exc}; choose another --out") from None
+    if not entries:
+        return
+    if not force:
+        raise AutopruneError(f"--out {out} exists and is not empty; choose a new or empty --out, or pass --force "
+                             f"to replace an earlier export there (nothing was written)")
+    refuse = "--force replaces only an earlier autoprune export; choose another --out (nothing was touched)"
+    for what, path in (study_paths or {}).items():
+        if _inside(path, out):
+            raise AutopruneError(f"--out {out} holds {what} ({path}); {refuse}")
+    foreign = [p for p in entries if p.name not in EXPORT_FILES or p.is_symlink() or not p.is_file()]
+    if foreign:
+        raise AutopruneError(f"--out {out} holds {_names(foreign)}, not written by autoprune export; {refuse}")
+    if not _made_by_export(out / "model.pt"):
+        raise AutopruneError(f"--out {out} holds no model.pt written by autoprune export; {refuse}")
+
+
+def _staging_dir(out: Path) -> tuple[Path, bool]:
+    """A private folder inside ``out`` (same filesystem: the files are renamed into place); whether ``out`` was made."""
+    try:
+        created = not out.is_dir()
+        out.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=".autoprune-export-", dir=out)), created
     except OSError as exc:
         raise AutopruneError(f"cannot write to {out}: {exc.strerror or exc}; choose a writable --out") from None
 
 
-def _move_into_place(staging: Path, out: Path, force: bool) -> None:
-    old = None
-    if out.is_dir():
-        if any(out.iterdir()):
-            if not force:  # checked before; re-checked in case it filled meanwhile
-                raise AutopruneError(f"--out {out} exists and is not empty; pass --force to replace it")
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-        else:
-            out.rmdir()
-    try:
-        os.replace(staging, out)
-    except OSError:
-        if old is not None:  # put the previous export back
-            os.replace(old / out.name, out)
-            shutil.rmtree(old, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Rename each new file over the old one, then remove old export files the new export lacks.
+
+    ``out`` itself is never renamed (``--out .`` works); model.pt goes first, so an interrupted
+    replacement still holds a model.pt made by export and ``--force`` can finish it.
+    """
+    new = [name for name in EXPORT_FILES if (staging / name).is_file()]
+    for name in new:
+        os.replace(staging / name, out / name)
+    for name in EXPORT_FILES:
+        if name not in new:
+            (out / name).unlink(missing_ok=True)
 
 
 # --- the trial's weights -------------------------------------------------------
@@ -130,20 +171,16 @@ def artifact_store(study):
     return FileSystemArtifactStore(base), base
 
 
-def load_trial_weights(study, trial: FrozenTrial, workdir: Path) -> dict:
-    """Download the trial's artifact into ``workdir`` and load it (weights only)."""
-    from optuna.artifacts import download_artifact
-
+def load_trial_weights(study, trial: FrozenTrial) -> dict:
+    """Read the trial's artifact into memory and load it (weights only); nothing is written."""
     store, base = artifact_store(study)
-    path = workdir / f"trial-{trial.number}.pt"
     try:
-        download_artifact(artifact_store=store, file_path=str(path), artifact_id=trial.user_attrs[WEIGHTS_ATTR])
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with store.open_reader(trial.user_attrs[WEIGHTS_ATTR]) as reader:
+            data = reader.read()
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AutopruneError(f"cannot read the weights of trial {trial.number} from {base}: {reason[:160]}") from None
-    finally:
-        path.unlink(missing_ok=True)
     if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
         raise AutopruneError(f"the weights artifact of trial {trial.number} holds no state dict")
     return obj
@@ -208,76 +245,99 @@ def export(storage_url: str, study_name: str, out_dir, trial: int | None = None,
     if trial is not None and pick_kwargs:
         raise AutopruneError("give --trial N or --pick, not both")
     out = Path(out_dir)
-    check_out_dir(out, force)
     study, config = open_existing(storage_url, study_name)
+    study_paths = _study_paths(storage_url, study)
+    check_out_dir(out, force, study_paths)
     if trial is not None:
         t = find_trial(study, int(trial))
     else:
         t, _ = pick(study, config, require_weights=True, **(pick_kwargs or {}))
     check_exportable(t, config, study_name)
 
-    staging = _staging_dir(out)
-    try:
-        obj = load_trial_weights(study, t, staging)
-        meta = dict(obj.get("autoprune") or {})
-        arch = dict(meta.get("arch") or {})
-        state_dict = obj["state_dict"]
-        from .model import infer_arch
+    obj = load_trial_weights(study, t)
+    meta = dict(obj.get("autoprune") or {})
+    arch = dict(meta.get("arch") or {})
+    state_dict = obj["state_dict"]
+    from .model import infer_arch
 
-        arch = arch or infer_arch(state_dict)
-        model = build_model(arch.get("name", "vgg"), channels=arch["channels"], num_classes=arch["num_classes"])
-        load_state_dict_strict(model, state_dict)
-        model.eval()
-        plan = PruningPlan.from_dict(meta["plan"]) if "plan" in meta else None
-        a = t.user_attrs
-        dense = study.user_attrs.get("dense", {})
-        measured = metrics.profile(model, latency=False)
-        _check_matches(t, measured)
-        size_fraction = measured["nonzero_params"] / dense["params"] if dense.get("params") else a["size_fraction"]
-        macs_fraction = measured["macs"] / dense["macs"] if dense.get("macs") else a["macs_fraction"]
-        record = trial_summary(t, config)
-        ckpt_meta = {
-            "made_by": "autoprune export", "study": study_name, "storage": redact(storage_url),
-            "trial": t.number, "kind": config.study.kind,
-            "plan": plan.to_dict() if plan else {"kind": config.study.kind, "ratios": a.get("plan", {})},
-            "data": config.data.spec, "val_size": _val_size(study), "data_seed": config.data.seed,
-            "val_accuracy": a["val_accuracy"], "test_accuracy": a["test_accuracy"],
-            "size_fraction": size_fraction, "macs_fraction": macs_fraction,
-            "dense_params": dense.get("params"), "dense_macs": dense.get("macs"),
-        }
-        if "latency_ms" in a:
-            ckpt_meta["latency_ms"] = a["latency_ms"]
+    arch = arch or infer_arch(state_dict)
+    model = build_model(arch.get("name", "vgg"), channels=arch["channels"], num_classes=arch["num_classes"])
+    load_state_dict_strict(model, state_dict)
+    model.eval()
+    plan = PruningPlan.from_dict(meta["plan"]) if "plan" in meta else None
+    a = t.user_attrs
+    dense = study.user_attrs.get("dense", {})
+    measured = metrics.profile(model, latency=False)
+    _check_matches(t, measured)
+    size_fraction = measured["nonzero_params"] / dense["params"] if dense.get("params") else a["size_fraction"]
+    macs_fraction = measured["macs"] / dense["macs"] if dense.get("macs") else a["macs_fraction"]
+    ckpt_meta = {
+        "made_by": MADE_BY, "study": study_name, "storage": redact(storage_url),
+        "trial": t.number, "kind": config.study.kind,
+        "plan": plan.to_dict() if plan else {"kind": config.study.kind, "ratios": a.get("plan", {})},
+        "data": config.data.spec, "val_size": _val_size(study), "data_seed": config.data.seed,
+        "val_accuracy": a["val_accuracy"], "test_accuracy": a["test_accuracy"],
+        "size_fraction": size_fraction, "macs_fraction": macs_fraction,
+        "dense_params": dense.get("params"), "dense_macs": dense.get("macs"),
+    }
+    if "latency_ms" in a:
+        ckpt_meta["latency_ms"] = a["latency_ms"]
+    result = {
+        "study": study_name, "storage": redact(storage_url), "kind": config.study.kind, "trial": t.number,
+        "out": str(out), "plan": ckpt_meta["plan"], "channels": list(model.channels),
+        "size_fraction": size_fraction, "macs_fraction": macs_fraction,
+        "val_accuracy": a["val_accuracy"], "test_accuracy": a["test_accuracy"],
+        "accuracy_note": "val_accuracy: validation split carved from training (used to select); "
+                         "test_accuracy: reported only, never used to choose",
+        "trial_record": trial_summary(t, config), "measured": measured, "dense": dense,
+    }
+    if "latency_ms" in a:
+        result["latency_ms"] = a["latency_ms"]
+    script = _torchscript(model) if config.study.kind == "channel" else None
+
+    # Everything above only read; from here on a failure is a write failure and says so.
+    staging, created = _staging_dir(out)
+    try:
         files = {}
         save_checkpoint(model, staging / "model.pt", **ckpt_meta)
         files["model.pt"] = (staging / "model.pt").stat().st_size
-        result = {
-            "study": study_name, "storage": redact(storage_url), "kind": config.study.kind, "trial": t.number,
-            "out": str(out), "plan": ckpt_meta["plan"], "channels": list(model.channels),
-            "size_fraction": size_fraction, "macs_fraction": macs_fraction,
-            "val_accuracy": a["val_accuracy"], "test_accuracy": a["test_accuracy"],
-            "accuracy_note": "val_accuracy: validation split carved from training (used to select); "
-                             "test_accuracy: reported only, never used to choose",
-            "trial_record": record, "measured": measured, "dense": dense,
-        }
-        if "latency_ms" in a:
-            result["latency_ms"] = a["latency_ms"]
-        if config.study.kind == "fine_grained":
+        if script is None:
             files["sparse.npz"] = save_sparse(model.state_dict(), staging / "sparse.npz")
             result["sparse_bytes"] = files["sparse.npz"]
             result["dense_bytes"] = files["model.pt"]
             result["sparse_vs_dense"] = files["sparse.npz"] / files["model.pt"]
         else:
-            files["model.ts"] = _torchscript(model, staging / "model.ts")
+            files["model.ts"] = len(script)
+            (staging / "model.ts").write_bytes(script)
         (staging / "plan.json").write_text(json.dumps(result["plan"], indent=2) + "\n")
         files["plan.json"] = (staging / "plan.json").stat().st_size
         result["files"] = files
         (staging / "metrics.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
         files["metrics.json"] = (staging / "metrics.json").stat().st_size
-        _move_into_place(staging, out, force)
-    except BaseException:
+        check_out_dir(out, force, study_paths, skip=staging.name)  # again: it may have filled meanwhile
+        _move_into_place(staging, out)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
+        reason = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise AutopruneError(f"cannot write the export to {out}: {reason[:160]}; free some space or choose a "
+                             f"writable --out") from None
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if still empty: nothing was moved in
     return result
+
+
+def _study_paths(storage_url: str, study) -> dict[str, Path]:
+    """The study's own files on this machine, which ``--force`` must never replace."""
+    paths = {}
+    for prefix in ("sqlite:///", "journal:"):
+        if storage_url.startswith(prefix):
+            paths["the study's storage"] = Path(storage_url[len(prefix):])
+    art = (study.user_attrs.get("artifact_store") or {}).get("path") or study.user_attrs.get("artifact_dir")
+    if art:
+        paths["the study's artifact directory"] = Path(art)
+    return paths
 
 
 def _check_matches(trial: FrozenTrial, measured: dict) -> None:
@@ -289,20 +349,21 @@ def _check_matches(trial: FrozenTrial, measured: dict) -> None:
                                  f"{measured[key]} vs {a[key]}); the artifact store may hold another study's files")
 
 
-def _torchscript(model, path: Path) -> int:
-    """Trace the (eval-mode) model to TorchScript and check the file reproduces its outputs."""
+def _torchscript(model) -> bytes:
+    """The (eval-mode) model traced to TorchScript, checked to reproduce its outputs once saved and loaded."""
     import warnings
 
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer / deprecation notices are not the user's concern
         traced = torch.jit.trace(model.eval(), x)
-        torch.jit.save(traced, str(path))
-        loaded = torch.jit.load(str(path))
+        torch.jit.save(traced, buf)
+        loaded = torch.jit.load(io.BytesIO(buf.getvalue()))
         diff = (loaded(x) - model(x)).abs().max().item()
     if diff > 1e-5:
         raise AutopruneError(f"the TorchScript export differs from the model by {diff:g}; please report this")
-    return path.stat().st_size
+    return buf.getvalue()
 
 
 def format_export(r: dict) -> str:

@@ -319,16 +319,20 @@ def test_export_refuses_a_non_empty_dir_and_leaves_it_alone(fine, tmp_path):
     result = run_cli("export", "--storage", fine["url"], "--study", fine["name"], "--trial", trial, "--out", out)
     assert result.returncode == 2 and "--force" in result.stderr.strip().splitlines()[-1], result.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_bytes() == b"precious"
-    # A finished export is not overwritten either; with force it is replaced whole.
+    # --force replaces only an earlier export, never a user's files.
+    with pytest.raises(AutopruneError, match="holds keep.txt"):
+        export(fine["url"], fine["name"], out, trial=trial, force=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_bytes() == b"precious"
+    # A finished export is not overwritten either; with force it is replaced.
     done = tmp_path / "done"
     export(fine["url"], fine["name"], done, trial=trial)
     before = {p.name: p.read_bytes() for p in done.iterdir()}
     with pytest.raises(AutopruneError, match="not empty"):
         export(fine["url"], fine["name"], done, trial=trial)
     assert {p.name: p.read_bytes() for p in done.iterdir()} == before
-    export(fine["url"], fine["name"], out, trial=trial, force=True)
-    assert not (out / "keep.txt").exists() and (out / "model.pt").is_file()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+    export(fine["url"], fine["name"], done, trial=trial, force=True)
+    assert sorted(p.name for p in done.iterdir()) == sorted(before)  # no staging left behind
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_export_errors_are_one_line(fine, tmp_path):
