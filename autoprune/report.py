@@ -1,7 +1,8 @@
 """A study's report: trials table, figures, and one self-contained HTML page.
 
 ``write_report(storage_url, study_name, out_dir)`` writes into ``out_dir``
-(default ``reports/<study>/``):
+(default ``reports/<study>/``, the name made one safe path component by
+:func:`autoprune.files.safe_name`):
 
 * ``trials.csv``: every trial (all states), one column per layer ratio,
   metrics, constraints, feasibility, deployability, early stop;
@@ -19,8 +20,11 @@
 The uniform baseline (every layer pruned alike, exactly at the cap, fine-tuned
 with the study's recipe on the study's data) is computed once and cached in
 ``out_dir/baseline-cache.json``, keyed by the checkpoint's sha256, the plan,
-the recipe and the data. Storage URLs are always redacted; a password never
-reaches a report file.
+the recipe and the data; a damaged cache is ignored and rewritten. Storage URLs
+are written only redacted, so a password never reaches a report file; the
+study's own text (name, data, paths) is escaped in report.md and report.html
+and never read as math in figure titles. Every file is replaced whole or not
+at all (:func:`autoprune.files.atomic_path`).
 """
 
 from __future__ import annotations
@@ -32,10 +36,14 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
+import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import optuna
 import pandas as pd
@@ -43,6 +51,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .config import StudyConfig
 from .errors import AutopruneError, NothingQualifies
+from .files import atomic_path, safe_name
 from .pick import has_weights, is_deployable, is_feasible, open_existing, pick, study_limits
 from .storage import redact
 
@@ -68,46 +77,30 @@ def _pyplot():
     return plt
 
 
+@contextmanager
+def _report_file(path: Path) -> Iterator[Path]:
+    """A temporary path that replaces ``path`` once written (see autoprune.files); a failure is one line."""
+    try:
+        with atomic_path(path) as tmp:
+            yield tmp
+    except OSError as exc:
+        raise AutopruneError(f"cannot write {path}: {exc.strerror or exc}; free some space or choose another "
+                             f"--out") from None
+
+
 def _save(fig, path: Path) -> Path:
-    plt = _pyplot()
-    tmp = path.with_name(path.stem + f".tmp{os.getpid()}" + path.suffix)
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with _report_file(path) as tmp:
+            fig.savefig(tmp)
+    finally:
+        _pyplot().close(fig)
     return path
 
 
 def _write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with _report_file(path) as tmp:
+        tmp.write_text(text)
     return path
-
-
-def _passwords(*urls: str) -> list[str]:
-    """Passwords inside ``urls`` (to make sure none reaches a file)."""
-    found = []
-    for url in urls:
-        if not url or "://" not in url or url.startswith("journal:"):
-            continue
-        try:
-            from sqlalchemy.engine import make_url
-
-            pw = make_url(url).password
-        except Exception:
-            rest = url.partition("://")[2]
-            creds = rest.rpartition("@")[0]
-            pw = creds.partition(":")[2] if ":" in creds else None
-        if pw:
-            found.append(str(pw))
-    return found
-
-
-def _scrub(text: str, secrets: list[str]) -> str:
-    for s in secrets:
-        if s:
-            text = text.replace(s, "***")
-    return text
 
 
 def redacted_config(config: StudyConfig) -> dict:
@@ -245,15 +238,13 @@ def uniform_baseline(study: optuna.Study, config: StudyConfig, out_dir: Path, de
                "val_size": d.val_size, "data_seed": d.seed, "version": 1}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
     cache_path = out_dir / "baseline-cache.json"
-    cache = {}
-    if cache_path.is_file():
-        try:
-            cache = json.loads(cache_path.read_text())
-        except (json.JSONDecodeError, OSError):
-            cache = {}
-    if key in cache:
+    cache = _read_baseline_cache(cache_path)
+    hit = cache.get(key)
+    if hit is not None and hit.get("key") == key and all(f in hit for f in _BASELINE_FIELDS):
         log.info("uniform baseline: reusing cached result %s", key)
-        return {**cache[key], "from_cache": True}
+        return {**hit, "from_cache": True}
+    if hit is not None:
+        log.warning("uniform baseline: ignoring the damaged entry %s of the cache %s", key, cache_path)
     log.info("uniform baseline: pruning %s uniformly at the cap and fine-tuning %d epoch(s)",
              config.study.kind, config.finetune.epochs)
     dev = resolve_device(device)
@@ -280,6 +271,24 @@ def uniform_baseline(study: optuna.Study, config: StudyConfig, out_dir: Path, de
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_text(cache_path, json.dumps(cache, indent=2))
     return {**result, "from_cache": False}
+
+
+_BASELINE_FIELDS = ("plan", "val_accuracy", "test_accuracy", "size_fraction", "macs_fraction", "finetune_epochs")
+
+
+def _read_baseline_cache(path: Path) -> dict:
+    """The cached baselines by key; a damaged cache counts as empty (and is rewritten after the next baseline)."""
+    try:
+        cache = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("uniform baseline: ignoring the unreadable cache %s (%s)", path, exc)
+        return {}
+    if not isinstance(cache, dict) or not all(isinstance(v, dict) for v in cache.values()):
+        log.warning("uniform baseline: ignoring the damaged cache %s (not a JSON object of entries)", path)
+        return {}
+    return cache
 
 
 # --- figures ---------------------------------------------------------------------
@@ -327,7 +336,7 @@ def _finish(ax, title, xlabel, floor=None):
         ax.set_ylim(max(-1.0, lo - pad), min(101.0, hi + pad))
     ax.set_xlabel(xlabel)
     ax.set_ylabel("validation accuracy (%) [selection split]")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=10, parse_math=False)  # titles hold the study's name: a "$" is no math
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best", framealpha=0.9)
     ax.figure.tight_layout()
@@ -420,7 +429,7 @@ def plot_picked_layers(study, config, trial: FrozenTrial, path: Path) -> Path:
     ax.set_ylim(0, 1.12)
     ax.set_ylabel("fraction")
     ax.set_title(f"{study.study_name}: per-layer ratios of the picked config (trial {trial.number}) "
-                 f"and each layer's share of parameters", fontsize=10)
+                 f"and each layer's share of parameters", fontsize=10, parse_math=False)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
@@ -441,7 +450,7 @@ def plot_history(study, config, path: Path) -> Path:
         target = _acc_target(config) if len(config.objectives) > 1 else None
         ax = plot_optimization_history(study, target=target, target_name="validation accuracy (%)")
     ax.set_title(f"{study.study_name}: optimization history (validation accuracy, every complete trial)",
-                 fontsize=10)
+                 fontsize=10, parse_math=False)
     fig = ax.figure
     fig.set_size_inches(8.5, 5.2)
     fig.set_dpi(110)
@@ -460,7 +469,7 @@ def plot_importances(study, config, path: Path) -> Path:
         ax = plot_param_importances(study, target=target, target_name="validation accuracy")
     ax.set_title("")  # Optuna titles it on the left; one title, ours
     ax.set_title(f"{study.study_name}: parameter importances for validation accuracy (fANOVA)", fontsize=10,
-                 loc="left")
+                 loc="left", parse_math=False)
     fig = ax.figure
     fig.set_size_inches(8.5, 5.2)
     fig.set_dpi(110)
@@ -532,8 +541,9 @@ def build_sections(study, config, storage_url, pick_trial, pick_note, runners, b
     sections = []
 
     overview = [
-        ("p", f"Study **{study.study_name}** in `{redact(storage_url)}`: {config.study.kind} pruning of a VGG "
-              f"(width {config.model.width:g}) on `{study.user_attrs.get('data', config.data.spec)}`; objectives "
+        ("p", f"Study **{_md_text(study.study_name)}** in {_md_code(redact(storage_url))}: {config.study.kind} "
+              f"pruning of a VGG (width {config.model.width:g}) on "
+              f"{_md_code(study.user_attrs.get('data', config.data.spec))}; objectives "
               f"{', '.join(config.objectives)}; sampler {config.study.sampler} (seed {config.study.seed})."),
         ("p", f"Trials: {len(trials)} in all ({', '.join(f'{n} {k.lower()}' for k, n in sorted(states.items()))}); "
               f"**{len(feasible)} feasible** of {len(complete)} complete; {len(deployable)} fully fine-tuned "
@@ -555,7 +565,7 @@ def build_sections(study, config, storage_url, pick_trial, pick_note, runners, b
 
     blocks = []
     if pick_trial is None:
-        blocks.append(("p", f"No config to recommend: {pick_note}"))
+        blocks.append(("p", f"No config to recommend: {_md_text(pick_note)}"))
     else:
         a = pick_trial.user_attrs
         cost_txt = "" if cost == "size_fraction" else f"{cost} {a[cost]:.4f}, "
@@ -620,7 +630,7 @@ def build_sections(study, config, storage_url, pick_trial, pick_note, runners, b
             diff = pick_trial.user_attrs["val_accuracy"] - baseline["val_accuracy"]
             blocks.append(("p", f"The picked config is {diff:+.2f} points of validation accuracy against it."))
     else:
-        blocks.append(("p", f"Not computed: {baseline_note}"))
+        blocks.append(("p", f"Not computed: {_md_text(baseline_note)}"))
     sections.append(("Uniform baseline", blocks))
 
     sections.append(("Search diagnostics", [("img", "sensitivity.png", "Sensitivity scan: each layer pruned alone, "
@@ -631,14 +641,27 @@ def build_sections(study, config, storage_url, pick_trial, pick_note, runners, b
                                                                        "proposed ratios (before the budget "
                                                                        "repair).")]))
     cfg_dump = json.dumps(redacted_config(config), indent=2, default=str)
-    sections.append(("Study config", [("p", f"Storage: `{redact(storage_url)}`; dense checkpoint: "
-                                            f"`{study.user_attrs.get('checkpoint', '')}`."),
+    sections.append(("Study config", [("p", f"Storage: {_md_code(redact(storage_url))}; dense checkpoint: "
+                                            f"{_md_code(study.user_attrs.get('checkpoint', ''))}."),
                                       ("pre", cfg_dump)]))
     return sections
 
 
+def _md_text(text) -> str:
+    """Untrusted text (a study's name, a path, an error) for a markdown paragraph: one line, every mark escaped."""
+    return re.sub(r"([\\`*_{}\[\]<>|!#~&$])", r"\\\1", re.sub(r"[\x00-\x1f\x7f]", " ", str(text)))
+
+
+def _md_code(text) -> str:
+    """Untrusted text as one markdown code span (literal: fenced by more backticks than it holds)."""
+    text = re.sub(r"[\x00-\x1f\x7f]", " ", str(text))
+    fence = "`" * (max(map(len, re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def render_md(title: str, sections, images: dict[str, Path]) -> str:
-    out = [f"# {title}", ""]
+    out = [f"# {_md_text(title)}", ""]
     for heading, blocks in sections:
         out += [f"## {heading}", ""]
         for b in blocks:
@@ -647,19 +670,33 @@ def render_md(title: str, sections, images: dict[str, Path]) -> str:
             elif b[0] == "table":
                 out += [_md_table(b[1]), ""]
             elif b[0] == "pre":
-                out += ["```json", b[1], "```", ""]
+                fence = "`" * max(3, 1 + max(map(len, re.findall(r"`+", b[1])), default=0))
+                out += [fence + "json", b[1], fence, ""]
             elif b[0] == "img" and b[1] in images:
                 out += [f"![{b[2]}]({images[b[1]].name})", "", f"*{b[2]}*", ""]
     return "\n".join(out)
 
 
-def _inline_md(text: str) -> str:
-    """The few inline marks used above (**bold**, `code`) as HTML, escaped."""
-    import re
+# A backslash escape, a code span (a run of backticks to the same run), or **bold** (escapes inside kept whole).
+_INLINE = re.compile(r"\\([!-/:-@\[-`{-~])|(`+)(.+?)(?<!`)\2(?!`)|\*\*((?:\\.|[^\\])+?)\*\*")
 
-    text = html.escape(text)
-    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+def _inline_md(text: str) -> str:
+    """The markdown of the paragraphs above (escapes, `code`, **bold**) as HTML, every text escaped."""
+    out, pos = [], 0
+    for m in _INLINE.finditer(text):
+        out.append(html.escape(text[pos:m.start()]))
+        if m.group(1) is not None:
+            out.append(html.escape(m.group(1)))
+        elif m.group(2):
+            code = m.group(3)
+            code = code[1:-1] if len(code) > 2 and code[0] == code[-1] == " " else code
+            out.append(f"<code>{html.escape(code)}</code>")
+        else:
+            out.append(f"<strong>{_inline_md(m.group(4))}</strong>")
+        pos = m.end()
+    out.append(html.escape(text[pos:]))
+    return "".join(out)
 
 
 CSS = """body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;max-width:1080px;margin:24px auto;
@@ -699,19 +736,19 @@ def write_report(storage_url: str, study_name: str, out_dir=None, baseline: bool
                  progress: bool = False) -> dict[str, str]:
     """Write the study's report files (see the module doc); returns file name -> path."""
     study, config = open_existing(storage_url, study_name)
-    out = Path(out_dir) if out_dir else Path("reports") / study_name
+    out = Path(out_dir) if out_dir else Path("reports") / safe_name(study_name)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test-")  # fail now, not after the baseline
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         raise AutopruneError(f"cannot write the report to {out}: {exc.strerror or exc}; choose another --out") from None
-    secrets = _passwords(storage_url, config.study.storage)
     written: dict[str, Path] = {}
 
+    # No password reaches a file: URLs are written only as redact(url) / redacted_config(config).
     df = trials_frame(study, config)
-    written["trials.csv"] = _write_text(out / "trials.csv", _scrub(df.to_csv(index=False), secrets))
+    written["trials.csv"] = _write_text(out / "trials.csv", df.to_csv(index=False))
 
     limits = study_limits(study, config)
     floor = limits.min_accuracy
@@ -738,7 +775,8 @@ def write_report(storage_url: str, study_name: str, out_dir=None, baseline: bool
     if sens is not None:
         target = out / sens.name
         if sens.resolve() != target.resolve():
-            shutil.copyfile(sens, target)
+            with _report_file(target) as tmp:
+                shutil.copyfile(sens, tmp)
         written["sensitivity.png"] = target
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if complete:
@@ -755,6 +793,6 @@ def write_report(storage_url: str, study_name: str, out_dir=None, baseline: bool
     sections = build_sections(study, config, storage_url, pick_trial, pick_note, runners, base, base_note,
                               floor, limits)
     title = f"autoprune report: {study_name}"
-    written["report.md"] = _write_text(out / "report.md", _scrub(render_md(title, sections, written), secrets))
-    written["report.html"] = _write_text(out / "report.html", _scrub(render_html(title, sections, written), secrets))
+    written["report.md"] = _write_text(out / "report.md", render_md(title, sections, written))
+    written["report.html"] = _write_text(out / "report.html", render_html(title, sections, written))
     return {path.name: str(path) for path in written.values()}
