@@ -102,10 +102,11 @@ def check_out_dir(out: Path, force: bool, study_paths: dict[str, Path] | None = 
         raise AutopruneError(f"--out {out} holds no model.pt written by autoprune export; {refuse}")
 
 
-def _staging_dir(out: Path) -> tuple[Path, bool]:
-    """A private folder inside ``out`` (same filesystem: the files are renamed into place); whether ``out`` was made."""
+def _staging_dir(out: Path) -> tuple[Path, list[Path]]:
+    """A private folder inside ``out`` (same filesystem: the files are renamed into place), and the folders
+    made for ``out``, deepest first."""
     try:
-        created = not out.is_dir()
+        created = [p for p in [out, *out.absolute().parents] if not p.exists()]
         out.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=".autoprune-export-", dir=out)), created
     except OSError as exc:
@@ -322,9 +323,9 @@ def export(storage_url: str, study_name: str, out_dir, trial: int | None = None,
                              f"writable --out") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if created:
+        for folder in created:  # removed only while empty, i.e. when the export failed
             with contextlib.suppress(OSError):
-                out.rmdir()  # only if still empty: nothing was moved in
+                folder.rmdir()
     return result
 
 

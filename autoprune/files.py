@@ -24,6 +24,9 @@ def _umask() -> int:
     return mask
 
 
+_UMASK = _umask()  # read once, at import: os.umask can only be read by setting it, which is not thread-safe
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write (``torch.save``, ``fig.savefig``); on success it
@@ -34,7 +37,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        tmp.chmod(0o666 & ~_umask())  # mkstemp makes it private; the result is an ordinary file
+        tmp.chmod(0o666 & ~_UMASK)  # mkstemp makes it private; the result is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -1,6 +1,6 @@
 """Nothing lost, nothing leaked: exports, output paths and file writes.
 
-One tiny fine-grained study (width 0.125, synthetic:600, 2 trials of 1 fine-tune
+One tiny fine-grained study (width 0.125, synthetic:600, 1 trial of 1 fine-tune
 epoch) is made once; tests that change a study work on a copy of its database.
 """
 
@@ -49,8 +49,9 @@ def study(tmp_path_factory, tiny_checkpoint):
     root = tmp_path_factory.mktemp("safety")
     name = "tiny-safety"
     path = root / f"{name}.toml"
-    path.write_text(TINY.format(name=name, kind="fine_grained", out=root / "reports" / name,
-                                checkpoint=tiny_checkpoint, cap=0.3, priors="false").replace("trials = 3", "trials = 2"))
+    text = TINY.format(name=name, kind="fine_grained", out=root / "reports" / name, checkpoint=tiny_checkpoint,
+                       cap=0.3, priors="false")
+    path.write_text(text.replace("trials = 3", "trials = 1"))
     config = load_config(path)
     run_search(config, progress=False)
     s, _ = open_existing(config.storage_url, name)
@@ -182,8 +183,8 @@ def test_a_write_failure_is_not_called_a_read_failure(study, tmp_path, monkeypat
     assert "read" not in message
     assert listing(done) == before  # the earlier export as it was, no staging left
     with pytest.raises(AutopruneError, match="cannot write the export"):
-        export(study["url"], study["name"], tmp_path / "new", trial=study["trial"])
-    assert not (tmp_path / "new").exists()
+        export(study["url"], study["name"], tmp_path / "new" / "deeper", trial=study["trial"])
+    assert not (tmp_path / "new").exists()  # the folders made for --out are gone again
     monkeypatch.undo()
     # A trial whose artifact is gone is a read failure, and nothing is written.
     url = copy_study(study, tmp_path / "copy")
