@@ -5,7 +5,7 @@ Data specs:
 * ``cifar10`` - torchvision's CIFAR-10 under ``data_root`` (downloaded only
   when ``download=True``).
 * ``npz:PATH`` - arrays ``x_train, y_train, x_test, y_test`` (uint8 HWC images,
-  int64 labels), the format of ``../shared/data/cifar10-subset.npz``.
+  integer labels 0-9; checked on load), the format of ``../shared/data/cifar10-subset.npz``.
 * ``synthetic`` or ``synthetic:N`` - N (default 2560) generated training images
   and N/5 test images in 10 classes of coloured shapes and textures,
   deterministic by seed; for the offline demo and fast tests.
@@ -30,6 +30,7 @@ from .errors import AutopruneError
 
 NUM_CLASSES = 10
 SYNTHETIC_TRAIN = 2560
+MIN_TRAIN = 5  # the default validation split (a fifth) holds at least one image
 
 
 @dataclass
@@ -135,9 +136,24 @@ def _npz(path: Path):
         raise AutopruneError(f"{path} lacks array {exc}; expected x_train, y_train, x_test, y_test") from None
     except Exception as exc:
         raise AutopruneError(f"{path} is not a readable .npz file: {exc}") from None
-    for name, x in (("x_train", arrays[0]), ("x_test", arrays[2])):
+    for split, x, y in (("train", arrays[0], arrays[1]), ("test", arrays[2], arrays[3])):
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3):
-            raise AutopruneError(f"{path}: {name} must be uint8 [N, 32, 32, 3], got {x.dtype} {list(x.shape)}")
+            raise AutopruneError(f"{path}: x_{split} must be uint8 [N, 32, 32, 3], got {x.dtype} {list(x.shape)}")
+        if y.ndim != 1 or y.dtype.kind not in "iu":
+            raise AutopruneError(f"{path}: y_{split} must be a 1-d array of integer class labels, got {y.dtype} "
+                                 f"{list(y.shape)}; save the labels as int64 [N]")
+        if len(y) != len(x):
+            raise AutopruneError(f"{path}: x_{split} has {len(x)} images but y_{split} has {len(y)} labels; "
+                                 "save one label per image")
+        if len(y) and not (0 <= y.min() and y.max() < NUM_CLASSES):
+            bad = y[(y < 0) | (y >= NUM_CLASSES)][0]
+            raise AutopruneError(f"{path}: y_{split} holds label {bad}; labels must be class numbers 0 to "
+                                 f"{NUM_CLASSES - 1} (CIFAR-10)")
+    if len(arrays[3]) == 0:
+        raise AutopruneError(f"{path}: x_test holds no images; save at least one test image")
+    if len(arrays[1]) < MIN_TRAIN:
+        raise AutopruneError(f"{path}: x_train holds {len(arrays[1])} images; at least {MIN_TRAIN} are needed "
+                             "to carve a validation split from them")
     return arrays
 
 

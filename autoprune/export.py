@@ -27,8 +27,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import re
+import reprlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -208,23 +210,61 @@ def save_sparse(state_dict: dict, path: Path) -> int:
 
 
 def load_sparse(path: str | os.PathLike) -> dict:
-    """Read a ``sparse.npz`` back into a dense state dict (torch tensors)."""
-    with np.load(path, allow_pickle=False) as z:
-        if "__format__" not in z or str(z["__format__"]) != SPARSE_FORMAT:
-            raise AutopruneError(f"{path} is not an autoprune sparse file ({SPARSE_FORMAT})")
-        out = {}
-        for key in z.files:
-            name, _, part = key.rpartition("::")
-            if part == "dense":
-                out[name] = torch.from_numpy(z[key].copy())
-            elif part == "shape":
-                shape = tuple(int(s) for s in z[key])
-                n = int(np.prod(shape))
-                mask = np.unpackbits(z[f"{name}::mask"], count=n).astype(bool)
-                flat = np.zeros(n, dtype=z[f"{name}::values"].dtype)
-                flat[mask] = z[f"{name}::values"]
-                out[name] = torch.from_numpy(flat.reshape(shape))
+    """Read a ``sparse.npz`` back into a dense state dict (torch tensors).
+
+    The file is untrusted: every array is checked before anything is allocated
+    from a declared shape (a few bytes can declare gigabytes).
+    """
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {key: z[key] for key in z.files}
+    except Exception as exc:  # missing, not a zip, truncated, or holds pickled objects
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AutopruneError(f"{path} is not a readable sparse file: {reason[:160]}") from None
+    if "__format__" not in arrays or str(arrays.pop("__format__")) != SPARSE_FORMAT:
+        raise AutopruneError(f"{path} is not an autoprune sparse file ({SPARSE_FORMAT})")
+    parts: dict[str, dict] = {}
+    for key, a in arrays.items():
+        name, _, part = key.rpartition("::")
+        if not name or part not in ("dense", "mask", "values", "shape"):
+            raise AutopruneError(f"{path}: unexpected array {key!r}; expected NAME::dense, or NAME::mask, "
+                                 "NAME::values and NAME::shape")
+        parts.setdefault(name, {})[part] = a
+    out = {}
+    for name, p in parts.items():
+        if "dense" in p:
+            if len(p) > 1:
+                raise AutopruneError(f"{path}: {name!r} is stored both dense and sparse; keep one")
+            out[name] = torch.from_numpy(_numeric(path, f"{name}::dense", p["dense"]).copy())
+            continue
+        missing = [f"{name}::{part}" for part in ("mask", "values", "shape") if part not in p]
+        if missing:
+            raise AutopruneError(f"{path} lacks array {missing[0]!r}; a sparse tensor needs mask, values and shape")
+        shape, mask, values = p["shape"], p["mask"], _numeric(path, f"{name}::values", p["values"])
+        if shape.dtype.kind not in "iu" or shape.ndim != 1 or len(shape) > 32 or (shape < 0).any():
+            raise AutopruneError(f"{path}: {name}::shape must list at most 32 non-negative integer dims, got "
+                                 f"{reprlib.repr(shape.tolist())}")
+        dims = [int(d) for d in shape]
+        n = math.prod(dims)  # Python ints: no overflow
+        if mask.dtype != np.uint8 or mask.shape != ((n + 7) // 8,):
+            raise AutopruneError(f"{path}: {name}::mask must be {(n + 7) // 8} packed bytes (uint8) for shape "
+                                 f"{tuple(dims)}, got {mask.dtype} {list(mask.shape)}")
+        bits = np.unpackbits(mask, count=n).view(bool)
+        kept = int(bits.sum())
+        if values.shape != (kept,):
+            raise AutopruneError(f"{path}: {name}::values must hold {kept} values (the mask's set bits), got "
+                                 f"{list(values.shape)}")
+        flat = np.zeros(n, dtype=values.dtype)
+        flat[bits] = values
+        out[name] = torch.from_numpy(flat.reshape(dims))
     return out
+
+
+def _numeric(path, key: str, a: np.ndarray) -> np.ndarray:
+    """``a`` in native byte order (torch needs it), if it is an integer or float type torch has."""
+    if a.dtype.kind not in "biuf" or a.dtype.itemsize > 8:
+        raise AutopruneError(f"{path}: {key} has dtype {a.dtype}; a state dict holds integer or float tensors")
+    return a.astype(a.dtype.newbyteorder("="), copy=False)
 
 
 # --- export --------------------------------------------------------------------

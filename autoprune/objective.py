@@ -34,6 +34,7 @@ from optuna.trial import TrialState
 from . import metrics
 from .config import StudyConfig
 from .data import Data
+from .errors import AutopruneError
 from .model import VGG
 from .plan import prune
 from .space import SearchSpace
@@ -122,8 +123,11 @@ class Objective:
         start = time.perf_counter()
         history = []
         if stage == "full":
-            history = fit(model, ctx.data, train_cfg, masks=pruned.masks, on_epoch=on_epoch,
-                          progress=ctx.progress, desc=f"trial {trial.number}")
+            try:
+                history = fit(model, ctx.data, train_cfg, masks=pruned.masks, on_epoch=on_epoch,
+                              progress=ctx.progress, desc=f"trial {trial.number}")
+            except AutopruneError as exc:  # a diverged fine-tune fails the trial; say which one
+                raise AutopruneError(f"trial {trial.number} fine-tune: {exc}") from None
         seconds = time.perf_counter() - start
         if stage != "full":
             done = len(history)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .data import Data, Split, batches
 from .errors import AutopruneError
+from .model import is_int
 
 log = logging.getLogger("autoprune")
 
@@ -37,17 +39,29 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if int(self.epochs) < 1:
-            raise AutopruneError(f"epochs must be >= 1, got {self.epochs}")
-        if not self.lr > 0:
-            raise AutopruneError(f"lr must be > 0, got {self.lr}")
-        if int(self.batch_size) < 1:
-            raise AutopruneError(f"batch_size must be >= 1, got {self.batch_size}")
+        # The library's own guard: NaN or Inf here would train to NaN weights without a word.
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if not is_int(value) or value < 1:
+                raise AutopruneError(f"{name} must be an integer >= 1, got {value!r}")
+        # Finite as float32 weights see it: a larger lr makes SGD's update overflow with a RuntimeError.
+        top = torch.finfo(torch.float32).max
+        bounds = {"lr": (f"a finite number > 0 (at most {top:.3g})", lambda v: 0 < v <= top),
+                  "momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
+                  "weight_decay": (f"a finite number >= 0 (at most {top:.3g})", lambda v: 0 <= v <= top)}
+        for name, (text, within) in bounds.items():
+            value = getattr(self, name)
+            if not (_is_real(value) and within(value)):  # NaN fails every comparison
+                raise AutopruneError(f"{name} must be {text}, got {value!r}")
         if self.schedule not in ("cosine", "onecycle"):
             raise AutopruneError(f"schedule must be 'cosine' or 'onecycle', got {self.schedule!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 # Training a dense model from scratch: a one-cycle schedule converges in few epochs.
@@ -139,8 +153,13 @@ def fit(
             loss_sum += loss.detach() * len(y)
             seen += len(y)
             bar.update()
+        train_loss = float(loss_sum) / seen  # the epoch's one sync; NaN once any step's loss was
+        if not math.isfinite(train_loss):
+            bar.close()
+            raise AutopruneError(f"training diverged: loss became {train_loss} in epoch {epoch} of {config.epochs}; "
+                                 f"lower the learning rate (lr {config.lr:g})")
         val_acc = evaluate(model, data.val)
-        record = {"epoch": epoch, "train_loss": float(loss_sum) / seen, "val_accuracy": val_acc,
+        record = {"epoch": epoch, "train_loss": train_loss, "val_accuracy": val_acc,
                   "seconds": time.perf_counter() - start}
         history.append(record)
         bar.set_postfix(epoch=f"{epoch}/{config.epochs}", loss=f"{record['train_loss']:.3f}", val=f"{val_acc:.2f}%")
@@ -152,6 +171,11 @@ def fit(
     bar.close()
     if channels_last:
         model.to(memory_format=torch.contiguous_format)
+    # The last steps' updates can overflow while their losses were still finite.
+    state = [t for t in model.state_dict().values() if t.is_floating_point()]
+    if not bool(torch.stack([torch.isfinite(t).all() for t in state]).all()):
+        raise AutopruneError(f"training diverged: weights became NaN or Inf by epoch {len(history)} of "
+                             f"{config.epochs}; lower the learning rate (lr {config.lr:g})")
     return history
 
 
