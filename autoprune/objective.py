@@ -19,12 +19,13 @@ the fine-tune epochs and seconds it saved.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import socket
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -216,13 +217,15 @@ class Objective:
         """Keep the fine-tuned weights so that export needs no retraining."""
         from optuna.artifacts import upload_artifact
 
-        buf = io.BytesIO()
-        torch.save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "autoprune": {"arch": model.arch(), "plan": plan.to_dict(), "trial": trial.number}}, buf)
-        path = self.ctx.config.out_dir / f".trial-{trial.number}-{os.getpid()}.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(buf.getvalue())
+        out = self.ctx.config.out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        # A fresh name (mkstemp): a link planted at a predictable name is never followed.
+        fd, name = tempfile.mkstemp(dir=out, prefix=f".trial-{trial.number}-", suffix=".pt")
+        os.close(fd)
+        path = Path(name)
         try:
+            torch.save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                        "autoprune": {"arch": model.arch(), "plan": plan.to_dict(), "trial": trial.number}}, path)
             artifact_id = upload_artifact(artifact_store=self.ctx.artifact_store, file_path=str(path),
                                           study_or_trial=trial)
         finally:
