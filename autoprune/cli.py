@@ -10,12 +10,82 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import re
 import sys
 from pathlib import Path
 
 from .errors import AutopruneError
 
 log = logging.getLogger("autoprune")
+
+
+# --- flag checks: each flag is checked once, by its argparse type -------------
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors follow the house format: one line, no usage dump.
+
+    The subcommands' parsers are of this class too (``add_subparsers`` makes
+    them with ``type(parser)``); :func:`main` prints the error and returns 2.
+    """
+
+    def error(self, message: str):
+        message = " ".join(message.split())
+        ours = re.fullmatch(r"argument ([^:]+): (must be .*)", message)  # our type checks: they name the fix
+        if ours:
+            raise AutopruneError(f"{ours[1]} {ours[2]}")
+        raise AutopruneError(f"{message.removeprefix('argument ')}; see {self.prog} --help")
+
+
+def _number(kind: type, ok, rule: str):
+    """An argparse type: ``kind`` parsed from the text, finite and ``ok``, else the one-line rule."""
+
+    def check(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
+        return value
+
+    return check
+
+
+positive_int = _number(int, lambda v: v >= 1, ">= 1 (an integer)")
+nonneg_int = _number(int, lambda v: v >= 0, ">= 0 (an integer)")
+positive_float = _number(float, lambda v: v > 0, "> 0 (a finite number)")
+nonneg_float = _number(float, lambda v: v >= 0, ">= 0 (a finite number)")
+finite_float = _number(float, lambda v: True, "a finite number")
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The existing non-directory at ``path`` or above it, which would stop a mkdir; else None."""
+    for p in (path, *path.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
+def out_dir(text: str) -> str:
+    """argparse type: a directory to write into, refused at once (before any work) if a file is in the way."""
+    blocker = _file_in_the_way(Path(text))
+    if blocker is not None:
+        raise argparse.ArgumentTypeError(f"must be a directory, but {blocker} is a file; pass a directory path")
+    return text
+
+
+def out_file(text: str) -> Path:
+    """argparse type: a file to write, refused at once if it is a directory or a file is in the way."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"must be a file path, but {path} is a directory; "
+                                         f"name the file, e.g. {path / 'model.pt'}")
+    blocker = _file_in_the_way(path.parent)
+    if blocker is not None:
+        raise argparse.ArgumentTypeError(f"must be in a directory, but {blocker} is a file; pass another path")
+    return path
 
 
 # --- shared options ----------------------------------------------------------
@@ -26,9 +96,9 @@ def _data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="cifar10 | npz:PATH | synthetic[:N]")
     p.add_argument("--data-root", metavar="DIR", help="where CIFAR-10 lives (cifar10 spec)")
     p.add_argument("--download", action="store_true", help="download CIFAR-10 if absent")
-    p.add_argument("--val-size", type=int, metavar="N",
+    p.add_argument("--val-size", type=positive_int, metavar="N",
                    help="validation images carved from training data (default: min(5000, train/5))")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the validation carve (default 0)")
+    p.add_argument("--data-seed", type=nonneg_int, default=0, help="seed of the validation carve (default 0)")
 
 
 def _load_data(args):
@@ -40,7 +110,7 @@ def _load_data(args):
 
 def _common(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch")
+    p.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for torch")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
     if json_flag:
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -74,8 +144,6 @@ def cmd_train(args) -> int:
     from .model import build_model, save_checkpoint
     from .train import DENSE_RECIPE, TrainConfig, evaluate, fit, resolve_device
 
-    if args.epochs < 1:
-        raise AutopruneError(f"--epochs must be >= 1, got {args.epochs}")
     device = resolve_device(args.device)
     data = _load_data(args)
     model = build_model("vgg", width=args.width, num_classes=data.num_classes).to(device)
@@ -211,7 +279,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="autoprune",
         description="Search per-layer pruning ratios for the lab's VGG with Optuna.",
     )
@@ -219,36 +287,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a dense VGG and write a lab-format checkpoint")
     _data_options(p)
-    p.add_argument("--width", type=float, default=1.0, help="channel width multiplier (default 1.0)")
-    p.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
-    p.add_argument("--lr", type=float, help=f"peak learning rate (default {0.05})")
-    p.add_argument("--batch-size", type=int, help="batch size (default 128)")
-    p.add_argument("--weight-decay", type=float, help="weight decay (default 5e-4)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, type=Path, metavar="PATH", help="checkpoint file to write")
+    p.add_argument("--width", type=positive_float, default=1.0, help="channel width multiplier (default 1.0)")
+    p.add_argument("--epochs", type=positive_int, default=30, help="training epochs (default 30)")
+    p.add_argument("--lr", type=positive_float, help=f"peak learning rate (default {0.05})")
+    p.add_argument("--batch-size", type=positive_int, help="batch size (default 128)")
+    p.add_argument("--weight-decay", type=nonneg_float, help="weight decay (default 5e-4)")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--out", required=True, type=out_file, metavar="PATH", help="checkpoint file to write")
     _common(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="accuracy and size of a checkpoint or an export")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint file or export directory")
     _data_options(p)
-    p.add_argument("--width", type=float, help="expected width (default: from the checkpoint)")
+    p.add_argument("--width", type=positive_float, help="expected width (default: from the checkpoint)")
     p.add_argument("--split", choices=("test", "val"), default="test", help="split to measure (default test)")
     _common(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("profile", help="parameters, size, MACs and latency of a (pruned) VGG")
-    p.add_argument("--width", type=float, default=1.0, help="width multiplier (default 1.0)")
+    p.add_argument("--width", type=positive_float, default=1.0, help="width multiplier (default 1.0)")
     p.add_argument("--checkpoint", metavar="PATH", help="profile this checkpoint instead")
-    p.add_argument("--batch-size", type=int, default=1, help="latency batch size (default 1)")
-    p.add_argument("--repeats", type=int, default=100, help="timed runs after 20 warm-up runs (default 100)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="latency batch size (default 1)")
+    p.add_argument("--repeats", type=positive_int, default=100, help="timed runs after 20 warm-up runs (default 100)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--sparsity", metavar="SPEC",
                    help="fine-grained prune first: one sparsity for all layers (0.8) or layer=value,...")
     p.add_argument("--channel-ratios", metavar="SPEC",
                    help="channel prune first: one ratio for conv0-conv6 (0.3) or layer=value,...")
     p.add_argument("--criterion", help="fine-grained: magnitude; channel: norm (default), none, bn_scale, l1")
-    p.add_argument("--plots", metavar="DIR", help="write weights.png and param_share.png here")
+    p.add_argument("--plots", type=out_dir, metavar="DIR", help="write weights.png and param_share.png here")
     _common(p)
     p.set_defaults(func=cmd_profile)
 
@@ -259,17 +327,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine (weights, default) or channel")
     p.add_argument("--grid", metavar="R,R,...", help="ratios to scan (default 0.4,0.5,...,0.9, as the lab)")
     p.add_argument("--criterion", help="fine: magnitude; channel: norm (default), none, bn_scale, l1")
-    p.add_argument("--out", default="reports/sensitivity", metavar="DIR",
+    p.add_argument("--out", type=out_dir, default="reports/sensitivity", metavar="DIR",
                    help="where the CSV, PNG and cache go (default reports/sensitivity)")
     _common(p)
     p.set_defaults(func=cmd_sensitivity)
 
     p = sub.add_parser("search", help="run (or resume) an Optuna study from a TOML config")
     p.add_argument("config", metavar="STUDY.toml", help="study config, e.g. studies/demo.toml")
-    p.add_argument("--trials", type=int, help="finished trials wanted (default: the config's)")
-    p.add_argument("--storage", metavar="URL", help="sqlite:///PATH | postgresql://... | journal:PATH")
-    p.add_argument("--study-name", metavar="NAME", help="study name (default: the config's)")
-    p.add_argument("--seed", type=int, help="sampler and fine-tune seed (default: the config's)")
+    p.add_argument("--trials", type=positive_int, help="finished trials wanted (default: the config's)")
+    p.add_argument("--storage", metavar="URL",
+                   help="sqlite:///PATH | postgresql://... | journal:PATH; a relative PATH is relative to the "
+                        "working directory (in the TOML's [study] storage: to the TOML's folder)")
+    p.add_argument("--study-name", metavar="NAME",
+                   help="study name, also its folder reports/NAME (default: the config's)")
+    p.add_argument("--seed", type=nonneg_int, help="sampler and fine-tune seed (default: the config's)")
     _common(p)
     p.set_defaults(func=cmd_search)
 
@@ -277,12 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", required=True, metavar="URL",
                    help="the study's storage: postgresql://USER:PASSWORD@HOST:PORT/DB (or journal:PATH, sqlite:///PATH)")
     p.add_argument("--study", required=True, metavar="NAME", help="the study's name (made by autoprune search)")
-    p.add_argument("--trials", type=int, help="complete trials the study should end with (default: its config's)")
+    p.add_argument("--trials", type=positive_int,
+                   help="complete trials the study should end with (default: its config's)")
     _common(p)
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("demo", help="the whole pipeline offline on synthetic data (minutes on a CPU)")
-    p.add_argument("--out", default="reports/demo", help="output directory (default reports/demo)")
+    p.add_argument("--out", type=out_dir, default="reports/demo", help="output directory (default reports/demo)")
     _common(p)
     p.set_defaults(func=cmd_demo)
 
@@ -293,10 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(message)s", stream=sys.stderr)
     try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                            format="%(message)s", stream=sys.stderr)
+        if args.device != "auto":  # refused before any work or any file written
+            from .train import resolve_device
+
+            resolve_device(args.device)
         if args.threads:
             import torch
 

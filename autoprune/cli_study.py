@@ -18,11 +18,14 @@ def _study_options(p: argparse.ArgumentParser) -> None:
 
 
 def _pick_options(p: argparse.ArgumentParser) -> None:
+    from .cli import finite_float  # ranges are checked by pick.study_limits, for library callers too
+
     g = p.add_argument_group("pick options (defaults: the study's own constraints)")
-    g.add_argument("--max-size", type=float, metavar="F", help="largest nonzero size as a fraction of dense")
-    g.add_argument("--min-accuracy", type=float, metavar="A", help="lowest validation accuracy, percent")
-    g.add_argument("--max-macs", type=float, metavar="F", help="largest MACs as a fraction of dense")
-    g.add_argument("--max-latency-ms", type=float, metavar="T", help="largest latency in ms (channel studies)")
+    g.add_argument("--max-size", type=finite_float, metavar="F", help="largest nonzero size as a fraction of dense")
+    g.add_argument("--min-accuracy", type=finite_float, metavar="A", help="lowest validation accuracy, percent")
+    g.add_argument("--max-macs", type=finite_float, metavar="F", help="largest MACs as a fraction of dense")
+    g.add_argument("--max-latency-ms", type=finite_float, metavar="T",
+                   help="largest latency in ms (channel studies)")
     g.add_argument("--prefer", choices=("accuracy", "size", "macs", "latency"), default="accuracy",
                    help="accuracy: highest validation accuracy (default); size/macs/latency: smallest, "
                         "ties by accuracy")
@@ -68,8 +71,6 @@ def cmd_export(args) -> int:
         raise AutopruneError("say which trial to export: --trial N, or --pick [pick options]")
     if args.trial is not None and (args.pick or picking):
         raise AutopruneError("--trial N cannot be combined with --pick or pick options; use one")
-    if args.trial is not None and args.trial < 0:
-        raise AutopruneError(f"--trial must be a trial number >= 0, got {args.trial}")
     result = export(args.storage, args.study, args.out, trial=args.trial,
                     pick_kwargs=_pick_kwargs(args) if args.pick else None, force=args.force)
     _emit(args, result, format_export(result))
@@ -78,6 +79,8 @@ def cmd_export(args) -> int:
 
 def add_commands(sub, common) -> None:
     """Add report, pick and export to the main parser's subcommands; ``common`` adds --json etc."""
+    from .cli import nonneg_int
+
     p = sub.add_parser("report", help="trials.csv, figures and an HTML report of a study")
     _study_options(p)
     p.add_argument("--out", metavar="DIR", help="output directory (default reports/<study>, the name made safe "
@@ -96,7 +99,7 @@ def add_commands(sub, common) -> None:
     p = sub.add_parser("export", help="write a trial's model (model.pt, sparse.npz or model.ts) to a directory")
     _study_options(p)
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--trial", type=int, metavar="N", help="the trial number to export")
+    which.add_argument("--trial", type=nonneg_int, metavar="N", help="the trial number to export")
     which.add_argument("--pick", action="store_true", help="export what `autoprune pick` chooses")
     _pick_options(p)
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write (new or empty; a symbolic "

@@ -1,15 +1,22 @@
 """Study configs: TOML files loaded into validated dataclasses.
 
-Relative paths in a config (the npz data file, a checkpoint, a storage file)
-are resolved against the directory of the TOML file, so a study runs the same
-from any working directory. Every table and key is checked: an unknown key is
-an error that names it and lists the valid ones.
+Relative paths in a config (the npz data file, a checkpoint, a ``sqlite:///``
+or ``journal:`` storage file) are resolved against the directory of the TOML
+file, so a study runs the same from any working directory. Every table and key
+is checked: an unknown key is an error that names it and lists the valid ones,
+and a value of the wrong type an error that names the type wanted.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import math
+import re
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +35,7 @@ class StudySection:
     sampler: str = "tpe"  # tpe | random | gp | nsga2
     seed: int = 0
     # Default: minimise size (fine) or MACs (channel) fraction, maximise val accuracy.
-    objectives: list = field(default_factory=list)
+    objectives: list[str] = field(default_factory=list)
     criterion: str = ""  # channel importance: norm (default) | none | bn_scale | l1
     out_dir: str = ""  # default reports/<name>
     # Multi-objective studies sample each trial's budget in [budget_low, 1] x the cap
@@ -84,13 +91,13 @@ class FinetuneSection:
 @dataclass
 class PriorsSection:
     enabled: bool = True
-    grid: list = field(default_factory=lambda: [0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    grid: list[float] = field(default_factory=lambda: [0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     tolerance: float = 5.0  # points of validation accuracy a layer may lose alone
     enqueue_allocation: bool = True  # the prior allocation (at the cap) is the first trial
     # One-shot rules whose allocations at the cap are enqueued next, so the search starts from the
     # best of them: uniform, global, lamp (fine-grained); uniform (channel). Default (unset):
     # lamp and global for fine-grained, uniform for channel; [] for none.
-    warm_start: list | None = None
+    warm_start: list[str] | None = None
 
     def warm_start_rules(self, kind: str) -> list[str]:
         if self.warm_start is not None:
@@ -178,38 +185,75 @@ class StudyConfig:
         if not isinstance(d, dict):
             raise AutopruneError(f"a study config must be a dict, got {type(d).__name__}")
         sections = {}
-        for f in dataclasses.fields(cls):
-            if f.name == "source":
-                continue
-            section_cls = type(f.default_factory())
-            table = d.get(f.name) or {}
-            known = {x.name for x in dataclasses.fields(section_cls)}
-            sections[f.name] = section_cls(**{k: v for k, v in table.items() if k in known})
-        return cls(**sections, source=str(d.get("source") or ""))
+        for name, section_cls in _TABLES.items():
+            table = d.get(name) or {}
+            if not isinstance(table, dict):
+                raise AutopruneError(f"[{name}] in the study's stored config must be a table, got {_toml(table)}")
+            known = _hints(section_cls)
+            sections[name] = section_cls(**{k: v for k, v in table.items() if k in known})
+        config = cls(**sections, source=str(d.get("source") or ""))
+        return config.check_types("the study's stored config")
+
+    def check_types(self, where: str = "") -> "StudyConfig":
+        """Every value against its field's type (floats finite); ``where`` (default: the source) ends the error."""
+        where = where or self.source
+        for name, section_cls in _TABLES.items():
+            section = getattr(self, name)
+            for key, hint in _hints(section_cls).items():
+                value = getattr(section, key)
+                if not _fits(value, hint):
+                    raise AutopruneError(f"[{name}] {key} must be {_wanted(hint)}, got {_toml(value)} "
+                                         f"({_why(value, hint)})" + (f" in {where}" if where else ""))
+        return self
 
     def validate(self) -> "StudyConfig":
+        """Types, then every name, number and combination, before any work starts."""
+        self.check_types()
         s, c, f = self.study, self.constraints, self.finetune
+        if not STUDY_NAME.fullmatch(s.name):
+            raise AutopruneError(f"study name {s.name!r} cannot be a folder name: use 1 to 100 letters, digits, '.', "
+                                 f"'_' or '-', not starting with '.' ([study] name or --study-name)")
         if s.kind not in ("fine_grained", "channel"):
             raise AutopruneError(f"[study] kind must be fine_grained or channel, got {s.kind!r}")
         if s.sampler not in SAMPLERS:
             raise AutopruneError(f"[study] sampler must be one of {', '.join(SAMPLERS)}, got {s.sampler!r}")
-        if s.trials < 1:
-            raise AutopruneError(f"[study] trials must be >= 1, got {s.trials}")
         bad = [o for o in self.objectives if o not in OBJECTIVES]
         if bad or not 1 <= len(self.objectives) <= 2 or "accuracy" not in self.objectives:
             raise AutopruneError(
                 f"[study] objectives must be ['accuracy'] or a cost (size or macs) with 'accuracy', "
                 f"got {self.objectives}"
             )
-        if not 0 < s.budget_low <= 1:
-            raise AutopruneError(f"[study] budget_low must be in (0, 1], got {s.budget_low}")
         if s.kind == "fine_grained" and "macs" in self.objectives:
             raise AutopruneError("[study] fine-grained pruning leaves dense MACs unchanged; use objectives "
                                  "['size', 'accuracy']")
-        if not self.model.width > 0:
-            raise AutopruneError(f"[model] width must be > 0, got {self.model.width}")
-        if not 0 < c.max_size_fraction <= 1:
-            raise AutopruneError(f"[constraints] max_size_fraction must be in (0, 1], got {c.max_size_fraction}")
+        m, d, fi, p = self.model, self.data, self.fidelity, self.priors
+        ranges = [  # (table, key, ok, rule); types (and finiteness) are checked above
+            ("study", "trials", s.trials >= 1, ">= 1"),
+            ("study", "seed", s.seed >= 0, ">= 0"),
+            ("study", "budget_low", 0 < s.budget_low <= 1, "in (0, 1]"),
+            ("study", "heartbeat_seconds", s.heartbeat_seconds >= 1, ">= 1"),
+            ("model", "width", m.width > 0, "> 0"),
+            ("model", "num_classes", m.num_classes >= 2, ">= 2"),
+            ("model", "train_epochs", m.train_epochs >= 1, ">= 1"),
+            ("data", "val_size", d.val_size >= 0, ">= 0 (0: the default)"),
+            ("data", "seed", d.seed >= 0, ">= 0"),
+            ("constraints", "max_size_fraction", 0 < c.max_size_fraction <= 1, "in (0, 1]"),
+            ("finetune", "epochs", f.epochs >= 1, ">= 1"),
+            ("finetune", "batch_size", f.batch_size >= 1, ">= 1"),
+            ("finetune", "lr", f.lr > 0, "> 0"),
+            ("finetune", "momentum", 0 <= f.momentum < 1, "in [0, 1)"),
+            ("finetune", "weight_decay", f.weight_decay >= 0, ">= 0"),
+            ("finetune", "early_stop_margin", f.early_stop_margin >= 0, ">= 0 points"),
+            ("priors", "tolerance", p.tolerance >= 0, ">= 0 points"),
+            ("fidelity", "bn_recal_batches", fi.bn_recal_batches >= 0, ">= 0"),
+            ("fidelity", "bn_recal_batch_size", fi.bn_recal_batch_size >= 1, ">= 1"),
+            ("fidelity", "warmup_trials", fi.warmup_trials >= 0, ">= 0"),
+            ("fidelity", "promote_top", 0 < fi.promote_top <= 1, "a fraction in (0, 1]"),
+            ("fidelity", "full_top", 0 < fi.full_top <= 1, "a fraction in (0, 1]"),
+        ]
+        for table, key, ok, rule in ranges:
+            if not ok:
+                raise AutopruneError(f"[{table}] {key} must be {rule}, got {getattr(getattr(self, table), key)}")
         if c.min_accuracy is not None and c.max_accuracy_drop is not None:
             raise AutopruneError("[constraints] set min_accuracy or max_accuracy_drop, not both")
         if c.min_accuracy is not None and not 0 <= c.min_accuracy <= 100:
@@ -220,13 +264,6 @@ class StudyConfig:
             raise AutopruneError(f"[constraints] max_macs_fraction must be in (0, 1], got {c.max_macs_fraction}")
         if c.max_latency_ms is not None and not c.max_latency_ms > 0:
             raise AutopruneError(f"[constraints] max_latency_ms must be > 0, got {c.max_latency_ms}")
-        if f.epochs < 1 or f.batch_size < 1 or not f.lr > 0:
-            raise AutopruneError("[finetune] epochs and batch_size must be >= 1 and lr > 0")
-        fi = self.fidelity
-        if fi.bn_recal_batches < 0 or fi.bn_recal_batch_size < 1 or fi.warmup_trials < 0:
-            raise AutopruneError("[fidelity] bn_recal_batches and warmup_trials must be >= 0, bn_recal_batch_size >= 1")
-        if not (0 < fi.promote_top <= 1 and 0 < fi.full_top <= 1):
-            raise AutopruneError("[fidelity] promote_top and full_top are fractions in (0, 1]")
         if fi.ladder and fi.bn_recal_batches == 0:
             raise AutopruneError("[fidelity] ladder needs the cheap score: set bn_recal_batches >= 1")
         if not self.priors.grid or not all(0 < g < 1 for g in self.priors.grid):
@@ -241,7 +278,62 @@ class StudyConfig:
         return self
 
 
-_SECTIONS = {f.name: f.type for f in dataclasses.fields(StudyConfig) if f.name != "source"}
+# A study name becomes the folder reports/<name>/ and its sqlite:///reports/<name>/study.db.
+STUDY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+_TABLES = {f.name: type(f.default_factory()) for f in dataclasses.fields(StudyConfig) if f.name != "source"}
+
+
+@functools.cache
+def _hints(cls) -> dict:
+    """A section's field types (the annotations are strings under ``from __future__ import annotations``)."""
+    return typing.get_type_hints(cls)
+
+
+def _fits(value, hint) -> bool:
+    if hint is bool or hint is str or hint is type(None):
+        return isinstance(value, hint)
+    if hint is int or hint is float:  # a TOML integer is a fine float; a boolean is neither
+        kinds = int if hint is int else (int, float)
+        return isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_fits(v, typing.get_args(hint)[0]) for v in value)
+    if isinstance(hint, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    raise TypeError(f"no check for field type {hint}")  # a field added with a new type: add it above
+
+
+def _wanted(hint) -> str:
+    if typing.get_origin(hint) is list:
+        return "a list of " + ("finite numbers" if typing.get_args(hint)[0] is float else "strings")
+    if isinstance(hint, types.UnionType):  # X | None: TOML has no null, so just X
+        return " or ".join(_wanted(h) for h in typing.get_args(hint) if h is not type(None))
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}[hint]
+
+
+def _toml(value) -> str:
+    """``value`` as written in TOML, for error messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_toml, value)) + "]"
+    return repr(value)
+
+
+def _why(value, hint) -> str:
+    """What is wrong with ``value``: its TOML type, "not finite", or what its first odd item is."""
+    lists = [h for h in (hint, *typing.get_args(hint)) if typing.get_origin(h) is list]
+    if isinstance(value, list) and lists:
+        odd = next(v for v in value if not _fits(v, typing.get_args(lists[0])[0]))
+        return f"{_toml(odd)} is {_why(odd, None)}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "not finite"
+    for kind, noun in ((bool, "a boolean"), (int, "an integer"), (float, "a float"), (str, "a string"),
+                       (list, "an array"), (dict, "a table"), (type(None), "unset")):
+        if isinstance(value, kind):
+            return noun
+    return type(value).__name__
 
 
 def _section(name: str, cls, table, where: str):
@@ -261,6 +353,14 @@ def _resolve(base: Path, value: str) -> str:
     return value if not value or Path(value).is_absolute() else str((base / value).resolve())
 
 
+def _resolve_storage(base: Path, url: str) -> str:
+    """A ``sqlite:///PATH`` or ``journal:PATH`` URL with a relative PATH made absolute against ``base``."""
+    for prefix in ("sqlite:///", "journal:"):
+        if url.startswith(prefix) and url[len(prefix):] not in ("", ":memory:"):
+            return prefix + _resolve(base, url[len(prefix):])
+    return url
+
+
 def load_config(path: str | Path, **overrides) -> StudyConfig:
     """Read a study TOML file; ``overrides`` set ``[study]`` keys (e.g. trials=12)."""
     path = Path(path)
@@ -271,18 +371,18 @@ def load_config(path: str | Path, **overrides) -> StudyConfig:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise AutopruneError(f"{path} is not valid TOML: {exc}") from None
     for key in raw:
-        if key not in _SECTIONS:
-            raise AutopruneError(f"unknown table [{key}] in {path}; valid tables: {', '.join(_SECTIONS)}")
-    classes = {f.name: f.default_factory for f in dataclasses.fields(StudyConfig) if f.name != "source"}
-    sections = {name: _section(name, type(classes[name]()), raw.get(name, {}), str(path)) for name in classes}
-    config = StudyConfig(**sections, source=str(path))
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(config.study, key, value)
+        if key not in _TABLES:
+            raise AutopruneError(f"unknown table [{key}] in {path}; valid tables: {', '.join(_TABLES)}")
+    sections = {name: _section(name, cls, raw.get(name, {}), str(path)) for name, cls in _TABLES.items()}
+    config = StudyConfig(**sections, source=str(path)).check_types()
     base = path.resolve().parent
     d = config.data
     if d.spec.startswith("npz:"):
         d.spec = "npz:" + _resolve(base, d.spec[4:])
     d.root = _resolve(base, d.root)
     config.model.checkpoint = _resolve(base, config.model.checkpoint)
+    config.study.storage = _resolve_storage(base, config.study.storage)
+    for key, value in overrides.items():  # after resolving: a --storage path stays relative to the cwd
+        if value is not None:
+            setattr(config.study, key, value)
     return config.validate()

@@ -69,12 +69,24 @@ DENSE_RECIPE = dict(lr=0.05, weight_decay=5e-4, batch_size=128, schedule="onecyc
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; checked here, not at first use."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
-    except RuntimeError:
-        raise AutopruneError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise AutopruneError(f"unknown device {str(device)!r}; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise AutopruneError(f"device {str(device)!r} asked for, but torch finds no CUDA GPU here; "
+                                 f"use device auto or cpu")
+        if (dev.index or 0) >= count:
+            raise AutopruneError(f"device {str(device)!r} asked for, but torch finds {count} CUDA GPU(s) "
+                                 f"(cuda:0 to cuda:{count - 1}); pick one of those or use auto")
+    return dev
 
 
 def _autocast(device: torch.device):
