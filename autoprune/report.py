@@ -44,7 +44,7 @@ from optuna.trial import FrozenTrial, TrialState
 from .config import StudyConfig
 from .errors import AutopruneError, NothingQualifies
 from .pick import has_weights, is_deployable, is_feasible, open_existing, pick, study_limits
-from .storage import redact
+from .storage import redact, redacted_config, scrub
 
 log = logging.getLogger("autoprune")
 
@@ -82,39 +82,6 @@ def _write_text(path: Path, text: str) -> Path:
     tmp.write_text(text)
     os.replace(tmp, path)
     return path
-
-
-def _passwords(*urls: str) -> list[str]:
-    """Passwords inside ``urls`` (to make sure none reaches a file)."""
-    found = []
-    for url in urls:
-        if not url or "://" not in url or url.startswith("journal:"):
-            continue
-        try:
-            from sqlalchemy.engine import make_url
-
-            pw = make_url(url).password
-        except Exception:
-            rest = url.partition("://")[2]
-            creds = rest.rpartition("@")[0]
-            pw = creds.partition(":")[2] if ":" in creds else None
-        if pw:
-            found.append(str(pw))
-    return found
-
-
-def _scrub(text: str, secrets: list[str]) -> str:
-    for s in secrets:
-        if s:
-            text = text.replace(s, "***")
-    return text
-
-
-def redacted_config(config: StudyConfig) -> dict:
-    """The config dict with its storage URL redacted (the form every report shows)."""
-    d = config.to_dict()
-    d["study"]["storage"] = redact(d["study"].get("storage") or "")
-    return d
 
 
 def _category(t: FrozenTrial, config: StudyConfig) -> str:
@@ -707,11 +674,11 @@ def write_report(storage_url: str, study_name: str, out_dir=None, baseline: bool
         probe.unlink()
     except OSError as exc:
         raise AutopruneError(f"cannot write the report to {out}: {exc.strerror or exc}; choose another --out") from None
-    secrets = _passwords(storage_url, config.study.storage)
+    urls = (storage_url, config.study.storage)  # their passwords are scrubbed from every text file
     written: dict[str, Path] = {}
 
     df = trials_frame(study, config)
-    written["trials.csv"] = _write_text(out / "trials.csv", _scrub(df.to_csv(index=False), secrets))
+    written["trials.csv"] = _write_text(out / "trials.csv", scrub(df.to_csv(index=False), *urls))
 
     limits = study_limits(study, config)
     floor = limits.min_accuracy
@@ -755,6 +722,6 @@ def write_report(storage_url: str, study_name: str, out_dir=None, baseline: bool
     sections = build_sections(study, config, storage_url, pick_trial, pick_note, runners, base, base_note,
                               floor, limits)
     title = f"autoprune report: {study_name}"
-    written["report.md"] = _write_text(out / "report.md", _scrub(render_md(title, sections, written), secrets))
-    written["report.html"] = _write_text(out / "report.html", _scrub(render_html(title, sections, written), secrets))
+    written["report.md"] = _write_text(out / "report.md", scrub(render_md(title, sections, written), *urls))
+    written["report.html"] = _write_text(out / "report.html", scrub(render_html(title, sections, written), *urls))
     return {path.name: str(path) for path in written.values()}
