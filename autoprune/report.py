@@ -43,7 +43,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .config import StudyConfig
 from .errors import AutopruneError, NothingQualifies
-from .pick import has_weights, is_deployable, is_feasible, open_existing, pick, study_limits
+from .pick import has_weights, is_deployable, is_feasible, named_constraints, open_existing, pick, study_limits
 from .storage import redact, redacted_config, scrub
 
 log = logging.getLogger("autoprune")
@@ -125,7 +125,7 @@ def trials_frame(study: optuna.Study, config: StudyConfig) -> pd.DataFrame:
         row["stopped_early"] = "stopped_early_at_epoch" in a
         row["stopped_early_at_epoch"] = a.get("stopped_early_at_epoch")
         row["has_weights"] = has_weights(t)
-        for name, value in sorted((t.constraints or {}).items()):
+        for name, value in sorted(named_constraints(t).items()):
             row[f"constraint_{name}"] = value
         row["channels"] = "-".join(str(c) for c in a["channels"]) if "channels" in a else None
         for layer in layers:
