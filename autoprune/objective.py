@@ -6,8 +6,12 @@ Each trial stores its figures as user attributes (names that scripts read):
 ``test_accuracy`` (for reports only; never used to choose), ``finetune_seconds``,
 ``plan`` (layer -> ratio that ran), ``proposed`` (what the sampler asked for),
 ``finetune_epochs_done`` and, for channel trials, ``latency_ms``.
-Feasibility goes through ``trial.set_constraint`` (<= 0 is feasible), so
-Optuna's samplers and ``study.best_trials`` know it.
+Feasibility is Optuna's constraint list (system attr ``constraints``, <= 0 is
+feasible; in the order size, accuracy, fidelity, then macs and latency when the
+study constrains them), named by the user attr ``constraint_names``: Optuna's
+samplers, ``study.best_trials``, ``plot_pareto_front`` and optuna-dashboard read
+that list (the dashboard reads no named constraints); autoprune reads them by
+name with :func:`autoprune.pick.named_constraints`.
 
 Early stop of hopeless trials: after fine-tune epoch e of E (e < E) a trial
 stops when its validation accuracy is below ``floor - margin * (E - e)``: even
@@ -37,6 +41,7 @@ from .config import StudyConfig
 from .data import Data
 from .errors import AutopruneError
 from .model import VGG
+from .pick import CONSTRAINT_NAMES_ATTR
 from .plan import prune
 from .space import SearchSpace
 from .train import evaluate, fit, recalibrate_bn
@@ -163,8 +168,10 @@ class Objective:
             trial.set_user_attr(key, value)
 
         constraints = self.constraints(attrs)
-        for key, value in constraints.items():
-            trial.set_constraint(key, value)
+        trial.set_user_attr(CONSTRAINT_NAMES_ATTR, list(constraints))
+        # The list format, not trial.set_constraint: optuna-dashboard shows only the list, and both
+        # would make Optuna count every constraint twice.
+        trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [float(v) for v in constraints.values()])
         if all(v <= 0 for v in constraints.values()) and ctx.artifact_store is not None:
             self.save_weights(trial, model, plan, attrs)
         return self.values(attrs)

@@ -25,6 +25,9 @@ from .config import StudyConfig
 from .errors import AutopruneError, NothingQualifies
 
 WEIGHTS_ATTR = "weights_artifact_id"
+# A trial's constraint values are Optuna's list (system attr "constraints", what optuna-dashboard
+# shows); this user attr names them, in the same order.
+CONSTRAINT_NAMES_ATTR = "constraint_names"
 PREFER = ("accuracy", "size", "macs", "latency")
 _PREFER_ATTR = {"size": "size_fraction", "macs": "macs_fraction", "latency": "latency_ms"}
 
@@ -61,6 +64,20 @@ def is_feasible(trial: FrozenTrial) -> bool:
     """Feasible under the study's own constraints (as recorded on the trial)."""
     return trial.state == TrialState.COMPLETE and bool(trial.constraints) and all(
         v <= 0 for v in trial.constraints.values())
+
+
+def named_constraints(trial: FrozenTrial) -> dict[str, float]:
+    """Constraint name -> value (<= 0 feasible), each constraint once.
+
+    Reads the list autoprune writes with its ``constraint_names``, and the named
+    form (``trial.set_constraint``) that studies made before it hold.
+    """
+    values = dict(trial.constraints)  # Optuna's merge: the list as "0", "1", ..., then the named ones
+    names = trial.user_attrs.get(CONSTRAINT_NAMES_ATTR)
+    listed = trial.system_attrs.get("constraints")
+    if isinstance(names, list) and isinstance(listed, (list, tuple)) and len(names) == len(listed):
+        values = {**{name: values.pop(str(i)) for i, name in enumerate(names)}, **values}
+    return values
 
 
 def not_deployable_reason(trial: FrozenTrial, config: StudyConfig) -> str | None:

@@ -52,8 +52,8 @@ from optuna.trial import FrozenTrial, TrialState
 from .config import StudyConfig
 from .errors import AutopruneError, NothingQualifies
 from .files import atomic_path, safe_name
-from .pick import has_weights, is_deployable, is_feasible, open_existing, pick, study_limits
-from .storage import redact
+from .pick import has_weights, is_deployable, is_feasible, named_constraints, open_existing, pick, study_limits
+from .storage import redact, redacted_config
 
 log = logging.getLogger("autoprune")
 
@@ -103,13 +103,6 @@ def _write_text(path: Path, text: str) -> Path:
     return path
 
 
-def redacted_config(config: StudyConfig) -> dict:
-    """The config dict with its storage URL redacted (the form every report shows)."""
-    d = config.to_dict()
-    d["study"]["storage"] = redact(d["study"].get("storage") or "")
-    return d
-
-
 def _category(t: FrozenTrial, config: StudyConfig) -> str:
     if not is_deployable(t, config):
         return "partial"
@@ -151,7 +144,7 @@ def trials_frame(study: optuna.Study, config: StudyConfig) -> pd.DataFrame:
         row["stopped_early"] = "stopped_early_at_epoch" in a
         row["stopped_early_at_epoch"] = a.get("stopped_early_at_epoch")
         row["has_weights"] = has_weights(t)
-        for name, value in sorted((t.constraints or {}).items()):
+        for name, value in sorted(named_constraints(t).items()):
             row[f"constraint_{name}"] = value
         row["channels"] = "-".join(str(c) for c in a["channels"]) if "channels" in a else None
         for layer in layers:

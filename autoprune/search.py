@@ -25,7 +25,7 @@ from .model import build_model, load_checkpoint, save_checkpoint, vgg_channels
 from .objective import Objective, TrialContext
 from .pick import is_deployable, is_feasible
 from .space import SearchSpace
-from .storage import redact
+from .storage import redact, redacted_config
 from .train import DENSE_RECIPE, TrainConfig, evaluate, fit, resolve_device
 
 log = logging.getLogger("autoprune")
@@ -101,7 +101,9 @@ def prepare(config: StudyConfig, device="auto", progress: bool = True) -> tuple[
         upper, allocation, prior_info = compute_study_priors(config, dense, checkpoint, data, progress)
         warm = warm_starts(config, dense)
     space = SearchSpace.for_study(config, dense.channels, upper, dense.num_classes)
-    info = {"config": config.to_dict(), "space_signature": space.signature(), "space_upper": space.upper,
+    # Stored redacted: anyone who opens the study (optuna-dashboard too) reads it; workers take the
+    # real URL from their own command line.
+    info = {"config": redacted_config(config), "space_signature": space.signature(), "space_upper": space.upper,
             "dense": figures, "accuracy_floor": floor, "checkpoint": str(checkpoint),
             "checkpoint_sha256": file_digest(checkpoint), "data": data.describe(),
             "prior_allocation": allocation, "warm_starts": warm, **prior_info}

@@ -6,13 +6,20 @@
   died is marked failed after the grace period and retried.
 * ``journal:PATH`` -> Optuna's ``JournalStorage`` on a journal file, for several
   processes on one host.
+
+A URL's passwords (``user:PASSWORD@`` and the query's ``password``, ``passwd``,
+``pwd``, ``sslpassword``) never leave this process: :func:`redact` is the form to
+print, log, report or store in a study; :func:`scrub` takes them out of any other
+text (a driver's error message, a report file).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
+from urllib.parse import unquote
 
 import optuna
 import warnings
@@ -28,25 +35,92 @@ log = logging.getLogger("autoprune")
 MAX_RETRY = 3
 
 
-def redact(url: str) -> str:
-    """The URL with any password replaced by ***, safe to print, log or report."""
-    if url.startswith("journal:") or "://" not in url:
-        return url
-    try:
-        from sqlalchemy.engine import make_url
+# Query-string keys that carry a password: libpq's password and sslpassword, MySQL's passwd, ODBC's PWD.
+_PASSWORD_KEYS = ("password", "passwd", "pwd", "sslpassword")
+_USERINFO = re.compile(r"[^:/]*:([^@]*)@")  # user:password@ as SQLAlchemy reads it (to the first '@')
+_QUERY = re.compile(r"\?[^?&=#]*=")  # where a query string starts: "?name="
+_PARAM = re.compile(r"[?&]([^?&=#]*)=")  # a query parameter: "?name=" or "&name="
 
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        scheme, _, rest = url.partition("://")
-        return f"{scheme}://***@{rest.rpartition('@')[2]}" if "@" in rest else url
+
+def _userinfo_password(url: str) -> tuple[int, int] | None:
+    """(start, end) of the password in ``user:password@``, or None.
+
+    It runs to the last '@' before the query string: SQLAlchemy and libpq stop at
+    the first one and take the rest of the password for the host.
+    """
+    if url.startswith("journal:") or "://" not in url:
+        return None
+    userinfo = _USERINFO.match(url, url.index("://") + 3)
+    if not userinfo:
+        return None
+    query = _QUERY.search(url, userinfo.end())
+    return userinfo.start(1), url.rindex("@", 0, query.start() if query else len(url))
+
+
+def _password_spans(url: str) -> list[tuple[int, int]]:
+    """(start, end) of every password in ``url``: the userinfo's, then each password query parameter's.
+
+    A plain string parse, so that a URL SQLAlchemy cannot read is redacted too.
+    """
+    if url.startswith("journal:") or "://" not in url:
+        return []
+    userinfo = _userinfo_password(url)
+    spans = [userinfo] if userinfo else []
+    params = list(_PARAM.finditer(url, userinfo[1] if userinfo else url.index("://")))
+    for i, m in enumerate(params):
+        if unquote(m.group(1)).strip().lower() in _PASSWORD_KEYS:
+            # The value runs to the next "&name=", so a raw '&' inside it stays hidden.
+            spans.append((m.end(), params[i + 1].start() if i + 1 < len(params) else len(url)))
+    return spans
+
+
+def redact(url: str) -> str:
+    """``url`` with every password (userinfo and query string) replaced by ***: safe to print, log or store."""
+    for start, end in reversed(_password_spans(url)):
+        url = url[:start] + "***" + url[end:]
+    return url
+
+
+def passwords(*urls: str) -> list[str]:
+    """Every password in ``urls``, as written and percent-decoded, longest first (empty ones left out)."""
+    found = {form for url in urls if url for start, end in _password_spans(url)
+             for form in (url[start:end], unquote(url[start:end])) if form}
+    return sorted(found, key=len, reverse=True)
+
+
+def scrub(text: str, *urls: str) -> str:
+    """``text`` (a driver's error message, a report) with every password of ``urls`` replaced by ***."""
+    for secret in passwords(*urls):  # longest first: a shorter one inside it cannot leave a tail behind
+        text = text.replace(secret, "***")
+    return text
+
+
+def error_reason(exc: BaseException, *urls: str) -> str:
+    """The first line of a (driver's) error, without the passwords of ``urls``: for a one-line message."""
+    orig = getattr(exc, "orig", None) or exc  # SQLAlchemy wraps the driver's error
+    lines = [line.strip() for line in str(orig).splitlines() if line.strip()]
+    return scrub(lines[0] if lines else type(orig).__name__, *urls)[:240]  # scrubbed before cut: no half password
+
+
+def redacted_config(config) -> dict:
+    """A StudyConfig's dict with its storage URL redacted: what a study stores and a report shows."""
+    d = config.to_dict()
+    d["study"]["storage"] = redact(d["study"].get("storage") or "")
+    return d
 
 
 def with_driver(url: str) -> str:
-    """``postgresql://`` with the PostgreSQL driver that is installed.
+    """The URL to hand SQLAlchemy: ``postgresql://`` with the installed driver, a raw '@' in the password encoded.
 
     SQLAlchemy 2.1 reads a bare ``postgresql://`` as psycopg 3; autoprune's
     ``postgres`` extra installs psycopg2. An explicit ``postgresql+DRIVER://`` is kept.
+    A password with a raw '@' is sent whole instead of being cut at its first '@'
+    (see :func:`_userinfo_password`).
     """
+    userinfo = _userinfo_password(url)
+    if userinfo:
+        start, end = userinfo
+        url = url[:start] + url[start:end].replace("@", "%40") + url[end:]
     if not url.startswith("postgresql://"):
         return url
     import importlib.util
@@ -59,7 +133,7 @@ def with_driver(url: str) -> str:
 
 def open_storage(url: str, heartbeat_seconds: int = 30) -> optuna.storages.BaseStorage:
     """Open (creating if needed) the storage at ``url``; errors name it without its password."""
-    shown, url = redact(url), with_driver(url)
+    given, shown, url = url, redact(url), with_driver(url)
     try:
         if url.startswith("journal:"):
             path = Path(url[len("journal:"):])
@@ -79,9 +153,8 @@ def open_storage(url: str, heartbeat_seconds: int = 30) -> optuna.storages.BaseS
     except AutopruneError:
         raise
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AutopruneError(
-            f"cannot open storage {shown}: {reason[:200]}; check the URL, the server and the file"
+            f"cannot open storage {shown}: {error_reason(exc, given, url)}; check the URL, the server and the file"
         ) from None
 
 

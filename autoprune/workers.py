@@ -44,7 +44,7 @@ from .config import StudyConfig
 from .errors import AutopruneError
 from .files import atomic_path
 from .objective import Objective, TrialContext, worker_id
-from .storage import _alive, _retry, open_storage, recover_dead_local_trials, redact, with_driver
+from .storage import _alive, _retry, error_reason, open_storage, recover_dead_local_trials, redact, with_driver
 
 log = logging.getLogger("autoprune")
 
@@ -54,15 +54,6 @@ CONNECT_TRIES = 3
 
 
 # --- connecting --------------------------------------------------------------
-
-
-def _reason(exc: BaseException, password: str | None) -> str:
-    orig = getattr(exc, "orig", None) or exc
-    lines = [line.strip() for line in str(orig).splitlines() if line.strip()]
-    text = lines[0] if lines else type(orig).__name__
-    if password:
-        text = text.replace(password, "***")
-    return text[:240]
 
 
 def connect_storage(url: str, heartbeat_seconds: int = 30, tries: int = CONNECT_TRIES,
@@ -83,7 +74,7 @@ def _preflight(url: str, tries: int, first_wait: float) -> None:
     from sqlalchemy.engine import make_url
     from sqlalchemy.pool import NullPool
 
-    shown, url = redact(url), with_driver(url)
+    given, shown, url = url, redact(url), with_driver(url)
     try:
         u = make_url(url)
     except Exception:
@@ -98,7 +89,7 @@ def _preflight(url: str, tries: int, first_wait: float) -> None:
     try:
         engine = sa.create_engine(url, poolclass=NullPool, connect_args=args)
     except Exception as exc:  # no driver, bad URL
-        raise AutopruneError(f"cannot open storage {shown}: {_reason(exc, u.password)}"
+        raise AutopruneError(f"cannot open storage {shown}: {error_reason(exc, given, url)}"
                              + ("; pip install 'autoprune[postgres]'" if backend == "postgresql" else "")) from None
     start, reason = time.monotonic(), ""
     try:
@@ -108,7 +99,7 @@ def _preflight(url: str, tries: int, first_wait: float) -> None:
                     conn.execute(sa.text("SELECT 1"))
                 return
             except sa.exc.SQLAlchemyError as exc:
-                reason = _reason(exc, u.password)
+                reason = error_reason(exc, given, url)
                 low = reason.lower()
                 if "authentication failed" in low or "password" in low or "access denied" in low:
                     raise AutopruneError(

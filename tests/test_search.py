@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 
 from autoprune.config import load_config
 from autoprune.errors import AutopruneError
+from autoprune.pick import named_constraints
 from autoprune.search import run_search
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,7 +82,7 @@ def test_tiny_study_counts_constraints_and_attributes(tmp_path, storage_kind):
         for key in ATTRS:
             assert key in t.user_attrs, key
         assert t.user_attrs["size_fraction"] <= 0.3 + 1e-9
-        assert set(t.constraints) >= {"size", "accuracy"}
+        assert set(named_constraints(t)) >= {"size", "accuracy"}
         assert set(t.user_attrs["plan"]) <= {f"conv{i}" for i in range(8)} | {"classifier"}
     # The prior allocation is the first trial, then the one-shot rules' allocations (warm starts).
     assert [t.user_attrs.get("warm_start") for t in trials] == ["prior allocation", "lamp", "global"]
@@ -277,7 +278,7 @@ def test_fidelity_ladder_never_presents_partial_trials_as_fine_tuned(tmp_path):
     assert partial, stages  # with promote_top 0.3 some trial must stop below the top
     front = {t.number for t in study.best_trials}
     for t in partial:
-        assert t.constraints["fidelity"] == 1.0
+        assert named_constraints(t)["fidelity"] == 1.0
         assert t.number not in front
         assert t.user_attrs["finetune_epochs_done"] < 2
         assert "weights_artifact_id" not in t.user_attrs
