@@ -195,7 +195,7 @@ def save_checkpoint(model: VGG, path: str | os.PathLike, **meta: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     payload = {"state_dict": state_dict, "autoprune": {"arch": model.arch(), **meta}}
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # two searches may cache the same dense model at once
     torch.save(payload, tmp)
     os.replace(tmp, path)  # never leave a half-written checkpoint behind
     return path
