@@ -19,7 +19,8 @@ trials of dead workers (stale heartbeats; dead processes on this host) and
 queues them again, counts COMPLETE and RUNNING trials, and asks for a trial only
 while ``complete + running < total`` (``ask`` pops queued retries first). When
 the remaining trials are all running elsewhere it polls: one of them may die
-and come back as a retry. Each retry reruns the failed trial's parameters.
+and come back as a retry. Each retry reruns the failed trial's parameters; a
+trial interrupted by Ctrl-C is failed and queued again in the same way.
 """
 
 from __future__ import annotations
@@ -575,6 +576,11 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, objective, interval: int 
         if isinstance(error, KeyboardInterrupt):
             raise error
         return None
+    if isinstance(error, KeyboardInterrupt):
+        # Queued again as a killed worker's trial is, so a resume reruns it: an enqueued trial
+        # (the prior allocation, a warm start) would otherwise never run.
+        _retry()(study, study._storage.get_trial(trial._trial_id))
+        log.info("trial %d was interrupted: marked failed and queued again for the next run", trial.number)
     if error is not None:
         raise error
     return study._storage.get_trial(trial._trial_id)
