@@ -40,6 +40,7 @@ kind = "fine_grained"
 trials = {trials}
 seed = 0
 out_dir = "{out}"
+heartbeat_seconds = 4  # a process waiting for another's last trial polls every 2 s, not 5
 {storage}
 {artifacts}
 
@@ -257,6 +258,7 @@ def test_dry_run_bad_setup_is_a_library_error(tmp_path, kwargs, change, fragment
 
 RACE = """
 import os, sys, time
+import autoprune.search, autoprune.workers  # imported before the start signal
 from autoprune.cli import main
 go = sys.argv[1]
 print("ready", flush=True)
