@@ -252,6 +252,12 @@ def cmd_search(args) -> int:
 
     config = load_config(args.config, trials=args.trials, storage=args.storage, name=args.study_name,
                          seed=args.seed)
+    if args.dry_run:
+        from .search import check_setup, format_setup
+
+        setup = check_setup(config)
+        _emit(args, setup, format_setup(setup))
+        return 0
     summary = run_search(config, device=args.device, progress=not args.quiet)
     _emit(args, summary, format_summary(summary))
     return 0
@@ -341,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study-name", metavar="NAME",
                    help="study name, also its folder reports/NAME (default: the config's)")
     p.add_argument("--seed", type=nonneg_int, help="sampler and fine-tune seed (default: the config's)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config, folders, data and checkpoint, print what would run; write nothing")
     _common(p)
     p.set_defaults(func=cmd_search)
 

@@ -1,17 +1,20 @@
 """Run a study: config -> dense model, priors, space -> Optuna trials -> summary.
 
-``run_search`` is what ``autoprune search`` calls. It prepares the dense
-model (a checkpoint, or one trained here and cached), the sensitivity priors
-and the search space once, then asks Optuna for trials until the study holds
-the requested number of finished (complete) trials; re-running the same
-command resumes. The study's user attributes record the config, the dense
+``run_search`` is what ``autoprune search`` calls. It checks the setup first
+(:func:`check_setup`, what ``--dry-run`` runs: writable folders, the data, the
+checkpoint), then prepares the dense model (a checkpoint, or one trained here
+and cached), the sensitivity priors and the search space once, then asks
+Optuna for trials until the study holds the requested number of finished
+(complete) trials; re-running the same command resumes. The study's user attributes record the config, the dense
 figures, the priors and the space signature, so a study is self-describing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from .model import build_model, load_checkpoint, save_checkpoint, vgg_channels
 from .objective import Objective, TrialContext
 from .pick import is_deployable, is_feasible
 from .space import SearchSpace
-from .storage import redact, redacted_config
+from .storage import redact, redacted_config, storage_file
 from .train import DENSE_RECIPE, TrainConfig, evaluate, fit, resolve_device
 
 log = logging.getLogger("autoprune")
@@ -51,23 +54,37 @@ def file_digest(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def load_dense_checkpoint(config: StudyConfig):
+    """The ``[model] checkpoint``, refused unless it has the study's conv widths."""
+    m = config.model
+    expected = vgg_channels(m.width)
+    model, _ = load_checkpoint(m.checkpoint)
+    if list(model.channels) != expected:
+        raise AutopruneError(
+            f"checkpoint {m.checkpoint} has conv widths {list(model.channels)}, but the study asks "
+            f"for width {m.width} ({expected}); set [model] width to match or use another checkpoint"
+        )
+    return model
+
+
+def _dense_recipe(config: StudyConfig, data) -> dict:
+    m = config.model
+    return dict(data=data.spec, width=m.width, epochs=m.train_epochs, val_size=len(data.val),
+                data_seed=config.data.seed, seed=config.study.seed)
+
+
+def dense_cache_path(config: StudyConfig, data) -> Path:
+    """Where a dense model trained here is cached: by recipe beside the study's folder (shared by studies)."""
+    key = hashlib.sha256(repr(sorted(_dense_recipe(config, data).items())).encode()).hexdigest()[:12]
+    return config.out_dir.parent / "cache" / f"dense-vgg-w{config.model.width:g}-{key}.pt"
+
+
 def dense_model(config: StudyConfig, data, device, progress: bool):
     """The study's dense model: its checkpoint, or one trained here (cached)."""
     m = config.model
-    expected = vgg_channels(m.width)
     if m.checkpoint:
-        model, meta = load_checkpoint(m.checkpoint)
-        if list(model.channels) != expected:
-            raise AutopruneError(
-                f"checkpoint {m.checkpoint} has conv widths {list(model.channels)}, but the study asks "
-                f"for width {m.width} ({expected}); set [model] width to match or use another checkpoint"
-            )
-        return model, m.checkpoint
-    recipe = dict(data=data.spec, width=m.width, epochs=m.train_epochs, val_size=len(data.val),
-                  data_seed=config.data.seed, seed=config.study.seed)
-    # Cached by recipe beside the study's folder, so studies on the same data share it.
-    key = hashlib.sha256(repr(sorted(recipe.items())).encode()).hexdigest()[:12]
-    path = config.out_dir.parent / "cache" / f"dense-vgg-w{m.width:g}-{key}.pt"
+        return load_dense_checkpoint(config), m.checkpoint
+    path = dense_cache_path(config, data)
     if path.is_file():
         log.info("dense model: reusing %s (trained earlier with the same recipe)", path)
         return load_checkpoint(path)[0], str(path)
@@ -77,8 +94,97 @@ def dense_model(config: StudyConfig, data, device, progress: bool):
     history = fit(model, data, TrainConfig(epochs=m.train_epochs, seed=config.study.seed, **DENSE_RECIPE),
                   progress=progress, desc="dense")
     save_checkpoint(model, path, made_by="autoprune search (dense)", val_accuracy=history[-1]["val_accuracy"],
-                    **recipe)
+                    **_dense_recipe(config, data))
     return model.cpu().eval(), str(path)
+
+
+# --- checks before any work ----------------------------------------------------
+
+
+def check_writable(folder: Path, what: str, fix: str) -> None:
+    """Refuse a folder that can be neither written nor created; creates nothing."""
+    try:
+        if "\0" in str(folder):
+            raise ValueError("it holds a NUL character")
+        probe = Path(os.path.abspath(folder))
+        while not probe.exists():
+            if probe.is_symlink():
+                raise AutopruneError(f"cannot write the {what} {folder}: {probe} is a broken link; {fix}")
+            probe = probe.parent
+        if not probe.is_dir():
+            raise AutopruneError(f"cannot write the {what} {folder}: {probe} is a file, not a folder; {fix}")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise AutopruneError(f"cannot write the {what} {folder}: {probe} is not writable "
+                                 f"(permissions or a read-only file system); {fix}")
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte
+        raise AutopruneError(f"cannot use the {what} {str(folder)[:200]!r}: {exc}; {fix}") from None
+
+
+def check_setup(config: StudyConfig) -> dict:
+    """Check everything ``autoprune search`` needs before it does any work; what it would do.
+
+    The folders it writes (the study's out_dir, the storage file's folder, the artifact
+    directory, the dense-model cache) must be writable or creatable; the data spec and the
+    checkpoint must load. Bad setup raises a one-line :class:`AutopruneError`. Writes nothing
+    (``autoprune search --dry-run`` prints the returned dict).
+    """
+    from .artifacts import descriptor_for, is_server_url
+
+    config.validate()
+    url, out = config.storage_url, config.out_dir
+    storage = storage_file(url)
+    if storage is None and not is_server_url(url):
+        raise AutopruneError(f"storage {redact(url)} is not sqlite:///PATH, journal:PATH or a database server "
+                             f"URL (postgresql://USER:PASSWORD@HOST:5432/DB); fix [study] storage or --storage")
+    m, d = config.model, config.data
+    check_writable(out, "study's out_dir", "set [study] out_dir to a writable folder")
+    if not m.checkpoint:
+        check_writable(out.parent / "cache", "dense-model cache", "set [study] out_dir to a writable folder "
+                       "(the dense model is cached beside it) or give [model] checkpoint")
+    if storage is not None:
+        check_writable(storage.parent, "storage file's folder", "fix [study] storage or --storage")
+        if storage.exists() and not storage.is_file():
+            raise AutopruneError(f"the storage file {storage} is a folder; point [study] storage or --storage "
+                                 f"at a file")
+    artifacts = descriptor_for(config.study.artifacts, url, out)
+    if artifacts["kind"] == "file":
+        check_writable(Path(artifacts["path"]), "artifact directory", "fix [study] artifacts")
+    if m.checkpoint:
+        try:
+            model = load_dense_checkpoint(config)
+            dense = f"checkpoint {m.checkpoint} (vgg width {m.width:g}, {metrics.count_params(model):,} params)"
+        except AutopruneError as exc:
+            if storage is not None and not storage.exists():  # a new study: it needs the checkpoint
+                raise
+            # A search joining the study on another machine uses the study's copy instead.
+            dense = f"only the study's copy: {exc} (fine if the study exists, else the search stops there)"
+    try:  # never downloads: that is work, and a dry run writes nothing
+        data = dataclasses.replace(config, data=dataclasses.replace(d, download=False)).load_data()
+        data_text = data.describe()
+    except AutopruneError:
+        if not (d.download and d.spec == "cifar10"):
+            raise
+        root = Path(d.root or "data")
+        check_writable(root, "CIFAR-10 download folder", "fix [data] root")
+        data, data_text = None, f"cifar10: downloaded into {root} first"
+    if not m.checkpoint:
+        cache = dense_cache_path(config, data) if data is not None else None
+        dense = (f"reuse the dense model cached at {cache}" if cache is not None and cache.is_file() else
+                 f"train a dense vgg width {m.width:g} for {m.train_epochs} epochs (cached in {out.parent / 'cache'})")
+    return {"study": config.study.name, "kind": config.study.kind, "objectives": config.objectives,
+            "trials": config.study.trials, "storage": redact(url), "out_dir": str(out),
+            "artifacts": artifacts.get("path", "in the study's database"), "data": data_text, "dense": dense,
+            "priors": (f"sensitivity scan over {list(config.priors.grid)} (cached in the out_dir)"
+                       if config.priors.enabled else "off")}
+
+
+def format_setup(s: dict) -> str:
+    rows = [("study", f"{s['study']} ({s['kind']}, objectives {', '.join(s['objectives'])}): "
+                      f"{s['trials']} complete trials wanted"),
+            ("storage", s["storage"]), ("out dir", s["out_dir"]), ("artifacts", s["artifacts"]),
+            ("data", s["data"]), ("dense model", s["dense"]), ("priors", s["priors"])]
+    return "\n".join(["dry run: the setup checks passed; nothing was written"]
+                     + [f"{k:<13}{v}" for k, v in rows])
 
 
 def prepare(config: StudyConfig, device="auto", progress: bool = True) -> tuple[TrialContext, dict]:
@@ -191,6 +297,7 @@ def run_search(config: StudyConfig, *, device="auto", progress: bool = True) -> 
     from .workers import _printer, connect_storage, create_or_join, run_trials, worker_seed
 
     start = time.perf_counter()
+    check_setup(config)  # an unwritable folder or a bad checkpoint is found now, not after the dense training
     url = config.storage_url
     total = config.study.trials
     storage = connect_storage(url, heartbeat_seconds=config.study.heartbeat_seconds)

@@ -15,6 +15,8 @@ text (a driver's error message, a report file).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -131,17 +133,49 @@ def with_driver(url: str) -> str:
     return url
 
 
+def storage_file(url: str) -> Path | None:
+    """The file behind a ``sqlite:///PATH`` or ``journal:PATH`` URL; None for server databases."""
+    path = url[len("journal:"):] if url.startswith("journal:") else None
+    if url.startswith("sqlite:///"):
+        from sqlalchemy.engine import make_url
+
+        try:
+            path = make_url(url).database  # as SQLAlchemy reads it: %20 is a space, ?... a query
+        except Exception:
+            path = None
+    return Path(path) if path and path != ":memory:" else None
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path):
+    """An exclusive lock on ``path`` (created if absent) across processes; released if we die."""
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def setup_lock_path(url: str) -> Path | None:
+    """The lock file that serialises creating the schema and studies in a storage file."""
+    path = storage_file(url)
+    return None if path is None else path.with_name(path.name + ".autoprune-setup.lock")
+
+
 def open_storage(url: str, heartbeat_seconds: int = 30) -> optuna.storages.BaseStorage:
     """Open (creating if needed) the storage at ``url``; errors name it without its password."""
     given, shown, url = url, redact(url), with_driver(url)
     try:
-        if url.startswith("journal:"):
-            path = Path(url[len("journal:"):])
+        path = storage_file(url)
+        if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+        if url.startswith("journal:"):
             return JournalStorage(JournalFileBackend(str(path)))
-        if url.startswith("sqlite:///"):
-            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings():
+        # Two processes creating a new SQLite file's schema at once: the second fails with
+        # "UNIQUE constraint failed: alembic_version" unless they take turns.
+        new = path is not None and not _sqlite_schema_done(path)
+        with file_lock(setup_lock_path(url)) if new else contextlib.nullcontext(), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return RDBStorage(
                 url,
@@ -156,6 +190,18 @@ def open_storage(url: str, heartbeat_seconds: int = 30) -> optuna.storages.BaseS
         raise AutopruneError(
             f"cannot open storage {shown}: {error_reason(exc, given, url)}; check the URL, the server and the file"
         ) from None
+
+
+def _sqlite_schema_done(path: Path) -> bool:
+    """Whether the SQLite file holds Optuna's whole schema (its version row is written last); reads only."""
+    import sqlite3
+    from urllib.parse import quote
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True)) as conn:
+            return conn.execute("SELECT count(*) FROM alembic_version").fetchone()[0] > 0
+    except sqlite3.Error:  # no file, not a database, no schema yet
+        return False
 
 
 class _RetryCallback(RetryHeartbeatStaleTrialCallback):

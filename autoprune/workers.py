@@ -7,7 +7,10 @@ machine. A worker needs nothing but the storage: the study records its config
 (``space_upper``, so no sensitivity scan is re-run) and its dense checkpoint,
 uploaded as an artifact (``checkpoint_artifact_id``) into the study's artifact
 store (see :mod:`autoprune.artifacts`). The creator marks the study ``ready``
-last; joiners wait for that mark.
+last; joiners wait for that mark. One process at a time looks for, creates and
+sets up a study (:func:`setup_lock`). A failed setup deletes the half-made
+study; one left half made by a creator that is gone (a dead process on this
+host, or none recorded) is deleted and set up anew by the next search.
 
 The trial loop (:func:`run_trials`) is shared by the creator and the workers.
 Exactly ``total`` trials finish complete: under a per-study lock (a PostgreSQL
@@ -16,13 +19,13 @@ trials of dead workers (stale heartbeats; dead processes on this host) and
 queues them again, counts COMPLETE and RUNNING trials, and asks for a trial only
 while ``complete + running < total`` (``ask`` pops queued retries first). When
 the remaining trials are all running elsewhere it polls: one of them may die
-and come back as a retry. Each retry reruns the failed trial's parameters.
+and come back as a retry. Each retry reruns the failed trial's parameters; a
+trial interrupted by Ctrl-C is failed and queued again in the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -44,7 +47,8 @@ from .config import StudyConfig
 from .errors import AutopruneError
 from .files import atomic_path
 from .objective import Objective, TrialContext, worker_id
-from .storage import _alive, _retry, error_reason, open_storage, recover_dead_local_trials, redact, with_driver
+from .storage import (_alive, _retry, error_reason, file_lock, open_storage, recover_dead_local_trials, redact,
+                      setup_lock_path, storage_file, with_driver)
 
 log = logging.getLogger("autoprune")
 
@@ -139,24 +143,34 @@ def load_existing_study(storage, name: str, url: str) -> optuna.Study:
     return study
 
 
+def is_ready(study: optuna.Study) -> bool:
+    """Whether the study's creator finished setting it up (``ready``, or made before that mark)."""
+    attrs = study.user_attrs
+    return bool(attrs.get("ready")) or ("created_by" not in attrs and "config" in attrs and "space_upper" in attrs
+                                        and "checkpoint" in attrs and bool(study.get_trials(deepcopy=False)))
+
+
+def dead_creator(study: optuna.Study) -> str | None:
+    """Why the study's creator is known to be gone (a dead process on this host), or None."""
+    host, _, pid = study.user_attrs.get("created_by", "").rpartition(":")
+    if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+        return f"its creator (process {pid} on this host) died while setting it up"
+    return None
+
+
 def wait_ready(study: optuna.Study, timeout: float = READY_TIMEOUT_S) -> dict:
     """The study's user attributes once its creator has finished setting it up."""
     deadline = time.monotonic() + timeout
     said = False
     while True:
-        attrs = study.user_attrs
-        if attrs.get("ready") or ("config" in attrs and "space_upper" in attrs and study.get_trials(deepcopy=False)
-                                  and "checkpoint" in attrs):  # a study made before the ready mark
-            return attrs
-        creator = attrs.get("created_by", "")
-        host, _, pid = creator.rpartition(":")
-        gone = host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
+        if is_ready(study):
+            return study.user_attrs
+        gone = dead_creator(study)
         if gone or time.monotonic() > deadline:
-            why = (f"its creator (process {pid} on this host) died while setting it up" if gone else
-                   f"its creator has not finished setting it up after {timeout:.0f}s (or died doing so)")
+            why = gone or f"its creator has not finished setting it up after {timeout:.0f}s (or died doing so)"
             raise AutopruneError(
-                f"study {study.study_name!r} is not ready: {why}; delete it (optuna delete-study --study-name "
-                f"{study.study_name} --storage URL) and run autoprune search again")
+                f"study {study.study_name!r} is not ready: {why}; run its autoprune search again, which sets "
+                f"it up anew (or delete it: optuna delete-study --study-name {study.study_name} --storage URL)")
         if not said:
             log.info("study %r: waiting for its creator to finish setting it up", study.study_name)
             said = True
@@ -189,61 +203,124 @@ def check_same_search(study: optuna.Study, config: StudyConfig) -> None:
             f"({'; '.join(diffs[:3])}); use another --study-name or storage (nothing was changed)")
 
 
+def setup_lock(url: str, storage, name: str):
+    """A context manager under which one process at a time looks for, takes over or creates study ``name``.
+
+    A file lock beside SQLite and journal files; a PostgreSQL advisory lock; none elsewhere.
+    """
+    from .artifacts import _rdb
+
+    path = setup_lock_path(url)
+    if path is not None:
+        return file_lock(path)
+    rdb = _rdb(storage)
+    if rdb is not None and rdb.engine.dialect.name == "postgresql":
+        return _pg_lock(rdb.engine, _lock_key(f"autoprune-setup:{name}"))
+    return contextlib.nullcontext()
+
+
+def abandoned(study: optuna.Study) -> str | None:
+    """Why a half-made study can be set up anew (its creator is gone, nothing ran in it), or None.
+
+    Call under :func:`setup_lock`: a creator holds it from ``create_study`` until the study is
+    ready, so a study seen there without a recorded creator was left by one that died.
+    """
+    if is_ready(study) or any(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False)):
+        return None
+    if "created_by" not in study.user_attrs:
+        return "no creator is recorded"
+    return dead_creator(study)
+
+
 def create_or_join(config: StudyConfig, storage, url: str, device="auto", progress: bool = True):
-    """The study named by ``config``, created (and set up) here or joined: (study, ctx, created)."""
+    """The study named by ``config``, created (and set up) here or joined: (study, ctx, created).
+
+    A study left half made by a creator that is gone is deleted and set up again here.
+    """
     from .search import prepare
 
     name = config.study.name
-    study = find_study(storage, name)
+    with setup_lock(url, storage, name):
+        study = find_study(storage, name)
+        why = study is not None and abandoned(study)
+        if why:
+            log.warning("study %r was left half made (%s): setting it up anew", name, why)
+            optuna.delete_study(study_name=name, storage=storage)
+            study = None
     if study is None:
         ctx, info = prepare(config, device, progress)
         directions = ["maximize" if o == "accuracy" else "minimize" for o in config.objectives]
-        try:
-            study = optuna.create_study(storage=storage, study_name=name, directions=directions)
-        except optuna.exceptions.DuplicatedStudyError:  # another machine created it meanwhile
-            log.info("study %r was created by another process meanwhile: joining it", name)
-            study = optuna.load_study(study_name=name, storage=storage)
-        else:
-            publish(study, config, info, ctx, storage, url)
-            return study, ctx, True
+        with setup_lock(url, storage, name):
+            try:
+                study = optuna.create_study(storage=storage, study_name=name, directions=directions)
+            except optuna.exceptions.DuplicatedStudyError:  # another process created it meanwhile
+                log.info("study %r was created by another process meanwhile: joining it", name)
+                study = optuna.load_study(study_name=name, storage=storage)
+            else:
+                publish(study, config, info, ctx, storage, url)
+                return study, ctx, True
     check_same_search(study, config)
     wait_ready(study)
     return study, worker_context(study, url, device, progress), False
 
 
 def publish(study: optuna.Study, config: StudyConfig, info: dict, ctx: TrialContext, storage, url: str) -> None:
-    """Record everything a worker needs in a new study, then mark it ready."""
-    study.set_user_attr("created_by", worker_id())
-    for key, value in info.items():
-        study.set_user_attr(key, value)
-    starts = {}
-    if config.priors.enabled and config.priors.enqueue_allocation and info.get("prior_allocation"):
-        starts["prior allocation"] = info["prior_allocation"]
-    starts.update(info.get("warm_starts") or {})
-    for name, ratios in starts.items():
-        clipped = [n for n, v in ratios.items() if v > ctx.space.upper.get(n, 0.0) + 1e-9]
-        if clipped:
-            log.info("warm start %s: %s clipped to the prior bounds, then shifted back onto the cap", name,
-                     ", ".join(clipped))
-        study.enqueue_trial(ctx.space.initial_params(ratios), user_attrs={"warm_start": name})
-    if starts:
-        log.info("enqueued as the first trials, at the cap: %s (then the sampler searches around them)",
-                 ", ".join(starts))
-    descriptor = descriptor_for(config.study.artifacts, url, config.out_dir)
-    store = open_store(descriptor, storage, create=True)
-    study.set_user_attr("artifact_store", descriptor)
-    if descriptor["kind"] == "file":
-        study.set_user_attr("artifact_dir", descriptor["path"])
-    from optuna.artifacts import upload_artifact
+    """Record everything a worker needs in a new study, then mark it ready.
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        artifact_id = upload_artifact(artifact_store=store, file_path=info["checkpoint"], study_or_trial=study)
-    study.set_user_attr("checkpoint_artifact_id", artifact_id)
-    ctx.artifact_store = store
-    study.set_user_attr("ready", True)
+    If that fails (a full disk, Ctrl-C) the half-made study and its uploaded checkpoint are
+    removed before the error is raised, so the same command can simply run again.
+    """
+    store, artifact_id = None, None
+    try:
+        study.set_user_attr("created_by", worker_id())
+        for key, value in info.items():
+            study.set_user_attr(key, value)
+        starts = {}
+        if config.priors.enabled and config.priors.enqueue_allocation and info.get("prior_allocation"):
+            starts["prior allocation"] = info["prior_allocation"]
+        starts.update(info.get("warm_starts") or {})
+        for name, ratios in starts.items():
+            clipped = [n for n, v in ratios.items() if v > ctx.space.upper.get(n, 0.0) + 1e-9]
+            if clipped:
+                log.info("warm start %s: %s clipped to the prior bounds, then shifted back onto the cap", name,
+                         ", ".join(clipped))
+            study.enqueue_trial(ctx.space.initial_params(ratios), user_attrs={"warm_start": name})
+        if starts:
+            log.info("enqueued as the first trials, at the cap: %s (then the sampler searches around them)",
+                     ", ".join(starts))
+        descriptor = descriptor_for(config.study.artifacts, url, config.out_dir)
+        store = open_store(descriptor, storage, create=True)
+        study.set_user_attr("artifact_store", descriptor)
+        if descriptor["kind"] == "file":
+            study.set_user_attr("artifact_dir", descriptor["path"])
+        from optuna.artifacts import upload_artifact
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            artifact_id = upload_artifact(artifact_store=store, file_path=info["checkpoint"], study_or_trial=study)
+        study.set_user_attr("checkpoint_artifact_id", artifact_id)
+        ctx.artifact_store = store
+        study.set_user_attr("ready", True)
+    except BaseException as exc:
+        _discard(study, storage, store, artifact_id)
+        if isinstance(exc, OSError):
+            raise AutopruneError(
+                f"setting up study {study.study_name!r} failed: {exc.strerror or exc}; the half-made study was "
+                f"removed, so once that is fixed the same command starts afresh") from None
+        raise
     log.info("study %r created in %s; workers join with: autoprune worker --storage URL --study %s",
              study.study_name, redact(url), study.study_name)
+
+
+def _discard(study: optuna.Study, storage, store, artifact_id: str | None) -> None:
+    """Best effort: delete a study that failed to set up (a later search would take it over anyway)."""
+    try:
+        if artifact_id is not None:
+            store.remove(artifact_id)
+        optuna.delete_study(study_name=study.study_name, storage=storage)
+    except Exception as exc:
+        log.warning("could not remove the half-made study %r (%s); the next autoprune search takes it over",
+                    study.study_name, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
 
 
 def cache_dir() -> Path:
@@ -331,16 +408,6 @@ def worker_seed(config: StudyConfig, study: optuna.Study, created: bool) -> int:
 
 
 @contextlib.contextmanager
-def _file_lock(path: str):
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
 def _pg_lock(engine, key: int):
     import sqlalchemy as sa
 
@@ -349,21 +416,22 @@ def _pg_lock(engine, key: int):
         yield
 
 
+def _lock_key(name: str) -> int:
+    """A PostgreSQL advisory lock key for ``name``."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
 def quota_lock(url: str, study: optuna.Study):
     """A callable returning a context manager that serializes 'count, then ask' across workers."""
     from .artifacts import _rdb
 
     name = f"autoprune-quota:{study.study_name}"
-    if url.startswith("journal:"):
-        path = url[len("journal:"):] + ".autoprune-quota.lock"
-        return lambda: _file_lock(path)
-    if url.startswith("sqlite:///"):
-        path = url[len("sqlite:///"):] + ".autoprune-quota.lock"
-        return lambda: _file_lock(path)
+    path = storage_file(url)
+    if path is not None:
+        return lambda: file_lock(f"{path}.autoprune-quota.lock")
     rdb = _rdb(study._storage)
     if rdb is not None and rdb.engine.dialect.name == "postgresql":
-        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-        return lambda: _pg_lock(rdb.engine, key)
+        return lambda: _pg_lock(rdb.engine, _lock_key(name))
     log.warning("no cross-process lock for %s: several workers may finish a few trials more than asked",
                 redact(url))
     return contextlib.nullcontext
@@ -501,6 +569,11 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, objective, interval: int 
         if isinstance(error, KeyboardInterrupt):
             raise error
         return None
+    if isinstance(error, KeyboardInterrupt):
+        # Queued again as a killed worker's trial is, so a resume reruns it: an enqueued trial
+        # (the prior allocation, a warm start) would otherwise never run.
+        _retry()(study, study._storage.get_trial(trial._trial_id))
+        log.info("trial %d was interrupted: marked failed and queued again for the next run", trial.number)
     if error is not None:
         raise error
     return study._storage.get_trial(trial._trial_id)

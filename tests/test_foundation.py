@@ -250,7 +250,7 @@ def test_save_then_load_is_identical(tmp_path):
     meta = {"width": TINY_WIDTH, "data": TINY_DATA, "val_accuracy": 12.5, "note": "x",
             "recipe": TrainConfig(epochs=2).to_dict(), "ratios": [0.1, 0.2]}
     path = save_checkpoint(model, tmp_path / "sub" / "model.pt", **meta)
-    assert path.is_file() and not (tmp_path / "sub" / "model.pt.tmp").exists()
+    assert path.is_file() and sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["model.pt"]
     loaded, got = load_checkpoint(path)
     assert got == {"arch": model.arch(), **meta}
     a, b = model.state_dict(), loaded.state_dict()
