@@ -55,6 +55,14 @@ def _number(kind: type, ok, rule: str):
 
 positive_int = _number(int, lambda v: v >= 1, ">= 1 (an integer)")
 nonneg_int = _number(int, lambda v: v >= 0, ">= 0 (an integer)")
+
+
+def seed_int(text: str) -> int:
+    from .data import MAX_SEED  # imported here: --help need not load torch
+
+    return _number(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]")(text)
+
+
 positive_float = _number(float, lambda v: v > 0, "> 0 (a finite number)")
 nonneg_float = _number(float, lambda v: v >= 0, ">= 0 (a finite number)")
 finite_float = _number(float, lambda v: True, "a finite number")
@@ -98,7 +106,7 @@ def _data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--download", action="store_true", help="download CIFAR-10 if absent")
     p.add_argument("--val-size", type=positive_int, metavar="N",
                    help="validation images carved from training data (default: min(5000, train/5))")
-    p.add_argument("--data-seed", type=nonneg_int, default=0, help="seed of the validation carve (default 0)")
+    p.add_argument("--data-seed", type=seed_int, default=0, help="seed of the validation carve (default 0)")
 
 
 def _load_data(args):
@@ -298,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=positive_float, help=f"peak learning rate (default {0.05})")
     p.add_argument("--batch-size", type=positive_int, help="batch size (default 128)")
     p.add_argument("--weight-decay", type=nonneg_float, help="weight decay (default 5e-4)")
-    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", required=True, type=out_file, metavar="PATH", help="checkpoint file to write")
     _common(p)
     p.set_defaults(func=cmd_train)
@@ -346,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "working directory (in the TOML's [study] storage: to the TOML's folder)")
     p.add_argument("--study-name", metavar="NAME",
                    help="study name, also its folder reports/NAME (default: the config's)")
-    p.add_argument("--seed", type=nonneg_int, help="sampler and fine-tune seed (default: the config's)")
+    p.add_argument("--seed", type=seed_int, help="sampler and fine-tune seed (default: the config's)")
     p.add_argument("--dry-run", action="store_true",
                    help="check the config, folders, data and checkpoint, print what would run; write nothing")
     _common(p)

@@ -226,17 +226,19 @@ class StudyConfig:
         if s.kind == "fine_grained" and "macs" in self.objectives:
             raise AutopruneError("[study] fine-grained pruning leaves dense MACs unchanged; use objectives "
                                  "['size', 'accuracy']")
+        from .data import MAX_SEED
+
         m, d, fi, p = self.model, self.data, self.fidelity, self.priors
         ranges = [  # (table, key, ok, rule); types (and finiteness) are checked above
             ("study", "trials", s.trials >= 1, ">= 1"),
-            ("study", "seed", s.seed >= 0, ">= 0"),
+            ("study", "seed", 0 <= s.seed <= MAX_SEED, f"in [0, {MAX_SEED}]"),
             ("study", "budget_low", 0 < s.budget_low <= 1, "in (0, 1]"),
             ("study", "heartbeat_seconds", s.heartbeat_seconds >= 1, ">= 1"),
             ("model", "width", m.width > 0, "> 0"),
             ("model", "num_classes", m.num_classes >= 2, ">= 2"),
             ("model", "train_epochs", m.train_epochs >= 1, ">= 1"),
             ("data", "val_size", d.val_size >= 0, ">= 0 (0: the default)"),
-            ("data", "seed", d.seed >= 0, ">= 0"),
+            ("data", "seed", 0 <= d.seed <= MAX_SEED, f"in [0, {MAX_SEED}]"),
             ("constraints", "max_size_fraction", 0 < c.max_size_fraction <= 1, "in (0, 1]"),
             ("finetune", "epochs", f.epochs >= 1, ">= 1"),
             ("finetune", "batch_size", f.batch_size >= 1, ">= 1"),

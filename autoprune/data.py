@@ -30,6 +30,8 @@ from .errors import AutopruneError
 
 NUM_CLASSES = 10
 SYNTHETIC_TRAIN = 2560
+SYNTHETIC_MAX = 60_000  # CIFAR-10's size; generating N images takes ~25 KB each (float64) on the way
+MAX_SEED = 2**32 - 1  # seeds are 32-bit everywhere (torch's generators overflow past 2**63)
 MIN_TRAIN = 5  # the default validation split (a fifth) holds at least one image
 
 
@@ -84,6 +86,8 @@ def load_data(
     seed: int = 0,
 ) -> Data:
     """Load a data spec and carve the validation split (``val_size`` images, seeded)."""
+    if not (isinstance(seed, int) and 0 <= seed <= MAX_SEED):
+        raise AutopruneError(f"the data seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
     x_train, y_train, x_test, y_test = _load_arrays(spec, data_root, download, seed)
     n = len(y_train)
     val_size = default_val_size(n) if val_size is None else int(val_size)
@@ -116,8 +120,9 @@ def _load_arrays(spec: str, data_root, download: bool, seed: int):
             n = int(arg) if arg else SYNTHETIC_TRAIN
         except ValueError:
             n = 0
-        if n < 50:
-            raise AutopruneError(f"synthetic size must be an integer >= 50, got {arg!r} (e.g. synthetic:2560)")
+        if not 50 <= n <= SYNTHETIC_MAX:
+            raise AutopruneError(f"synthetic size must be an integer from 50 to {SYNTHETIC_MAX}, got {arg!r} "
+                                 f"(e.g. synthetic:2560)")
         x_tr, y_tr = synthetic_images(n, seed=seed)
         x_te, y_te = synthetic_images(max(50, n // 5), seed=seed + 1_000_003)
         return x_tr, y_tr, x_te, y_te

@@ -48,7 +48,7 @@ def open_existing(storage_url: str, study_name: str) -> tuple[optuna.Study, Stud
             if not path.is_file():
                 raise AutopruneError(f"no study storage at {path}; check --storage (a search writes "
                                      f"sqlite:///reports/NAME/study.db by default)")
-    storage = open_storage(storage_url)
+    storage = open_storage(storage_url, create=False)
     study = load_existing_study(storage, study_name, storage_url)
     raw = study.user_attrs.get("config")
     if not isinstance(raw, dict):

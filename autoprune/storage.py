@@ -163,18 +163,25 @@ def setup_lock_path(url: str) -> Path | None:
     return None if path is None else path.with_name(path.name + ".autoprune-setup.lock")
 
 
-def open_storage(url: str, heartbeat_seconds: int = 30) -> optuna.storages.BaseStorage:
-    """Open (creating if needed) the storage at ``url``; errors name it without its password."""
+def open_storage(url: str, heartbeat_seconds: int = 30, create: bool = True) -> optuna.storages.BaseStorage:
+    """Open the storage at ``url``; errors name it without its password.
+
+    ``create``: make the file and its schema if absent (a search); readers (pick, report,
+    export, workers) pass False and write nothing, not even a lock file.
+    """
     given, shown, url = url, redact(url), with_driver(url)
     try:
         path = storage_file(url)
-        if path is not None:
+        if path is not None and create:
             path.parent.mkdir(parents=True, exist_ok=True)
         if url.startswith("journal:"):
             return JournalStorage(JournalFileBackend(str(path)))
         # Two processes creating a new SQLite file's schema at once: the second fails with
         # "UNIQUE constraint failed: alembic_version" unless they take turns.
         new = path is not None and not _sqlite_schema_done(path)
+        if new and not create:
+            raise AutopruneError(f"{path} is not an Optuna study database; check --storage (a search writes "
+                                 f"sqlite:///reports/NAME/study.db)")
         with file_lock(setup_lock_path(url)) if new else contextlib.nullcontext(), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return RDBStorage(
@@ -204,16 +211,22 @@ def _sqlite_schema_done(path: Path) -> bool:
         return False
 
 
+# The one user attribute a retried trial inherits: where its parameters came from.
+RETRY_KEEPS = ("warm_start",)
+
+
 class _RetryCallback(RetryHeartbeatStaleTrialCallback):
-    """Optuna's retry, minus the dead run's ``worker``: the retried (WAITING) trial copies
-    the failed trial's user attributes, and a copied ``worker`` naming a dead process
-    would make the retry look dead too the moment a live worker picks it up."""
+    """Optuna's retry (same parameters), minus what the dead run recorded: Optuna copies the
+    failed trial's attributes, and a copied ``worker`` naming a dead process would make the
+    retry look dead at once, while copied results (``weights_artifact_id``, figures,
+    constraints) would outlive a rerun that does not overwrite them."""
 
     def __call__(self, study, trial) -> None:
         import copy
 
         trial = copy.deepcopy(trial)
-        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "worker"}
+        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k in RETRY_KEEPS}
+        trial.system_attrs = {k: v for k, v in trial.system_attrs.items() if not k.startswith("constraints")}
         super().__call__(study, trial)
 
 

@@ -61,7 +61,7 @@ CONNECT_TRIES = 3
 
 
 def connect_storage(url: str, heartbeat_seconds: int = 30, tries: int = CONNECT_TRIES,
-                    first_wait: float = 1.0) -> optuna.storages.BaseStorage:
+                    first_wait: float = 1.0, create: bool = True) -> optuna.storages.BaseStorage:
     """``open_storage`` with, for server databases, a checked connection first.
 
     An unreachable server is retried ``tries`` times with a doubling wait
@@ -70,7 +70,7 @@ def connect_storage(url: str, heartbeat_seconds: int = 30, tries: int = CONNECT_
     """
     if is_server_url(url):
         _preflight(url, tries, first_wait)
-    return open_storage(url, heartbeat_seconds=heartbeat_seconds)
+    return open_storage(url, heartbeat_seconds=heartbeat_seconds, create=create)
 
 
 def _preflight(url: str, tries: int, first_wait: float) -> None:
@@ -595,12 +595,12 @@ def run_worker(url: str, study_name: str, *, device="auto", trials: int | None =
         raise AutopruneError(f"database file {url[len('sqlite:///'):]} not found; no study to join there")
     start = time.perf_counter()
     # The heartbeat period is the study's: read it from the study's config before opening for real.
-    storage = connect_storage(url)
+    storage = connect_storage(url, create=False)
     study = load_existing_study(storage, study_name, url)
     wait_ready(study)
     heartbeat = int(study_config(study, url).study.heartbeat_seconds)
     if heartbeat != 30:
-        storage = open_storage(url, heartbeat_seconds=heartbeat)
+        storage = open_storage(url, heartbeat_seconds=heartbeat, create=False)
         study = optuna.load_study(study_name=study_name, storage=storage)
     ctx = worker_context(study, url, device, progress)
     config = ctx.config

@@ -354,6 +354,11 @@ def test_local_recovery_spares_live_workers(tmp_path):
         trial = study.ask()
         trial.suggest_float("x", 0, 1)
         trial.set_user_attr("worker", f"{host}:{pid}")
+        # What a dead run may have recorded before dying: a retry must not inherit it.
+        trial.set_user_attr("warm_start", "lamp")
+        trial.set_user_attr("weights_artifact_id", "stale")
+        trial.set_user_attr("val_accuracy", 99.0)
+        study._storage.set_trial_system_attr(trial._trial_id, "constraints", [-1.0])
         numbers[tag] = trial.number
     other_host = study.ask()
     other_host.set_user_attr("worker", f"not-{host}:1")
@@ -368,7 +373,9 @@ def test_local_recovery_spares_live_workers(tmp_path):
     assert states[numbers["live"]] == states[numbers["me"]] == states[other_host.number] == TrialState.RUNNING
     retries = [t for t in study.get_trials(states=(TrialState.WAITING,))]
     assert sorted(t.system_attrs["failed_trial"] for t in retries) == sorted(recovered)
-    assert all("worker" not in t.user_attrs for t in retries)  # a retry does not inherit the dead worker
+    # A retry keeps its parameters and origin, not the dead worker nor the dead run's results.
+    assert all(t.user_attrs == {"warm_start": "lamp"} and t.constraints == {} for t in retries)
+    assert all(t.params == study.trials[t.system_attrs["failed_trial"]].params for t in retries)
 
 
 # --- bad input ---------------------------------------------------------------
