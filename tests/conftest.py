@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -55,3 +56,45 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
                     val_accuracy=history[-1]["val_accuracy"], made_by="tests/conftest.py",
                     recipe=config.to_dict())
     return path
+
+
+def run_main(capsys, *args) -> SimpleNamespace:
+    """``autoprune ARGS`` in this process (cheaper than a subprocess: no torch import).
+
+    Same code path as ``python -m autoprune`` up to ``sys.exit``; the subprocess
+    runs (:func:`run_cli`) cover the real process for a representative share.
+    """
+    from autoprune.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+
+def assert_cli_error(result, *needles: str) -> str:
+    """Exit code 2, one stderr line ``autoprune: error: ...``, no traceback; returns the line."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("autoprune: error: "), lines[0]
+    assert result.stdout == "", result.stdout
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on 2 busy shared cores: one torch thread avoids oversubscription stalls
+    (a module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

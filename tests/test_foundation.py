@@ -10,14 +10,12 @@ import json
 import os
 from collections import Counter
 from functools import partial
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from autoprune import metrics
-from autoprune.cli import main
 from autoprune.data import (
     Split,
     batches,
@@ -36,7 +34,7 @@ from autoprune.model import (
 )
 from autoprune.train import DENSE_RECIPE, TrainConfig, evaluate, fit
 
-from conftest import TINY_DATA, TINY_WIDTH, run_cli
+from conftest import TINY_DATA, TINY_WIDTH, assert_cli_error, run_cli, run_main
 
 # --- the lab's figures -------------------------------------------------------
 
@@ -72,34 +70,6 @@ def lab_counts(channels: list[int], num_classes: int = 10) -> tuple[int, int]:
 
 
 # --- running the CLI -----------------------------------------------------------
-
-
-def run_main(capsys, *args) -> SimpleNamespace:
-    """``autoprune ARGS`` in this process (cheaper than a subprocess: no torch import).
-
-    Same code path as ``python -m autoprune`` up to ``sys.exit``; the subprocess
-    runs (:func:`run_cli`) cover the real process for a representative share.
-    """
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exc:  # argparse errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
-
-
-def assert_cli_error(result, *needles: str) -> str:
-    """Exit code 2, one stderr line ``autoprune: error: ...``, no traceback; returns the line."""
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("autoprune: error: "), lines[0]
-    assert result.stdout == "", result.stdout
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 # =============================================================================

@@ -21,10 +21,9 @@ import numpy as np
 import pytest
 import torch
 
-from autoprune.cli import main
 from autoprune.model import build_model, save_checkpoint
 
-from conftest import TINY_DATA, TINY_WIDTH
+from conftest import TINY_DATA, TINY_WIDTH, run_main
 
 SEED = 20261129
 
@@ -41,13 +40,9 @@ def snapshot(root: Path) -> dict:
     return out
 
 
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse
-        rc = exc.code
-    out, err = capsys.readouterr()
-    return rc, out, err
+def run(argv: list, capsys) -> tuple[int, str, str]:
+    r = run_main(capsys, *argv)
+    return r.returncode, r.stdout, r.stderr
 
 
 def check_case(argv, rc, err, case):

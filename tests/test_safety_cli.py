@@ -18,7 +18,7 @@ from autoprune.config import StudyConfig, load_config
 from autoprune.errors import AutopruneError
 
 from conftest import TINY_DATA, TINY_WIDTH, run_cli
-from test_foundation import assert_cli_error, run_main
+from conftest import assert_cli_error, run_main
 
 BASE = {  # a tiny study: TOML values as written
     "study": {"name": '"safe"', "trials": "1"},

@@ -24,16 +24,10 @@ from autoprune.model import build_model, load_checkpoint
 from autoprune.train import TrainConfig, fit
 
 from conftest import TINY_WIDTH
-from test_foundation import assert_cli_error, run_main
+from conftest import assert_cli_error, run_main
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on 2 busy shared cores: one torch thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def one_line_error(excinfo) -> str:

@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import optuna
 import pytest
-import torch
 from optuna.trial import TrialState
 
 from autoprune.config import StudyConfig, load_config
@@ -54,13 +53,7 @@ enabled = false
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on 2 busy shared cores: one torch thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(tmp_path, checkpoint, storage, name="secrets", trials=1, accuracy="max_accuracy_drop = 90.0"):

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
 from optuna.trial import TrialState
 
 from autoprune.config import load_config
@@ -67,13 +66,7 @@ warm_start = []  # with priors on, only the prior allocation is enqueued, as tri
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on 2 busy shared cores: one torch thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_config(root: Path, checkpoint: Path | None, *, name="s", trials=1, epochs=1, out=None, storage="",
