@@ -41,7 +41,6 @@ from .config import StudyConfig
 from .data import Data
 from .errors import AutopruneError
 from .model import VGG
-from .pick import CONSTRAINT_NAMES_ATTR
 from .plan import prune
 from .space import SearchSpace
 from .train import evaluate, fit, recalibrate_bn
@@ -49,6 +48,9 @@ from .train import evaluate, fit, recalibrate_bn
 log = logging.getLogger("autoprune")
 
 WEIGHTS_ARTIFACT = "weights_artifact_id"
+# A trial's constraint values are Optuna's list (system attr "constraints", what optuna-dashboard
+# shows); this user attr names them, in the same order (autoprune.pick.named_constraints reads both).
+CONSTRAINT_NAMES_ATTR = "constraint_names"
 
 
 @dataclass

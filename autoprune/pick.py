@@ -23,11 +23,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .config import StudyConfig
 from .errors import AutopruneError, NothingQualifies
+from .objective import CONSTRAINT_NAMES_ATTR
 
 WEIGHTS_ATTR = "weights_artifact_id"
-# A trial's constraint values are Optuna's list (system attr "constraints", what optuna-dashboard
-# shows); this user attr names them, in the same order.
-CONSTRAINT_NAMES_ATTR = "constraint_names"
 PREFER = ("accuracy", "size", "macs", "latency")
 _PREFER_ATTR = {"size": "size_fraction", "macs": "macs_fraction", "latency": "latency_ms"}
 
