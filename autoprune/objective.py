@@ -23,6 +23,7 @@ the fine-tune epochs and seconds it saved.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -67,6 +68,23 @@ class TrialContext:
     progress: bool = True
     latency_repeats: int = 50
     extras: dict = field(default_factory=dict)
+
+
+def finetune(pruned, dense: VGG, data: Data, config: StudyConfig, seed: int, *, on_epoch=None,
+             progress: bool = False, desc: str = "fine-tune") -> list[dict]:
+    """Fine-tune a pruned model (:class:`autoprune.plan.Pruned`) in place by the study's recipe.
+
+    The one fine-tune every config gets: trials, re-scores of the leading
+    trials and the benchmark's one-shot baselines all call it, so every method
+    in a comparison has the same recipe. ``seed`` sets the data order and
+    augmentation. Returns fit's per-epoch history; a diverged fine-tune raises
+    an :class:`AutopruneError` that names ``desc``.
+    """
+    recipe = dataclasses.replace(config.finetune_recipe(), seed=int(seed))
+    try:
+        return fit(pruned.model, data, recipe, masks=pruned.masks, on_epoch=on_epoch, progress=progress, desc=desc)
+    except AutopruneError as exc:
+        raise AutopruneError(f"{desc} fine-tune: {exc}") from None
 
 
 def worker_id() -> str:
@@ -131,11 +149,8 @@ class Objective:
         start = time.perf_counter()
         history = []
         if stage == "full":
-            try:
-                history = fit(model, ctx.data, train_cfg, masks=pruned.masks, on_epoch=on_epoch,
-                              progress=ctx.progress, desc=f"trial {trial.number}")
-            except AutopruneError as exc:  # a diverged fine-tune fails the trial; say which one
-                raise AutopruneError(f"trial {trial.number} fine-tune: {exc}") from None
+            history = finetune(pruned, ctx.dense, ctx.data, cfg, train_cfg.seed, on_epoch=on_epoch,
+                               progress=ctx.progress, desc=f"trial {trial.number}")
         seconds = time.perf_counter() - start
         if stage != "full":
             done = len(history)
