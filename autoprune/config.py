@@ -118,6 +118,17 @@ class FidelitySection:
 
 
 @dataclass
+class SelectSection:
+    """How the pick survives noise (see autoprune/rescore.py)."""
+
+    # At the end of a search the top_k feasible, fully fine-tuned trials (by first validation
+    # score) are fine-tuned again with `seeds` other seeds; pick, export, report and the summary
+    # rank by the re-scored mean. 0: off (rank by the first score, the maximum of noisy estimates).
+    top_k: int = 5
+    seeds: int = 2
+
+
+@dataclass
 class StudyConfig:
     study: StudySection = field(default_factory=StudySection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -126,6 +137,7 @@ class StudyConfig:
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     priors: PriorsSection = field(default_factory=PriorsSection)
     fidelity: FidelitySection = field(default_factory=FidelitySection)
+    select: SelectSection = field(default_factory=SelectSection)
     source: str = ""  # the TOML file it came from
 
     # --- derived values -------------------------------------------------------
@@ -252,6 +264,8 @@ class StudyConfig:
             ("fidelity", "warmup_trials", fi.warmup_trials >= 0, ">= 0"),
             ("fidelity", "promote_top", 0 < fi.promote_top <= 1, "a fraction in (0, 1]"),
             ("fidelity", "full_top", 0 < fi.full_top <= 1, "a fraction in (0, 1]"),
+            ("select", "top_k", 0 <= self.select.top_k <= 1000, "in [0, 1000] (0: off)"),
+            ("select", "seeds", 1 <= self.select.seeds <= 100, "in [1, 100]"),
         ]
         for table, key, ok, rule in ranges:
             if not ok:

@@ -9,7 +9,10 @@
   report and export all use it.
 * :func:`pick` chooses among deployable trials that meet deployment limits
   (by default the study's own constraints) by validation accuracy or by cost.
-  Test accuracy is reported beside the pick, never used to choose.
+  Validation accuracy means the re-scored estimate where the search re-scored
+  the leading trials (:mod:`autoprune.rescore`), so a config that was lucky
+  once is not picked over a steadier one. Test accuracy is reported beside
+  the pick, never used to choose.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 from .config import StudyConfig
 from .errors import AutopruneError, NothingQualifies
 from .objective import CONSTRAINT_NAMES_ATTR
+from .rescore import Score, rescores, scores
 
 WEIGHTS_ATTR = "weights_artifact_id"
 PREFER = ("accuracy", "size", "macs", "latency")
@@ -187,11 +191,27 @@ def study_limits(study: optuna.Study, config: StudyConfig, max_size=None, min_ac
 # --- pick ----------------------------------------------------------------------
 
 
-def _sort_key(prefer: str):
-    if prefer == "accuracy":  # highest val accuracy; ties: smaller size, then lower number
-        return lambda t: (-t.user_attrs["val_accuracy"], t.user_attrs["size_fraction"], t.number)
+def study_scores(study: optuna.Study) -> dict[int, Score]:
+    """Trial number -> what it ranks by (re-scored where the search re-scored it); see autoprune.rescore."""
+    return scores(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), rescores(study))
+
+
+def leaders(study: optuna.Study, config: StudyConfig, k: int) -> list[FrozenTrial]:
+    """The ``k`` feasible, deployable trials with the highest first validation scores (ties: smaller cost)."""
+    ok = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+          if is_feasible(t) and is_deployable(t, config)]
+    cost = config.cost_attr
+    return sorted(ok, key=lambda t: (-t.user_attrs["val_accuracy"], t.user_attrs.get(cost, 0.0), t.number))[:k]
+
+
+def _sort_key(prefer: str, score: dict[int, Score]):
+    def acc(t):
+        return score[t.number].estimate if t.number in score else t.user_attrs["val_accuracy"]
+
+    if prefer == "accuracy":  # highest (re-scored) val accuracy; ties: smaller size, then lower number
+        return lambda t: (-acc(t), t.user_attrs["size_fraction"], t.number)
     attr = _PREFER_ATTR[prefer]
-    return lambda t: (t.user_attrs[attr], -t.user_attrs["val_accuracy"], t.number)
+    return lambda t: (t.user_attrs[attr], -acc(t), t.number)
 
 
 def closest(trials: list[FrozenTrial], limits: Limits) -> FrozenTrial | None:
@@ -225,7 +245,7 @@ def pick(study: optuna.Study, config: StudyConfig, max_size: float | None = None
         raise NothingQualifies(f"study {name!r} has no complete trial yet; run autoprune search first")
     deployable = [t for t in complete if is_deployable(t, config)]
     pool = [t for t in deployable if has_weights(t)] if require_weights else deployable
-    ok = sorted((t for t in pool if limits.met_by(t)), key=_sort_key(prefer))
+    ok = sorted((t for t in pool if limits.met_by(t)), key=_sort_key(prefer, study_scores(study)))
     if ok:
         return ok[0], ok[1:1 + runners_up]
     near = closest(pool or complete, limits)
@@ -252,8 +272,8 @@ def _miss(key: str, value: float, limits: Limits) -> str:
 # --- presenting a trial --------------------------------------------------------
 
 
-def trial_summary(trial: FrozenTrial, config: StudyConfig | None = None) -> dict:
-    """The figures of one trial that pick, report and export print."""
+def trial_summary(trial: FrozenTrial, config: StudyConfig | None = None, score: Score | None = None) -> dict:
+    """The figures of one trial that pick, report and export print (``score``: its re-scored figures)."""
     a = trial.user_attrs
     out = {"trial": trial.number, "state": trial.state.name}
     for key in ("size_fraction", "nonzero_size_mib", "macs_fraction", "latency_ms", "val_accuracy",
@@ -268,22 +288,35 @@ def trial_summary(trial: FrozenTrial, config: StudyConfig | None = None) -> dict
     if config is not None:
         out["deployable"] = is_deployable(trial, config)
     out["has_weights"] = has_weights(trial)
+    if score is not None:
+        out["score"] = score.to_dict()
     return out
 
 
 def pick_result(study: optuna.Study, config: StudyConfig, best: FrozenTrial, runners: list[FrozenTrial],
                 limits: Limits, prefer: str) -> dict:
+    score = study_scores(study)
     return {"study": study.study_name, "kind": config.study.kind, "prefer": prefer,
-            "limits": limits.to_dict(), **trial_summary(best, config),
-            "runners_up": [trial_summary(t, config) for t in runners]}
+            "limits": limits.to_dict(), **trial_summary(best, config, score.get(best.number)),
+            "runners_up": [trial_summary(t, config, score.get(t.number)) for t in runners]}
+
+
+def format_score(s: dict | None) -> str:
+    """``re-scored 68.10% ± 0.62 (2 fine-tunes, selection gap +1.20)``, or '' without re-scores."""
+    if not s or not s.get("rescored"):
+        return ""
+    ci = f" ± {s['ci95']:.2f}" if s.get("ci95") is not None and math.isfinite(s["ci95"]) else ""
+    return (f"re-scored {s['estimate']:.2f}%{ci} ({s['rescored']} fine-tunes, selection gap "
+            f"{s['selection_gap']:+.2f})")
 
 
 def format_pick(result: dict, cost_attr: str) -> str:
     def line(r):
         extra = f"  macs {r['macs_fraction']:.4f}" if cost_attr == "macs_fraction" else ""
         extra += f"  latency {r['latency_ms']:.2f} ms" if "latency_ms" in r else ""
+        rescored = format_score(r.get("score"))
         return (f"trial {r['trial']:>4}  size {r['size_fraction']:.4f}{extra}  val {r['val_accuracy']:.2f}%  "
-                f"test {r['test_accuracy']:.2f}%")
+                f"test {r['test_accuracy']:.2f}%" + (f"  {rescored}" if rescored else ""))
 
     lim = Limits(*(result["limits"][k] for k in ("max_size_fraction", "min_val_accuracy", "max_macs_fraction",
                                                  "max_latency_ms")))
@@ -291,7 +324,8 @@ def format_pick(result: dict, cost_attr: str) -> str:
              f"limits: {lim.describe()}",
              "  " + line(result),
              "  plan: " + (", ".join(f"{k}={v:.3f}" for k, v in result["plan"].items()) or "dense"),
-             "  val accuracy chose it (validation carved from training); test accuracy is reported only"]
+             "  val accuracy chose it (validation carved from training; the re-scored mean where the search "
+             "re-scored the leaders); test accuracy is reported only"]
     if not result["has_weights"]:
         lines.append("  note: its weights were not kept (infeasible under the study's constraints); "
                      "export needs a trial with kept weights")

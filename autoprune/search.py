@@ -26,7 +26,8 @@ from .config import StudyConfig
 from .errors import AutopruneError
 from .model import build_model, load_checkpoint, save_checkpoint, vgg_channels
 from .objective import Objective, TrialContext
-from .pick import is_deployable, is_feasible
+from .pick import format_score, is_deployable, is_feasible, leaders, study_scores
+from .rescore import rescore_trials, rescores
 from .space import SearchSpace
 from .storage import redact, redacted_config, storage_file
 from .train import DENSE_RECIPE, TrainConfig, evaluate, fit, resolve_device
@@ -283,12 +284,38 @@ def _line(study: optuna.Study, trial: optuna.trial.FrozenTrial, done: int, total
 
 
 def best_feasible(study: optuna.Study):
-    """The deployable feasible trial with the highest validation accuracy, or None."""
+    """The deployable feasible trial with the highest (re-scored) validation accuracy, or None."""
     config = StudyConfig.from_dict(study.user_attrs.get("config", {}))
     feasible = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if is_feasible(t) and is_deployable(t, config)]
+    score = study_scores(study)
     cost = config.cost_attr  # ties in accuracy go to the smaller model
-    return max(feasible, key=lambda t: (t.user_attrs["val_accuracy"], -t.user_attrs.get(cost, 0.0)), default=None)
+    return max(feasible, key=lambda t: (score[t.number].estimate, -t.user_attrs.get(cost, 0.0), -t.number),
+               default=None)
+
+
+def rescore_leaders(study: optuna.Study, ctx: TrialContext) -> list[int]:
+    """The end of a search: re-score the ``[select] top_k`` leaders, then the leader by estimate if it was not.
+
+    A trial outside the first top_k can lead once the re-scored ones have come
+    down; it is re-scored too (at most top_k more), so the pick is always a
+    re-scored trial.
+    """
+    sel = ctx.config.select
+    if sel.top_k == 0:
+        return []
+    first = leaders(study, ctx.config, sel.top_k)
+    if first:
+        log.info("re-scoring the %d leading trials (%s) with %d more fine-tunes each: the best of many noisy "
+                 "first scores is biased upwards", len(first), ", ".join(f"#{t.number}" for t in first), sel.seeds)
+    done = rescore_trials(study, ctx, first, sel.seeds)
+    for _ in range(sel.top_k):
+        best = best_feasible(study)
+        if best is None or best.number in rescores(study):
+            break
+        log.info("trial %d now leads on its first score minus the mean selection gap: re-scoring it too", best.number)
+        done += rescore_trials(study, ctx, [best], sel.seeds)
+    return done
 
 
 def run_search(config: StudyConfig, *, device="auto", progress: bool = True) -> dict:
@@ -305,6 +332,7 @@ def run_search(config: StudyConfig, *, device="auto", progress: bool = True) -> 
     study, ctx, created = create_or_join(config, storage, url, device, progress)
     study.sampler = make_sampler(config.study.sampler, worker_seed(config, study, created), total)
     ran = run_trials(study, Objective(ctx), total, url, on_trial=_printer(study, total, config.cost_attr, _line))
+    rescore_leaders(study, ctx)
     return summarize(study, config, time.perf_counter() - start, ran)
 
 
@@ -314,6 +342,7 @@ def summarize(study: optuna.Study, config: StudyConfig, seconds: float, ran: int
     cost = config.cost_attr
     front = sorted(study.best_trials, key=lambda t: t.user_attrs[cost])  # constraint-aware in Optuna
     best = best_feasible(study)
+    score = study_scores(study)
     first_feasible = min((t.number for t in feasible), default=None)
     saved = sum(t.user_attrs.get("finetune_seconds_saved", 0.0) for t in trials)
     return {
@@ -327,15 +356,16 @@ def summarize(study: optuna.Study, config: StudyConfig, seconds: float, ran: int
         "seconds": seconds,
         "finetune_seconds": sum(t.user_attrs.get("finetune_seconds", 0.0) for t in trials),
         "finetune_seconds_saved_by_early_stop": saved,
-        "best_feasible": None if best is None else {"trial": best.number, **_brief(best, cost)},
-        "pareto_front": [{"trial": t.number, **_brief(t, cost)} for t in front],
+        "rescored_trials": sorted(rescores(study)),
+        "best_feasible": None if best is None else {"trial": best.number, **_brief(best, cost, score)},
+        "pareto_front": [{"trial": t.number, **_brief(t, cost, score)} for t in front],
     }
 
 
-def _brief(t, cost):
+def _brief(t, cost, score):
     a = t.user_attrs
     return {cost: a[cost], "val_accuracy": a["val_accuracy"], "test_accuracy": a["test_accuracy"],
-            "plan": a["plan"]}
+            "plan": a["plan"], "score": score[t.number].to_dict()}
 
 
 def format_summary(s: dict) -> str:
@@ -345,10 +375,12 @@ def format_summary(s: dict) -> str:
              f"{s['finetune_seconds_saved_by_early_stop']:.0f}s of fine-tuning saved by early stop"]
     if s["best_feasible"]:
         b = s["best_feasible"]
+        rescored = format_score(b["score"])
         lines.append(f"best feasible: trial {b['trial']}  {cost} {b[cost]:.4f}  val {b['val_accuracy']:.2f}%  "
-                     f"test {b['test_accuracy']:.2f}% (test: for reporting only)")
-    lines.append(f"Pareto front (feasible trials, {cost} vs validation accuracy):")
+                     f"test {b['test_accuracy']:.2f}% (test: for reporting only)" + (f"  {rescored}" if rescored else ""))
+    lines.append(f"Pareto front (feasible trials, {cost} vs first validation accuracy):")
     for r in s["pareto_front"]:
+        rescored = format_score(r["score"])
         lines.append(f"  trial {r['trial']:>4}  {cost} {r[cost]:.4f}  val {r['val_accuracy']:.2f}%  "
-                     f"test {r['test_accuracy']:.2f}%")
+                     f"test {r['test_accuracy']:.2f}%" + (f"  {rescored}" if rescored else ""))
     return "\n".join(lines)

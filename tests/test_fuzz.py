@@ -171,6 +171,9 @@ spec = "{data}"
 max_size_fraction = 0.5
 max_accuracy_drop = 40.0
 
+[select]
+top_k = 0  # re-scoring has its own tests (tests/test_rescore.py)
+
 [finetune]
 epochs = 1
 batch_size = 64

@@ -51,6 +51,9 @@ spec = "synthetic:600"
 max_size_fraction = {cap}
 max_accuracy_drop = 40.0
 
+[select]
+top_k = 0  # re-scoring has its own tests (tests/test_rescore.py)
+
 [finetune]
 epochs = 1
 batch_size = 128

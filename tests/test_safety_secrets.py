@@ -44,6 +44,9 @@ spec = "synthetic:600"
 max_size_fraction = 0.3
 {accuracy}
 
+[select]
+top_k = 0  # re-scoring has its own tests (tests/test_rescore.py)
+
 [finetune]
 epochs = 1
 batch_size = 128

@@ -54,6 +54,9 @@ spec = "synthetic:600"
 max_size_fraction = 0.3
 max_accuracy_drop = 40.0
 
+[select]
+top_k = 0  # re-scoring has its own tests (tests/test_rescore.py)
+
 [finetune]
 epochs = {epochs}
 batch_size = 128

@@ -53,6 +53,9 @@ spec = "synthetic:600"
 max_size_fraction = 0.3
 max_accuracy_drop = 90.0  # every trial feasible: every trial uploads its weights
 
+[select]
+top_k = 0  # re-scoring has its own tests (tests/test_rescore.py)
+
 [finetune]
 epochs = {epochs}
 batch_size = 128
