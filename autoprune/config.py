@@ -23,6 +23,8 @@ from pathlib import Path
 from .errors import AutopruneError
 
 SAMPLERS = ("tpe", "random", "gp", "nsga2")
+LAB_GRID = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the lab's sensitivity scan
+EXTENDED_GRID = (0.95, 0.98, 0.99)  # fine-grained targets below ~0.2 need larger ratios
 OBJECTIVES = ("size", "macs", "accuracy")
 
 
@@ -91,13 +93,33 @@ class FinetuneSection:
 @dataclass
 class PriorsSection:
     enabled: bool = True
-    grid: list[float] = field(default_factory=lambda: [0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    # Ratios the sensitivity scan tries. Unset: the lab's 0.4 ... 0.9, extended for fine-grained
+    # studies to 0.95, 0.98, 0.99 as far as the lowest sampled size needs (see scan_grid).
+    grid: list[float] | None = None
     tolerance: float = 5.0  # points of validation accuracy a layer may lose alone
     enqueue_allocation: bool = True  # the prior allocation (at the cap) is the first trial
     # One-shot rules whose allocations at the cap are enqueued next, so the search starts from the
     # best of them: uniform, global, lamp (fine-grained); uniform (channel). Default (unset):
     # lamp and global for fine-grained, uniform for channel; [] for none.
     warm_start: list[str] | None = None
+
+    def scan_grid(self, kind: str, lowest_target: float) -> list[float]:
+        """The scan's ratios: ``grid`` if set, else the lab's, extended so a target can be reached.
+
+        A fine-grained target fraction s needs the large layers pruned beyond
+        1 - s (the small, sensitive ones stay denser), so the grid runs to the
+        first of 0.9, 0.95, 0.98, 0.99 at or above 1 - s / 2. Channel studies
+        scan the lab's grid (a ratio near 1 leaves a narrow VGG no channel).
+        """
+        if self.grid is not None:
+            return list(self.grid)
+        grid = list(LAB_GRID)
+        if kind == "fine_grained":
+            for ratio in EXTENDED_GRID:
+                if grid[-1] >= 1 - lowest_target / 2:
+                    break
+                grid.append(ratio)
+        return grid
 
     def warm_start_rules(self, kind: str) -> list[str]:
         if self.warm_start is not None:
@@ -282,7 +304,7 @@ class StudyConfig:
             raise AutopruneError(f"[constraints] max_latency_ms must be > 0, got {c.max_latency_ms}")
         if fi.ladder and fi.bn_recal_batches == 0:
             raise AutopruneError("[fidelity] ladder needs the cheap score: set bn_recal_batches >= 1")
-        if not self.priors.grid or not all(0 < g < 1 for g in self.priors.grid):
+        if self.priors.grid is not None and not (self.priors.grid and all(0 < g < 1 for g in self.priors.grid)):
             raise AutopruneError(f"[priors] grid must be ratios in (0, 1), got {self.priors.grid}")
         from .priors import ONE_SHOT_RULES
 

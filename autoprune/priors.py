@@ -9,8 +9,12 @@ size goes. This module makes that reading systematic and explicit:
   every scanned point stays within ``tolerance`` points of the dense accuracy
   (a prefix of the curve: a noisy recovery after a large drop is not trusted).
   A layer that already loses more at the first grid ratio gets 0. If the bounds
-  cannot reach the target size, no search inside them can, so the tolerance is
-  raised step by step (x1.5) until they can; each step is logged.
+  cannot reach the target size, no search inside them can, so they are
+  loosened one layer and one grid step at a time, always the step with the
+  least scanned drop per parameter (or MAC) it frees: the budget's large,
+  robust layers open first, and a small, sensitive layer (conv0: under 0.1% of
+  the weights) is never opened for a budget it cannot serve. Each step is
+  logged.
 * **Allocation.** Each layer's drop is modelled as the piecewise-linear
   interpolation of its scanned drop (dense minus scanned accuracy, points) with
   drop(0) = 0, negatives clamped to 0 and made non-decreasing (pruning more is
@@ -60,7 +64,6 @@ from .plan import check_kind, layers_for
 log = logging.getLogger("autoprune")
 
 DEFAULT_TOLERANCE = 2.0  # accuracy points, the lab's "within a couple of points"
-TOLERANCE_STEP = 1.5
 FINE_STEP = 0.01  # greedy step for fine-grained: 1% of a layer's weights
 RULE = ("greedy marginal drop per {unit} saved on piecewise-linear sensitivity curves "
         "(drop(0)=0, clamped to >= 0, non-decreasing), within the upper bounds, then made exact "
@@ -90,12 +93,6 @@ class Priors:
         return {"kind": self.kind, "upper": dict(self.upper), "allocation": dict(self.allocation),
                 "tolerance": self.tolerance, "rule": self.rule, "log": list(self.log),
                 "target_fraction": self.target_fraction, "predicted_drop": self.predicted_drop}
-
-
-def _points(x: float) -> str:
-    """2.0, 3.0, 4.5, 6.75: one decimal at least, two at most."""
-    text = f"{x:.2f}"
-    return text[:-1] if text.endswith("0") else text
 
 
 def _note(messages: list[str], text: str) -> None:
@@ -234,6 +231,47 @@ def _greedy(kind, channels, curves, upper, target, metric, num_classes):
     return ratios
 
 
+def _loosen(kind, channels, drops, curve, upper, target, metric, num_classes, messages) -> None:
+    """Open ``upper`` (in place) one grid step at a time, cheapest step first, until it reaches ``target``."""
+    what = "size" if kind == "fine_grained" else metric
+
+    def cost(bounds):
+        if kind == "fine_grained":
+            return fine_size_fraction(channels, bounds, num_classes)
+        return channel_cost_fraction(channels, bounds, metric, num_classes)
+
+    def reachable():
+        try:
+            _budget(kind, channels, target, metric, num_classes, upper=upper)
+            return True
+        except AutopruneError:
+            return False
+
+    while not reachable():
+        best = None
+        for i, (n, pts) in enumerate(drops.items()):
+            nxt = next((r for r, _ in pts if r > upper[n] + 1e-12), None)
+            if nxt is None:
+                continue
+            saved = cost(upper) - cost({**upper, n: nxt})
+            if saved <= 0:
+                continue
+            price = (curve[n](nxt) - curve[n](upper[n])) / saved
+            if best is None or (price, -saved, i) < best[0]:
+                best = ((price, -saved, i), n, nxt)
+        if best is None:  # every layer at the largest scanned ratio, and still too little
+            largest = max(pts[-1][0] for pts in drops.values())
+            raise AutopruneError(
+                f"{what} target {target:g} cannot be reached within the scanned grid (largest ratio {largest:g}: "
+                f"the smallest reachable {what} fraction is {cost(upper):.4f}); scan a grid with larger ratios"
+            )
+        _, n, nxt = best
+        _note(messages, f"prior: {n} upper {upper[n]:.2f} -> {nxt:.2f} (scanned drop {curve[n](nxt):.1f} points): "
+                        f"the bounds could not reach {what} {target:g}; this step costs the least drop per "
+                        f"{'parameter' if what != 'macs' else 'MAC'} freed")
+        upper[n] = nxt
+
+
 def compute_priors(
     scan_df: pd.DataFrame,
     dense_accuracy: float,
@@ -263,30 +301,15 @@ def compute_priors(
     drops = _drops(scan_df, dense_accuracy, kind)
     messages: list[str] = []
     tol = float(tolerance)
-    largest = {n: pts[-1][0] for n, pts in drops.items()}
-    while True:
-        upper, why = _upper_bounds(drops, tol)
-        try:
-            _budget(kind, channels, target_fraction, metric, num_classes, upper=upper)
-            break
-        except AutopruneError as exc:
-            if upper == largest:  # the whole grid is allowed and still too little
-                raise AutopruneError(
-                    f"{what} target {target_fraction:g} cannot be reached within the scanned grid "
-                    f"(largest ratios {max(largest.values()):g}): {exc}; scan a grid with larger ratios"
-                ) from None
-            new_tol = tol * TOLERANCE_STEP if tol > 0 else 0.5
-            _note(messages, f"prior: tolerance {_points(tol)} -> {_points(new_tol)} points: bounds could "
-                            f"not reach {what} {target_fraction:g}")
-            tol = new_tol
-    for layer in drops:
-        _note(messages, f"prior: {layer} upper {upper[layer]:.2f} ({why[layer]})")
-
     if kind == "fine_grained":
         curve = {n: _Curve(pts) for n, pts in drops.items()}
     else:
         width = dict(zip(CONV_NAMES, channels))
         curve = {n: _Curve(_channel_curve_points(pts, width[n])) for n, pts in drops.items()}
+    upper, why = _upper_bounds(drops, tol)
+    for layer in drops:
+        _note(messages, f"prior: {layer} upper {upper[layer]:.2f} ({why[layer]})")
+    _loosen(kind, channels, drops, curve, upper, float(target_fraction), metric, num_classes, messages)
     greedy = _greedy(kind, channels, curve, upper, float(target_fraction), metric, num_classes)
     allocation = _budget(kind, channels, target_fraction, metric, num_classes,
                          preferences=greedy, upper=upper)

@@ -175,7 +175,7 @@ def check_setup(config: StudyConfig) -> dict:
     return {"study": config.study.name, "kind": config.study.kind, "objectives": config.objectives,
             "trials": config.study.trials, "storage": redact(url), "out_dir": str(out),
             "artifacts": artifacts.get("path", "in the study's database"), "data": data_text, "dense": dense,
-            "priors": (f"sensitivity scan over {list(config.priors.grid)} (cached in the out_dir)"
+            "priors": (f"sensitivity scan over {scan_grid(config)} (cached in the out_dir)"
                        if config.priors.enabled else "off")}
 
 
@@ -207,6 +207,7 @@ def prepare(config: StudyConfig, device="auto", progress: bool = True) -> tuple[
     if config.priors.enabled:
         upper, allocation, prior_info = compute_study_priors(config, dense, checkpoint, data, progress)
         warm = warm_starts(config, dense)
+        upper = widen_for_starts(upper, {"prior allocation": allocation, **warm})
     space = SearchSpace.for_study(config, dense.channels, upper, dense.num_classes)
     # Stored redacted: anyone who opens the study (optuna-dashboard too) reads it; workers take the
     # real URL from their own command line.
@@ -227,6 +228,29 @@ def _budget_metric(config) -> str:
 def _cap(config) -> float:
     c = config.constraints
     return c.max_macs_fraction if _budget_metric(config) == "macs" else c.max_size_fraction
+
+
+def _budget_low(config) -> float:
+    """The lowest budget a trial samples, as a fraction of the cap (1: single-objective, always the cap)."""
+    return config.study.budget_low if len(config.objectives) > 1 else 1.0
+
+
+def scan_grid(config) -> list[float]:
+    """The sensitivity scan's ratios: the configured grid, or one that reaches the lowest sampled budget."""
+    return config.priors.scan_grid(config.study.kind, _cap(config) * _budget_low(config))
+
+
+def widen_for_starts(upper: dict[str, float], starts: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Bounds that hold every enqueued start exactly as its rule made it (never clipped, never shifted)."""
+    wide = dict(upper)
+    for name, ratios in starts.items():
+        opened = [n for n, r in ratios.items() if n in wide and r > wide[n] + 1e-12]
+        for n in opened:
+            wide[n] = float(ratios[n])
+        if opened:
+            log.info("bounds: %s opened to hold the %s warm start as the rule made it", ", ".join(
+                f"{n} {upper[n]:.2f} -> {wide[n]:.3f}" for n in opened), name)
+    return wide
 
 
 def warm_starts(config, dense) -> dict[str, dict[str, float]]:
@@ -250,9 +274,9 @@ def compute_study_priors(config, dense, checkpoint, data, progress):
     from .sensitivity import scan_cached
 
     kind = config.study.kind
-    df, dense_acc, cached = scan_cached(checkpoint, data, kind, list(config.priors.grid), config.study.criterion,
+    df, dense_acc, cached = scan_cached(checkpoint, data, kind, scan_grid(config), config.study.criterion,
                                         config.out_dir, progress)
-    low = config.study.budget_low if len(config.objectives) > 1 else 1.0
+    low = _budget_low(config)
     metric, cap = _budget_metric(config), _cap(config)
 
     def at(target):

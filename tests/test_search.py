@@ -12,7 +12,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from autoprune.budget import layer_numels
 from autoprune.config import load_config
+from autoprune.model import vgg_channels
 from autoprune.errors import AutopruneError
 from autoprune.pick import named_constraints
 from autoprune.search import run_search
@@ -93,11 +95,18 @@ def test_tiny_study_counts_constraints_and_attributes(tmp_path, storage_kind):
     assert first.pop("budget") == 1.0  # the whole cap
     assert first == pytest.approx({k: v for k, v in study.user_attrs["prior_allocation"].items() if k in first})
     upper = study.user_attrs["space_upper"]
-    for t, rule in zip(trials[1:], ("lamp", "global")):
-        assert t.params["budget"] == 1.0
-        wanted = study.user_attrs["warm_starts"][rule]
-        assert {k: v for k, v in t.params.items() if k != "budget"} == pytest.approx(
-            {k: min(v, upper[k]) for k, v in wanted.items() if upper[k] > 0})
+    numels = layer_numels(vgg_channels(0.125))
+    for t, rule in zip(trials, ("prior allocation", "lamp", "global")):
+        wanted = study.user_attrs["warm_starts"].get(rule) or study.user_attrs["prior_allocation"]
+        assert all(wanted[k] <= upper[k] for k in wanted)  # inside the space: never clipped
+        if rule != "prior allocation":
+            assert t.params["budget"] == 1.0
+            assert {k: v for k, v in t.params.items() if k != "budget"} == pytest.approx(
+                {k: v for k, v in wanted.items() if upper[k] > 0})
+        # ... and it ran exactly as its rule made it: the same zero count in every layer.
+        ran = t.user_attrs["plan"]
+        assert {k: round(ran.get(k, 0.0) * numels[k]) for k in wanted} == {
+            k: round(v * numels[k]) for k, v in wanted.items()}, rule
     # Every trial ran at its sampled budget, exactly (one weight of rounding).
     for t in trials:
         assert t.user_attrs["size_fraction"] == pytest.approx(0.3 * t.params["budget"], abs=1e-4)

@@ -208,17 +208,38 @@ def test_channel_allocation_respects_bounds_and_meets_the_target():
             assert kept[i] >= int(round((1 - p.upper[n]) * channels[i]))
 
 
-def test_unreachable_tolerance_is_relaxed_and_logged(caplog):
-    drops = {n: [3.0, 3.5, 4.0, 5.0, 6.0, 8.0] for n in PRUNABLE_LAYERS}  # all past 2 points at 0.4
+def test_unreachable_bounds_open_the_cheapest_layers_only(caplog):
+    # LAB_LIKE at tolerance 2 reaches size 0.2 of a width-0.25 VGG, not 0.12: the big, robust
+    # layers open step by step, the fragile conv0 (5 points at 0.6) and conv1 never.
+    channels = vgg_channels(0.25)
+    tight = compute_priors(fake_scan(LAB_LIKE), 90.0, channels, "fine_grained", 0.2, tolerance=2.0)
+    assert not [m for m in tight.log if "->" in m]
     with caplog.at_level(logging.INFO, logger="autoprune"):
-        p = compute_priors(fake_scan(drops), 90.0, vgg_channels(0.25), "fine_grained", 0.25, tolerance=2.0)
-    first = "prior: tolerance 2.0 -> 3.0 points: bounds could not reach size 0.25"
-    assert p.log[0] == first
-    assert first in [r.getMessage() for r in caplog.records]
-    assert p.tolerance > 2.0
-    steps = [m for m in p.log if "tolerance" in m]
-    assert len(steps) >= 2  # 3.0 keeps 0.4 only: not enough, relaxed again
-    fine_grained_budget(vgg_channels(0.25), 0.25, upper=p.upper)  # reachable now
+        p = compute_priors(fake_scan(LAB_LIKE), 90.0, channels, "fine_grained", 0.12, tolerance=2.0)
+    assert p.tolerance == 2.0
+    opened = [m for m in p.log if "->" in m]
+    assert all(m in [r.getMessage() for r in caplog.records] for m in opened)
+    assert [m.split(" (")[0] for m in opened] == [
+        "prior: conv5 upper 0.80 -> 0.90", "prior: conv3 upper 0.70 -> 0.80", "prior: conv4 upper 0.70 -> 0.80",
+        "prior: conv2 upper 0.70 -> 0.80", "prior: conv3 upper 0.80 -> 0.90", "prior: conv2 upper 0.80 -> 0.90"]
+    assert opened[0] == ("prior: conv5 upper 0.80 -> 0.90 (scanned drop 3.0 points): the bounds could not reach "
+                         "size 0.12; this step costs the least drop per parameter freed")
+    assert p.upper == {**tight.upper, "conv2": 0.9, "conv3": 0.9, "conv4": 0.8, "conv5": 0.9}
+    fine_grained_budget(channels, 0.12, upper=p.upper)  # reachable now
+    with pytest.raises(AutopruneError):  # and not one step earlier
+        fine_grained_budget(channels, 0.12, upper={**p.upper, "conv2": 0.8})
+
+
+def test_scan_grid_reaches_the_lowest_sampled_size():
+    from autoprune.config import PriorsSection
+
+    p = PriorsSection()
+    assert p.scan_grid("fine_grained", 0.25) == [0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    assert p.scan_grid("fine_grained", 0.125) == [0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+    assert p.scan_grid("fine_grained", 0.05) == [0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98]
+    assert p.scan_grid("fine_grained", 0.025) == [0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99]
+    assert p.scan_grid("channel", 0.05) == [0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    assert PriorsSection(grid=[0.5, 0.9]).scan_grid("fine_grained", 0.01) == [0.5, 0.9]
 
 
 def test_a_target_beyond_the_grid_is_an_error():
