@@ -99,7 +99,8 @@ class PriorsSection:
     tolerance: float = 5.0  # points of validation accuracy a layer may lose alone
     enqueue_allocation: bool = True  # the prior allocation (at the cap) is the first trial
     # One-shot rules whose allocations at the cap are enqueued next, so the search starts from the
-    # best of them: uniform, global, lamp (fine-grained); uniform (channel). Default (unset):
+    # best of them: uniform, global, lamp (fine-grained); uniform, tp_magnitude, tp_lamp, tp_bn_scale
+    # (channel; tp_*: Torch-Pruning's global channel pruning, the 'pruning' extra). Default (unset):
     # lamp and global for fine-grained, uniform for channel; [] for none.
     warm_start: list[str] | None = None
 
@@ -306,13 +307,19 @@ class StudyConfig:
             raise AutopruneError("[fidelity] ladder needs the cheap score: set bn_recal_batches >= 1")
         if self.priors.grid is not None and not (self.priors.grid and all(0 < g < 1 for g in self.priors.grid)):
             raise AutopruneError(f"[priors] grid must be ratios in (0, 1), got {self.priors.grid}")
-        from .priors import ONE_SHOT_RULES
+        from .priors import ONE_SHOT_RULES, one_shot_rule
 
         rules = ONE_SHOT_RULES[s.kind]
         bad = [r for r in self.priors.warm_start_rules(s.kind) if r not in rules]
         if bad:
             raise AutopruneError(f"[priors] warm_start: unknown rule {bad[0]!r} for {s.kind} pruning; "
                                  f"use some of {', '.join(rules)}")
+        try:  # a missing optional extra is refused now, not after the dense model and the scan
+            for rule in self.priors.warm_start_rules(s.kind):
+                if (check := one_shot_rule(rule, s.kind).check) is not None:
+                    check()
+        except AutopruneError as exc:
+            raise AutopruneError(f"[priors] warm_start: {exc}") from None
         return self
 
 

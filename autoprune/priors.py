@@ -33,10 +33,13 @@ it. The allocation is therefore a starting point (a first trial, a prior
 centre) for a search that measures real accuracy, not an answer.
 
 * **Warm starts.** :func:`one_shot_allocation` gives the one-shot rules'
-  allocations (uniform, global magnitude, LAMP; uniform channel ratios). A
-  study enqueues the prior allocation and these (``[priors] warm_start``) as
-  its first trials at the cap, so it starts from the best one-shot answer and
-  searches for better ones; every later trial is the sampler's.
+  allocations (uniform, global magnitude, LAMP; channel: uniform ratios and
+  Torch-Pruning's global channel pruning), :func:`one_shot_pruned` their
+  pruned networks (the benchmark's baselines); the rules are a registry
+  (:func:`register_one_shot_rule`). A study enqueues the prior allocation and
+  these (``[priors] warm_start``) as its first trials at the cap, so it starts
+  from the best one-shot answer and searches for better ones; every later
+  trial is the sampler's.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -58,8 +61,9 @@ from .budget import (
     vgg_cost,
 )
 from .errors import AutopruneError
-from .model import CONV_NAMES
-from .plan import check_kind, layers_for
+from .fine_grained import global_magnitude_sparsities, lamp_sparsities
+from .model import CONV_NAMES, VGG
+from .plan import KINDS, Pruned, PruningPlan, check_kind, layers_for, prune
 
 log = logging.getLogger("autoprune")
 
@@ -329,30 +333,122 @@ def compute_priors(
                   log=messages, target_fraction=float(target_fraction), predicted_drop=predicted)
 
 
-ONE_SHOT_RULES = {"fine_grained": ("uniform", "global", "lamp"), "channel": ("uniform",)}
+# --- one-shot rules: a registry, kind -> rule name -> how to compute it ---------------------------
+
+
+@dataclass(frozen=True)
+class OneShotRule:
+    """A one-shot rule of one pruning kind.
+
+    ``allocation(dense, target_fraction, metric)`` gives layer -> ratio.
+    ``pruned(dense, target_fraction, metric)``, when set, gives the rule's own
+    ``(Pruned, allocation)``; unset, the allocation is applied as a
+    :class:`PruningPlan` with the kind's default criterion. ``check()``, when
+    set, raises a one-line error if the rule cannot run here (a missing
+    optional extra), so a config is refused before any work is done.
+    """
+
+    allocation: Callable[[VGG, float, str], dict]
+    pruned: Callable[[VGG, float, str], tuple[Pruned, dict]] | None = None
+    check: Callable[[], object] | None = None
+
+
+_ONE_SHOT: dict[str, dict[str, OneShotRule]] = {kind: {} for kind in KINDS}
+ONE_SHOT_RULES: dict[str, tuple[str, ...]] = {kind: () for kind in KINDS}  # kind -> rule names, in order
+
+
+def register_one_shot_rule(kind: str, name: str, rule: OneShotRule) -> None:
+    """Add (or replace) a one-shot rule; config validation and warm starts see it at once."""
+    check_kind(kind)
+    _ONE_SHOT[kind][name] = rule
+    ONE_SHOT_RULES[kind] = tuple(_ONE_SHOT[kind])
+
+
+def one_shot_rule(rule: str, kind: str) -> OneShotRule:
+    """The registered rule, or a one-line error listing the rules of ``kind``."""
+    check_kind(kind)
+    if rule not in _ONE_SHOT[kind]:
+        raise AutopruneError(f"unknown one-shot rule {rule!r} for {kind}; use one of {', '.join(ONE_SHOT_RULES[kind])}")
+    return _ONE_SHOT[kind][rule]
 
 
 def one_shot_allocation(rule: str, model, kind: str, target_fraction: float, metric: str = "params") -> dict:
     """A one-shot rule's per-layer ratios at ``target_fraction`` (the baselines a search must beat).
 
-    Fine-grained: ``uniform`` (one sparsity everywhere), ``global`` (one |w|
-    threshold over all layers), ``lamp`` (one threshold on LAMP scores), all
-    with the budget's nonzero count (``floor(target * params)``). Channel:
-    ``uniform`` (one prune ratio per conv, largest configuration <= target in
-    ``metric``).
+    Fine-grained (``target_fraction`` of the nonzero size; ``metric`` unused):
+    ``uniform`` (one sparsity everywhere), ``global`` (one |w| threshold over
+    all layers), ``lamp`` (one threshold on LAMP scores), all with the
+    budget's nonzero count (``floor(target * params)``). Channel (largest
+    configuration <= target in ``metric``): ``uniform`` (one prune ratio per
+    conv), and Torch-Pruning's global channel pruning ``tp_magnitude``,
+    ``tp_lamp``, ``tp_bn_scale`` (see :mod:`autoprune.torch_pruning_rules`):
+    their kept widths as ratios ``1 - kept / c``, so that a plan keeps the
+    same widths (autoprune's criterion then picks which channels).
     """
-    from .fine_grained import global_magnitude_sparsities, lamp_sparsities
+    return one_shot_rule(rule, kind).allocation(model, target_fraction, metric)
 
-    if rule not in ONE_SHOT_RULES[kind]:
-        raise AutopruneError(f"unknown one-shot rule {rule!r} for {kind}; use one of {', '.join(ONE_SHOT_RULES[kind])}")
-    channels = list(model.channels)
-    if kind == "channel":
-        return channel_budget(channels, target_fraction, metric)
-    if rule == "uniform":
-        return fine_grained_budget(channels, target_fraction)
-    total = vgg_cost(channels, model.num_classes)["params"]
-    zeros = total - math.floor(target_fraction * total + 1e-6)  # the budget's cap
-    return (lamp_sparsities if rule == "lamp" else global_magnitude_sparsities)(model, zeros)
+
+def one_shot_pruned(rule: str, dense, kind: str, target_fraction: float,
+                    metric: str = "params") -> tuple[Pruned, dict]:
+    """A one-shot rule applied to a copy of ``dense``: ``(Pruned, allocation)``, ready to fine-tune.
+
+    Fine-grained rules and channel ``uniform`` apply their allocation as a plan
+    (fine-grained: with its masks). The Torch-Pruning rules return Torch-Pruning's
+    own pruned network (its choice of channels) as an autoprune VGG, masks None.
+    """
+    chosen = one_shot_rule(rule, kind)
+    if chosen.pruned is not None:
+        return chosen.pruned(dense, target_fraction, metric)
+    ratios = chosen.allocation(dense, target_fraction, metric)
+    return prune(dense, PruningPlan(kind, ratios, "", tuple(dense.channels))), ratios
+
+
+def _fine_zeros(model, target_fraction: float) -> int:
+    total = vgg_cost(model.channels, model.num_classes)["params"]
+    return total - math.floor(target_fraction * total + 1e-6)  # the budget's cap
+
+
+def _fine_uniform(model, target_fraction, metric):
+    return fine_grained_budget(model.channels, target_fraction, num_classes=model.num_classes)
+
+
+def _fine_global(model, target_fraction, metric):
+    return global_magnitude_sparsities(model, _fine_zeros(model, target_fraction))
+
+
+def _fine_lamp(model, target_fraction, metric):
+    return lamp_sparsities(model, _fine_zeros(model, target_fraction))
+
+
+def _channel_uniform(model, target_fraction, metric):
+    return channel_budget(model.channels, target_fraction, metric, num_classes=model.num_classes)
+
+
+def _torch_pruning_rule(name: str) -> OneShotRule:
+    # Imported when the rule runs: Torch-Pruning is an optional extra.
+    def check():
+        from .torch_pruning_rules import require_torch_pruning
+        return require_torch_pruning(name)
+
+    def allocation(model, target_fraction, metric):
+        from .torch_pruning_rules import allocation
+        return allocation(name, model, target_fraction, metric)
+
+    def pruned(model, target_fraction, metric):
+        from .torch_pruning_rules import pruned_vgg
+        vgg, ratios = pruned_vgg(name, model, target_fraction, metric)
+        return Pruned(vgg, None), ratios
+
+    return OneShotRule(allocation, pruned, check)
+
+
+register_one_shot_rule("fine_grained", "uniform", OneShotRule(_fine_uniform))
+register_one_shot_rule("fine_grained", "global", OneShotRule(_fine_global))
+register_one_shot_rule("fine_grained", "lamp", OneShotRule(_fine_lamp))
+register_one_shot_rule("channel", "uniform", OneShotRule(_channel_uniform))
+register_one_shot_rule("channel", "tp_magnitude", _torch_pruning_rule("tp_magnitude"))
+register_one_shot_rule("channel", "tp_lamp", _torch_pruning_rule("tp_lamp"))
+register_one_shot_rule("channel", "tp_bn_scale", _torch_pruning_rule("tp_bn_scale"))
 
 
 def by_hand_rule(

@@ -58,6 +58,26 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+def randomized_model(width: float = 0.25, seed: int = 0):
+    """A VGG whose every parameter is nonzero and whose BatchNorm stats are not the identity."""
+    import torch
+
+    from autoprune.model import build_model
+
+    torch.manual_seed(seed)
+    model = build_model("vgg", width=width)
+    with torch.no_grad():
+        for name, module in model.backbone.named_children():
+            if name.startswith("bn"):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+        model.classifier.bias.uniform_(-0.5, 0.5)
+    assert all(int(torch.count_nonzero(p)) == p.numel() for p in model.parameters())
+    return model.eval()
+
+
 def run_main(capsys, *args) -> SimpleNamespace:
     """``autoprune ARGS`` in this process (cheaper than a subprocess: no torch import).
 

@@ -26,23 +26,7 @@ from autoprune.fine_grained import global_magnitude_sparsities, lamp_sparsities,
 from autoprune.model import CONV_NAMES, PRUNABLE_LAYERS, build_model, param_name, vgg_channels
 from autoprune.plan import CHANNEL_CRITERIA, PruningPlan, parse_ratio_spec, prune
 
-from conftest import run_cli
-
-
-def randomized_model(width: float = 0.25, seed: int = 0):
-    """A VGG whose every parameter is nonzero and whose BatchNorm stats are not the identity."""
-    torch.manual_seed(seed)
-    model = build_model("vgg", width=width)
-    with torch.no_grad():
-        for name, module in model.backbone.named_children():
-            if name.startswith("bn"):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.5, 0.5)
-                module.running_mean.uniform_(-0.2, 0.2)
-                module.running_var.uniform_(0.5, 2.0)
-        model.classifier.bias.uniform_(-0.5, 0.5)
-    assert all(int(torch.count_nonzero(p)) == p.numel() for p in model.parameters())
-    return model.eval()
+from conftest import randomized_model, run_cli
 
 
 def state_copy(model):
