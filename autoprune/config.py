@@ -104,6 +104,12 @@ class PriorsSection:
     # lamp and global for fine-grained, uniform for channel; [] for none.
     warm_start: list[str] | None = None
 
+    # Centred space (autoprune/space.py): sample each layer as a deviation from the best warm start
+    # (by BatchNorm-recalibrated validation score at the cap), within a factor exp(spread) of its
+    # kept fraction; false: anywhere in [0, upper bound].
+    centre: bool = True
+    spread: float = 0.693  # ln 2: a layer keeps between half and twice the centre's weights
+
     def scan_grid(self, kind: str, lowest_target: float) -> list[float]:
         """The scan's ratios: ``grid`` if set, else the lab's, extended so a target can be reached.
 
@@ -282,6 +288,7 @@ class StudyConfig:
             ("finetune", "weight_decay", f.weight_decay >= 0, ">= 0"),
             ("finetune", "early_stop_margin", f.early_stop_margin >= 0, ">= 0 points"),
             ("priors", "tolerance", p.tolerance >= 0, ">= 0 points"),
+            ("priors", "spread", 0 < p.spread <= 5, "in (0, 5] (log kept fraction)"),
             ("fidelity", "bn_recal_batches", fi.bn_recal_batches >= 0, ">= 0"),
             ("fidelity", "bn_recal_batch_size", fi.bn_recal_batch_size >= 1, ">= 1"),
             ("fidelity", "warmup_trials", fi.warmup_trials >= 0, ">= 0"),

@@ -26,6 +26,7 @@ from .config import StudyConfig
 from .errors import AutopruneError
 from .model import build_model, load_checkpoint, save_checkpoint, vgg_channels
 from .objective import Objective, TrialContext
+from .plan import PruningPlan
 from .pick import format_score, is_deployable, is_feasible, leaders, study_scores
 from .rescore import rescore_trials, rescores
 from .space import SearchSpace
@@ -203,15 +204,22 @@ def prepare(config: StudyConfig, device="auto", progress: bool = True) -> tuple[
         dense.to(device)
     log.info("dense model %s: val %.2f%% on %d images; accuracy floor %.2f%%", checkpoint, dense_val,
              len(data.val), floor)
-    upper, allocation, prior_info, warm = None, None, {}, {}
+    upper, allocation, prior_info, warm, centre = None, None, {}, {}, None
     if config.priors.enabled:
         upper, allocation, prior_info = compute_study_priors(config, dense, checkpoint, data, progress)
         warm = warm_starts(config, dense)
-        upper = widen_for_starts(upper, {"prior allocation": allocation, **warm})
-    space = SearchSpace.for_study(config, dense.channels, upper, dense.num_classes)
+        starts = {"prior allocation": allocation, **warm}
+        upper = widen_for_starts(upper, starts)
+        if config.priors.centre:
+            name, scores = choose_centre(config, dense, data, starts)
+            centre = starts[name]
+            prior_info.update(space_centre=name, centre_scores=scores)
+    space = SearchSpace.for_study(config, dense.channels, upper, dense.num_classes, centre=centre,
+                                  starts=list(warm.values()) + ([allocation] if allocation else []))
     # Stored redacted: anyone who opens the study (optuna-dashboard too) reads it; workers take the
     # real URL from their own command line.
     info = {"config": redacted_config(config), "space_signature": space.signature(), "space_upper": space.upper,
+            "space_centre_ratios": space.centre, "space_spread": space.spread or None,
             "dense": figures, "accuracy_floor": floor, "checkpoint": str(checkpoint),
             "checkpoint_sha256": file_digest(checkpoint), "data": data.describe(),
             "prior_allocation": allocation, "warm_starts": warm, **prior_info}
@@ -251,6 +259,30 @@ def widen_for_starts(upper: dict[str, float], starts: dict[str, dict[str, float]
             log.info("bounds: %s opened to hold the %s warm start as the rule made it", ", ".join(
                 f"{n} {upper[n]:.2f} -> {wide[n]:.3f}" for n in opened), name)
     return wide
+
+
+def choose_centre(config, dense, data, starts: dict[str, dict]) -> tuple[str, dict[str, float]]:
+    """The start a centred space is built around, and each start's cheap score (percent).
+
+    Fine-grained: the start with the best BatchNorm-recalibrated validation
+    score, which ranks fine-grained configs like the fine-tune does. Channel:
+    that score hardly ranks channel configs, so the first one-shot rule
+    (uniform by default), as the rule a person would try first.
+    """
+    from .objective import cheap_score
+
+    kind = config.study.kind
+    if kind == "channel":
+        rules = [n for n in starts if n != "prior allocation"] or list(starts)
+        log.info("space: centred on the %s allocation (the cheap score does not rank channel configs)", rules[0])
+        return rules[0], {}
+    scores = {name: cheap_score(dense, PruningPlan(kind, {n: r for n, r in ratios.items() if r > 0}, "",
+                                                   tuple(dense.channels)), data, config)
+              for name, ratios in starts.items()}
+    best = max(scores, key=lambda n: (scores[n], -list(starts).index(n)))
+    log.info("space: centred on the %s allocation, the best cheap score (BatchNorm-recalibrated val: %s)", best,
+             ", ".join(f"{n} {v:.2f}%" for n, v in scores.items()))
+    return best, scores
 
 
 def warm_starts(config, dense) -> dict[str, dict[str, float]]:

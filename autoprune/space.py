@@ -11,6 +11,14 @@ Parameters of a trial:
   Pareto front instead of piling them at the cap. Single-objective studies
   always spend the whole cap.
 
+A *centred* space (``[priors] centre``, the default with priors) samples each
+layer's preference as a deviation from a centre allocation (the best one-shot
+rule's, chosen at setup) instead of anywhere in the box: the parameter is the
+log of the layer's kept fraction relative to the centre's, in ``[-spread,
+spread]`` (``spread`` ln 2: between half and twice the centre's kept weights),
+so all parameters 0 is the centre itself, and a step means the same at 50%
+as at 99% sparsity. The box ``[0, upper]`` still clips every preference.
+
 Before any fine-tuning, the preferences are projected onto exactly that cost
 (the cost objective: size for fine-grained, MACs or size for channel) with
 :mod:`autoprune.budget`'s shift rule, which keeps their per-layer shape; any
@@ -24,7 +32,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import optuna
 
@@ -50,14 +59,26 @@ class SearchSpace:
     criterion: str = ""
     num_classes: int = 10
     budget_low: float | None = None  # lowest sampled budget (fraction of the cap); None: always the cap
+    centre: dict | None = None  # layer -> ratio the deviations are from; None: the whole box
+    spread: dict = field(default_factory=dict)  # layer -> (low, high) log kept-fraction deviation
 
     @classmethod
     def build(cls, kind, channels, upper=None, *, max_size_fraction, max_macs_fraction=None,
-              criterion="", num_classes=10, budget_low=None) -> "SearchSpace":
+              criterion="", num_classes=10, budget_low=None, centre=None, spread=math.log(2),
+              starts=()) -> "SearchSpace":
+        """``centre``: sample deviations from this allocation (``spread``: half-range, log kept
+        fraction), wide enough to hold each of ``starts`` (allocations enqueued as trials) exactly."""
         default = NO_PRIOR_UPPER[kind]
         hard = budget.channel_upper_bounds(channels) if kind == "channel" else {}
         bounds = {n: min(default if upper is None else upper[n], hard.get(n, 1.0)) for n in layers_for(kind)}
         space = cls(kind, list(channels), bounds, max_size_fraction, max_macs_fraction, criterion, num_classes)
+        if centre is not None:
+            space.centre = {n: float(centre.get(n, 0.0)) for n in bounds}
+            space.spread = {n: (-spread, spread) for n in bounds}
+            for start in starts:
+                for n, d in space.deviations(start).items():
+                    lo, hi = space.spread[n]
+                    space.spread[n] = (min(lo, d), max(hi, d))
         try:
             smallest = space.cost(bounds)[space.budget_metric] / space.cap
             space.repair({**bounds, BUDGET: 1.0})
@@ -69,14 +90,15 @@ class SearchSpace:
         return space
 
     @classmethod
-    def for_study(cls, config, channels, upper=None, num_classes=10) -> "SearchSpace":
+    def for_study(cls, config, channels, upper=None, num_classes=10, centre=None, starts=()) -> "SearchSpace":
         """The space a study config defines over a dense model with these conv widths."""
         multi = len(config.objectives) > 1
         return cls.build(config.study.kind, channels, upper,
                          max_size_fraction=config.constraints.max_size_fraction,
                          max_macs_fraction=config.constraints.max_macs_fraction,
                          criterion=config.study.criterion, num_classes=num_classes,
-                         budget_low=config.study.budget_low if multi else None)
+                         budget_low=config.study.budget_low if multi else None,
+                         centre=centre, spread=config.priors.spread, starts=starts)
 
     # --- what the budget is on ---------------------------------------------------
 
@@ -91,23 +113,47 @@ class SearchSpace:
 
     def signature(self) -> str:
         """A short hash of everything that defines the space (a study keeps one space)."""
-        blob = json.dumps({"kind": self.kind, "channels": self.channels,
-                           "upper": {k: round(v, 6) for k, v in self.upper.items()},
-                           "criterion": self.criterion, "budget_low": self.budget_low}, sort_keys=True)
+        shape = {"kind": self.kind, "channels": self.channels,
+                 "upper": {k: round(v, 6) for k, v in self.upper.items()},
+                 "criterion": self.criterion, "budget_low": self.budget_low}
+        if self.centre is not None:
+            shape["centre"] = {k: round(v, 6) for k, v in self.centre.items()}
+            shape["spread"] = {k: [round(a, 6), round(b, 6)] for k, (a, b) in self.spread.items()}
+        blob = json.dumps(shape, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     # --- sampling and projection ---------------------------------------------------
 
+    # Kept fractions below this are treated as this (a log needs > 0; 1e-6 of a layer is no weight).
+    _MIN_KEPT = 1e-6
+
+    def deviations(self, allocation: dict[str, float]) -> dict[str, float]:
+        """A centred space's parameters for ``allocation``: log(kept / centre's kept), searched layers only."""
+        keep = self._MIN_KEPT
+        return {n: math.log(max(1.0 - float(allocation.get(n, 0.0)), keep) / max(1.0 - self.centre[n], keep))
+                for n, hi in self.upper.items() if hi > 0}
+
     def suggest(self, trial: optuna.Trial) -> dict[str, float]:
         """The sampler's proposal: a preference per searched layer (others 0), and the budget."""
-        proposal = {n: trial.suggest_float(n, 0.0, hi) if hi > 0 else 0.0 for n, hi in self.upper.items()}
+        if self.centre is None:
+            proposal = {n: trial.suggest_float(n, 0.0, hi) if hi > 0 else 0.0 for n, hi in self.upper.items()}
+        else:
+            proposal = {n: 0.0 for n in self.upper}
+            for n, hi in self.upper.items():
+                if hi > 0:
+                    d = trial.suggest_float(n, *self.spread[n])
+                    kept = max(1.0 - self.centre[n], self._MIN_KEPT) * math.exp(d)
+                    proposal[n] = min(max(1.0 - kept, 0.0), hi)
         if self.budget_low is not None and self.budget_low < 1.0:
             proposal[BUDGET] = trial.suggest_float(BUDGET, self.budget_low, 1.0)
         return proposal
 
     def initial_params(self, allocation: dict[str, float]) -> dict[str, float]:
         """Trial params that reproduce a prior allocation at the full cap (for enqueue_trial)."""
-        params = {n: min(v, self.upper[n]) for n, v in allocation.items() if self.upper.get(n, 0) > 0}
+        if self.centre is None:
+            params = {n: min(v, self.upper[n]) for n, v in allocation.items() if self.upper.get(n, 0) > 0}
+        else:
+            params = {n: min(max(d, self.spread[n][0]), self.spread[n][1]) for n, d in self.deviations(allocation).items()}
         if self.budget_low is not None and self.budget_low < 1.0:
             params[BUDGET] = 1.0
         return params

@@ -386,6 +386,9 @@ def worker_context(study: optuna.Study, url: str, device="auto", progress: bool 
     store = study_artifact_store(study)
     dense, _ = load_checkpoint(study_checkpoint(study, store))
     space = SearchSpace.for_study(config, dense.channels, attrs.get("space_upper"), dense.num_classes)
+    if attrs.get("space_centre_ratios") is not None:  # a centred space: its centre and ranges as recorded
+        space.centre = dict(attrs["space_centre_ratios"])
+        space.spread = {n: tuple(v) for n, v in attrs["space_spread"].items()}
     if attrs.get("space_signature") not in (None, space.signature()):
         raise AutopruneError(f"the search space rebuilt from study {study.study_name!r} has signature "
                              f"{space.signature()}, not the recorded {attrs['space_signature']}; the study's "

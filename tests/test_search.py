@@ -91,18 +91,20 @@ def test_tiny_study_counts_constraints_and_attributes(tmp_path, storage_kind):
         assert set(t.user_attrs["plan"]) <= {f"conv{i}" for i in range(8)} | {"classifier"}
     # The prior allocation is the first trial, then the one-shot rules' allocations (warm starts).
     assert [t.user_attrs.get("warm_start") for t in trials] == ["prior allocation", "lamp", "global"]
-    first = dict(trials[0].params)
-    assert first.pop("budget") == 1.0  # the whole cap
-    assert first == pytest.approx({k: v for k, v in study.user_attrs["prior_allocation"].items() if k in first})
     upper = study.user_attrs["space_upper"]
     numels = layer_numels(vgg_channels(0.125))
+    # A centred space around the start with the best cheap score: its parameters (log kept-fraction
+    # deviations) are all 0 there.
+    centre = study.user_attrs["space_centre"]
+    assert centre in ("prior allocation", "lamp", "global")
+    scores = study.user_attrs["centre_scores"]
+    assert scores[centre] == max(scores.values())
     for t, rule in zip(trials, ("prior allocation", "lamp", "global")):
         wanted = study.user_attrs["warm_starts"].get(rule) or study.user_attrs["prior_allocation"]
         assert all(wanted[k] <= upper[k] for k in wanted)  # inside the space: never clipped
-        if rule != "prior allocation":
-            assert t.params["budget"] == 1.0
-            assert {k: v for k, v in t.params.items() if k != "budget"} == pytest.approx(
-                {k: v for k, v in wanted.items() if upper[k] > 0})
+        assert t.params["budget"] == 1.0  # the whole cap
+        if rule == centre:
+            assert set(t.params.values()) == {0.0, 1.0}
         # ... and it ran exactly as its rule made it: the same zero count in every layer.
         ran = t.user_attrs["plan"]
         assert {k: round(ran.get(k, 0.0) * numels[k]) for k in wanted} == {
