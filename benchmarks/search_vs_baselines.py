@@ -1,46 +1,56 @@
-"""Does the search beat the hand-made and one-shot baselines at the same fine-tune budget?
+"""The verdict: does the shipped search beat the best one-shot rule, paired over seeds?
 
-On the real CIFAR-10 subset (train split for training and fine-tuning, the
-validation split carved from it for every choice, test images only for the
-final table) with one narrow dense VGG trained by autoprune:
+Every method prunes the same dense VGG (trained once by autoprune's own dense
+training and cached) and is fine-tuned by ``autoprune.objective.finetune``,
+the one fine-tune every config gets. Per (kind, target, seed):
 
-* fine-grained, at nonzero size fractions 0.25, 0.15 and 0.10: uniform
-  magnitude, global magnitude, LAMP, the lab's by-hand rule (each layer's
-  largest sensitivity-scan sparsity within a 2-point drop, scaled to the
-  target), and autoprune studies: TPE with sensitivity priors, TPE without
-  priors ("cold") and random sampling;
-* channel, at 2x and 3x fewer MACs: uniform ratios against the same three
-  searches, with CPU latency at batch 1 and 64 of each chosen config.
-
-Every config gets the same fine-tune (the study recipe). Baselines are also
-swept over more sizes to find the smallest size each reaches at the accuracy
-floor (dense validation accuracy minus ``--max-drop`` points). A search's
-figures after 10 and 20 trials are those of the first 10 and 20 trials of its
-longest study (an anytime curve: the same sampler seed gives the same first
-trials). The seeds change the fine-tune's data order and the sampler; the
-dense model is the same.
+* every one-shot rule (``autoprune.priors.ONE_SHOT_RULES``; fine-grained also
+  the lab's by-hand rule) is fine-tuned once with that seed, and the best rule
+  is chosen on the validation split;
+* the shipped search is ``autoprune search`` on ``studies/subset-*.toml`` with
+  only the target, seed, width, trials, storage, out_dir and the dense
+  checkpoint overridden, plus the accuracy floor lifted (``--max-drop``: at
+  the small targets no config reaches the studies' floor, so nothing would be
+  feasible, re-scored or picked). It runs to ``--anytime`` trials (pick
+  recorded), then resumes to ``--trials`` (pick recorded); its pick is
+  ``autoprune.pick.pick`` (by the re-scored mean) and its test accuracy that of
+  the kept weights (what export ships);
+* per seed: pick test - best rule test, then the mean with a 95% t interval
+  over seeds (and pick - each rule; pick - the pick at ``--anytime`` trials;
+  pick - the first-score pick, which is what re-scoring buys);
+* selection gap: the reported gap (first validation score - re-scored mean)
+  against the gap seen on test, (first val - test) minus the rules' mean
+  (val - test) at that seed (unselected configs give the split's offset);
+* equal compute (fine-grained, ``--screen-target``): the same study with
+  ``[fidelity] screen`` and as many trials as fit in the shipped study's trial
+  seconds.
 
 Writes ``benchmarks/results/search-vs-baselines.{json,md,png}`` and the
-per-config rows ``search-vs-baselines-rows.csv``, and rewrites the table in
-README.md between its ``search-vs-baselines`` markers. Resumable: finished
-jobs are kept in ``reports/bench-search/`` and a rerun picks up where it
-stopped.
+per-config rows ``search-vs-baselines-rows.csv``, and rewrites README.md
+between its ``search-vs-baselines`` markers. Resumable: each finished job is
+one JSON file in ``reports/bench-verdict/jobs/`` (written atomically) and a
+rerun skips it; a study resumes from its SQLite file.
 
-    python benchmarks/search_vs_baselines.py              # ~75 min on 2 CPU cores
-    python benchmarks/search_vs_baselines.py --summarize  # tables/figure from the kept jobs only
+    python benchmarks/search_vs_baselines.py --plan                # the job plan and its estimated time only
+    python benchmarks/search_vs_baselines.py                       # ~2.9 h on 2 CPU cores
+    python benchmarks/search_vs_baselines.py --only fine_grained:0.10   # one part first
+    python benchmarks/search_vs_baselines.py --summarize           # tables/figure from the kept jobs only
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
+import os
 import platform
 import sys
 import time
-import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from multiprocessing import get_context
 from pathlib import Path
@@ -52,484 +62,543 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from autoprune import budget, metrics  # noqa: E402
+from autoprune import metrics  # noqa: E402
 from autoprune.config import StudyConfig, load_config  # noqa: E402
-from autoprune.model import build_model  # noqa: E402
-from autoprune.plan import PruningPlan, prune  # noqa: E402
-from autoprune.search import dense_model  # noqa: E402
-from autoprune.train import evaluate, fit, resolve_device  # noqa: E402
+from autoprune.files import atomic_write  # noqa: E402
+from autoprune.priors import ONE_SHOT_RULES  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-BASE_TOML = {"fine_grained": "subset-fine-grained.toml", "channel": "subset-channel.toml"}
-GRID = {"fine_grained": [0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98], "channel": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]}
-SEARCHES = {  # method -> (sampler, priors enabled)
-    "tpe_priors": ("tpe", True),
-    "tpe_cold": ("tpe", False),
-    "random": ("random", False),
-}
-BASELINES = {"fine_grained": ["uniform", "global", "lamp", "by_hand"], "channel": ["uniform"]}
+STUDY_TOML = {"fine_grained": "subset-fine-grained.toml", "channel": "subset-channel.toml"}
+# The by-hand rule's own scan: to 0.98, or no layer could go past 0.9 and size 0.05 were out of reach.
+BY_HAND_GRID = [0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98]
 LABEL = {"uniform": "uniform", "global": "global magnitude", "lamp": "LAMP", "by_hand": "by hand (lab rule)",
-         "tpe_priors": "TPE + priors", "tpe_cold": "TPE, no priors", "random": "random search"}
-COLOR = {"uniform": "tab:blue", "global": "tab:orange", "lamp": "tab:green", "by_hand": "tab:red",
-         "tpe_priors": "tab:purple", "tpe_cold": "tab:brown", "random": "tab:pink"}
+         "tp_magnitude": "Torch-Pruning magnitude", "tp_lamp": "Torch-Pruning LAMP",
+         "tp_bn_scale": "Torch-Pruning BN scale"}
+# (kind, target) -> (least mean of pick - best rule, whether the 95% interval must lie above 0)
+GOALS = {("fine_grained", 0.10): (1.0, True), ("fine_grained", 0.05): (1.0, True),
+         ("fine_grained", 0.25): (-0.2, False), ("channel", 0.3333): (1.0, False)}
 MARK_START, MARK_END = "<!-- search-vs-baselines:start -->", "<!-- search-vs-baselines:end -->"
+# t quantile 0.975 for 1..30 degrees of freedom (beyond 30 the Cornish-Fisher series below is within 0.002)
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042]
+
+
+def rules(kind: str) -> list[str]:
+    return list(ONE_SHOT_RULES[kind]) + (["by_hand"] if kind == "fine_grained" else [])
 
 
 @dataclass(frozen=True)
 class Job:
     kind: str  # fine_grained | channel
-    method: str
-    target: float  # size fraction (fine) or MACs fraction (channel)
+    target: float  # size fraction (fine-grained) or MACs fraction (channel)
     seed: int
-    trials: int = 0  # searches only
-    budget_low: float | None = None  # searches: lowest sampled budget (fraction of the cap); None: the default
-    early_stop: bool = False  # searches: the study's early stop of hopeless trials
-
-    @property
-    def study_name(self) -> str:
-        """The study (and its SQLite file): asking for more trials later extends it."""
-        low = f"-low{self.budget_low:g}" if self.budget_low else ""
-        full = "-full" if self.trials and not self.early_stop else ""  # every trial fully fine-tuned
-        return f"{self.kind}-{self.method}-{self.target:.4f}-s{self.seed}{low}{full}"
+    method: str  # a rule, "search" (the shipped study) or "screen" (the same with [fidelity] screen)
 
     @property
     def name(self) -> str:
-        return self.study_name + (f"-n{self.trials}" if self.trials else "")
+        return f"{self.kind}-{self.target:.4f}-s{self.seed}-{self.method}"
+
+    @property
+    def is_study(self) -> bool:
+        return self.method in ("search", "screen")
 
 
-def base_config(args, kind: str) -> StudyConfig:
-    config = load_config(REPO / "studies" / BASE_TOML[kind], name=f"bench-{kind}")
+def study_config(args, kind: str, target: float, seed: int, name: str, trials: int, checkpoint: str) -> StudyConfig:
+    """The shipped study TOML with only what the comparison must fix overridden (see the module doc)."""
+    config = load_config(REPO / "studies" / STUDY_TOML[kind], name=name, trials=trials, seed=seed)
     config.model.width = args.width
-    config.model.train_epochs = args.dense_epochs
-    config.finetune.epochs = args.finetune_epochs
-    config.constraints.max_accuracy_drop = args.max_drop
-    config.priors.grid = list(GRID[kind])
-    config.fidelity.ladder = False  # every config gets the whole fine-tune: a fair comparison
-    config.study.out_dir = str(args.work / kind)  # shared: one sensitivity scan per kind
+    config.model.checkpoint = checkpoint  # every method prunes the same dense model
+    config.study.out_dir = str(args.work / kind)  # shared: each sensitivity scan is cached once
+    config.study.storage = f"sqlite:///{args.work / kind / (name + '.db')}"
+    c = config.constraints
+    if kind == "fine_grained":
+        c.max_size_fraction = target
+    else:  # MACs alone, as the rules are held to
+        c.max_size_fraction, c.max_macs_fraction = 1.0, target
+    c.min_accuracy, c.max_accuracy_drop = None, args.max_drop
+    if args.finetune_epochs:
+        config.finetune.epochs = args.finetune_epochs
     if args.data:
         config.data.spec = args.data
     if args.val_size:
         config.data.val_size = args.val_size
-    return config
-
-
-def job_config(args, job: Job, checkpoint: str) -> StudyConfig:
-    config = base_config(args, job.kind)
-    sampler, priors = SEARCHES[job.method]
-    config.study.name = job.study_name
-    config.study.trials = job.trials
-    config.study.sampler = sampler
-    config.study.seed = job.seed
-    config.study.storage = f"sqlite:///{args.work / job.kind / (job.study_name + '.db')}"
-    config.priors.enabled = priors
-    config.model.checkpoint = checkpoint
-    if job.budget_low:
-        config.study.budget_low = job.budget_low
-    # Off by default: every config gets the same fine-tune, or a trial stopped after one epoch
-    # (val < floor - 6 points) could never be chosen and a study could end with nothing to show.
-    config.finetune.early_stop = job.early_stop
-    c = config.constraints
-    if job.kind == "fine_grained":
-        c.max_size_fraction = job.target
-    else:
-        c.max_size_fraction, c.max_macs_fraction = 1.0, job.target
     return config.validate()
 
 
-# --- one job: a fine-tuned baseline config, or a whole study --------------------------
+# --- jobs (run in worker processes) ---------------------------------------------------
 
 
-def baseline_ratios(job: Job, dense, scan) -> dict[str, float]:
-    from autoprune.priors import by_hand_rule, one_shot_allocation
+def run_rule(args, job: Job, checkpoint: str, scan) -> dict:
+    """One rule's config at the target, fine-tuned once with the job's seed."""
+    from autoprune.model import load_checkpoint
+    from autoprune.objective import finetune
+    from autoprune.plan import PruningPlan, prune
+    from autoprune.priors import by_hand_rule, one_shot_pruned
+    from autoprune.train import evaluate
 
+    config = study_config(args, job.kind, job.target, job.seed, job.name, 1, checkpoint)
+    data = config.load_data()
+    dense = load_checkpoint(checkpoint)[0].eval()
     if job.method == "by_hand":
         df, dense_acc = scan
-        return by_hand_rule(df, dense_acc, dense.channels, "fine_grained", job.target, drop=2.0)
-    return one_shot_allocation(job.method, dense, job.kind, job.target, "macs")
-
-
-def run_baseline(args, job: Job, checkpoint: str, scan) -> list[dict]:
-    from autoprune.model import load_checkpoint
-
-    config = base_config(args, job.kind)
-    config.study.seed = job.seed
-    device = resolve_device(args.device)
-    data = config.load_data().to(device)
-    dense = load_checkpoint(checkpoint)[0].to(device).eval()
-    ratios = baseline_ratios(job, dense, scan)
-    pruned = prune(dense, PruningPlan(job.kind, ratios, "", tuple(dense.channels)))
-    history = fit(pruned.model, data, config.finetune_recipe(), masks=pruned.masks, progress=False)
+        ratios = by_hand_rule(df, dense_acc, dense.channels, job.kind, job.target, drop=2.0)
+        pruned = prune(dense, PruningPlan(job.kind, ratios, "", tuple(dense.channels)))
+    else:
+        pruned, ratios = one_shot_pruned(job.method, dense, job.kind, job.target,
+                                         metric="params" if job.kind == "fine_grained" else "macs")
+    history = finetune(pruned, dense, data, config, job.seed, desc=job.name)
     model = pruned.model.eval()
     figures = metrics.profile(model, latency=False)
-    return [{"trial": 0, "val_accuracy": history[-1]["val_accuracy"], "test_accuracy": evaluate(model, data.test),
-             "size_fraction": figures["nonzero_params"] / metrics.count_params(dense),
-             "macs_fraction": figures["macs"] / metrics.count_macs(dense), "complete": True,
-             "channels": list(model.channels) if job.kind == "channel" else None,
-             "plan": json.dumps({k: round(v, 5) for k, v in ratios.items()})}]
+    return {"val_accuracy": history[-1]["val_accuracy"], "test_accuracy": evaluate(model, data.test),
+            "size_fraction": figures["nonzero_params"] / metrics.count_params(dense),
+            "macs_fraction": figures["macs"] / metrics.count_macs(dense),
+            "plan": {k: round(float(v), 5) for k, v in ratios.items()}}
 
 
-def run_study(args, job: Job, checkpoint: str) -> list[dict]:
+def study_record(config: StudyConfig, wall_seconds: float) -> dict:
+    """What one stage of a study shows: its pick, the first-score pick, its costs."""
     import optuna
     from optuna.trial import TrialState
 
-    from autoprune.pick import is_deployable
+    from autoprune.errors import NothingQualifies
+    from autoprune.pick import is_deployable, is_feasible, pick
+    from autoprune.rescore import rescores
+
+    study = optuna.load_study(study_name=config.study.name, storage=config.storage_url)
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    scores = rescores(study)
+    try:
+        picked = pick(study, config)[0]
+    except NothingQualifies:
+        picked = None
+    # Picking by the first score alone, as before re-scoring: what re-scoring is measured against.
+    ok = [t for t in trials if is_deployable(t, config) and is_feasible(t)]
+    first = max(ok, key=lambda t: (t.user_attrs["val_accuracy"], -t.user_attrs[config.cost_attr]), default=None)
+
+    def brief(t):
+        if t is None:
+            return None
+        a, r = t.user_attrs, scores.get(t.number, {})
+        return {"trial": t.number, "val_accuracy": r.get("first", a["val_accuracy"]),
+                "test_accuracy": a["test_accuracy"], "rescore_n": r.get("n", 0), "rescore_mean": r.get("mean"),
+                "gap": r.get("gap"), "size_fraction": a["size_fraction"], "macs_fraction": a["macs_fraction"]}
+
+    return {"trials": len(trials), "pick": brief(picked), "first_score_pick": brief(first),
+            "trial_seconds": sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials),
+            "wall_seconds": wall_seconds,
+            "rows": [{"trial": t.number, "val_accuracy": t.user_attrs["val_accuracy"],
+                      "test_accuracy": t.user_attrs["test_accuracy"], "size_fraction": t.user_attrs["size_fraction"],
+                      "macs_fraction": t.user_attrs["macs_fraction"], "deployable": is_deployable(t, config),
+                      "feasible": is_feasible(t), "rescore_n": scores.get(t.number, {}).get("n", 0),
+                      "rescore_mean": scores.get(t.number, {}).get("mean")} for t in trials]}
+
+
+def screen_trials(ship: dict, screen: int, candidate_seconds: float) -> int:
+    """Trials of the screened study that cost the shipped study's trial seconds.
+
+    A screened trial costs a shipped one plus ``screen`` cheap scores.
+    """
+    per_trial = ship["trial_seconds"] / ship["trials"]
+    return max(1, round(ship["trial_seconds"] / (per_trial + screen * candidate_seconds)))
+
+
+def cheap_score_seconds(config: StudyConfig, checkpoint: str) -> float:
+    """One candidate's cheap score as the studies compute it: BatchNorm recalibration + validation pass."""
+    from autoprune.model import load_checkpoint
+    from autoprune.train import evaluate, recalibrate_bn
+
+    data, model = config.load_data(), load_checkpoint(checkpoint)[0]
+    start = time.perf_counter()
+    recalibrate_bn(model, data.train, config.fidelity.bn_recal_batches, config.fidelity.bn_recal_batch_size, 0)
+    evaluate(model, data.val)
+    return time.perf_counter() - start
+
+
+def run_study(args, job: Job, checkpoint: str, ship: dict | None) -> dict:
+    """The shipped study to --anytime trials, then --trials (or the screened one, sized to equal seconds).
+
+    Each stage's record is kept in a partial file, so a rerun after a crash resumes the study
+    without recomputing (or contaminating) an earlier stage's pick.
+    """
     from autoprune.search import run_search
 
-    config = job_config(args, job, checkpoint)
-    run_search(config, device=args.device, progress=False)
-    study = optuna.load_study(study_name=config.study.name, storage=config.storage_url)
-    rows = []
-    for t in sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number):
-        a = t.user_attrs
-        rows.append({"trial": t.number, "val_accuracy": a["val_accuracy"], "test_accuracy": a["test_accuracy"],
-                     "size_fraction": a["size_fraction"], "macs_fraction": a["macs_fraction"],
-                     "complete": is_deployable(t, config), "channels": a.get("channels") if job.kind == "channel"
-                     else None, "plan": json.dumps({k: round(v, 5) for k, v in a["plan"].items()})})
-    return rows[: job.trials]
+    partial = args.work / "jobs" / f"{job.name}.partial.json"
+    done = json.loads(partial.read_text()) if partial.is_file() else {"stages": {}}
+    config = study_config(args, job.kind, job.target, job.seed, job.name, args.trials, checkpoint)
+    if job.method == "screen":
+        config.fidelity.screen = args.screen
+        # sized once and kept: a rerun after a crash resumes the same study
+        done.setdefault("size", screen_trials(ship, args.screen, cheap_score_seconds(config, checkpoint)))
+        stages = [done["size"]]
+    else:
+        stages = [args.anytime, args.trials] if 0 < args.anytime < args.trials else [args.trials]
+    for n in stages:
+        if str(n) in done["stages"]:
+            continue
+        config.study.trials = n
+        start = time.perf_counter()
+        run_search(config, device=args.device, progress=False)
+        done["stages"][str(n)] = study_record(config, time.perf_counter() - start)
+        atomic_write(partial, json.dumps(done))
+    return {"stages": done["stages"]}
 
 
-def run_job(args, job: Job, checkpoint: str, scans: dict) -> tuple[Job, list[dict], float]:
+def run_job(args, job: Job, checkpoint: str, scan, ship: dict | None) -> tuple[Job, dict | None, str]:
+    """Run one job and keep its result (atomically); (job, result, error)."""
     torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.WARNING)
     start = time.perf_counter()
-    if job.trials:
-        rows = run_study(args, job, checkpoint)
-    else:
-        rows = run_baseline(args, job, checkpoint, scans.get(job.kind))
-    for r in rows:
-        r.update(kind=job.kind, method=job.method, target=job.target, seed=job.seed, floor_study=bool(job.budget_low))
-    out = args.work / "jobs" / f"{job.name}.json"
-    out.write_text(json.dumps(rows))
-    return job, rows, time.perf_counter() - start
+    # The studies' trial lines go to the job's log, not between the progress lines of two processes.
+    (args.work / "logs").mkdir(exist_ok=True)
+    with open(args.work / "logs" / f"{job.name}.log", "a") as log, contextlib.redirect_stderr(log):
+        try:
+            if job.is_study:
+                result = run_study(args, job, checkpoint, ship)
+            else:
+                result = {"rule": run_rule(args, job, checkpoint, scan)}
+        except Exception as exc:  # one failed job must not end a 3-hour run; it is reported and rerun next time
+            traceback.print_exc()
+            return job, None, f"{type(exc).__name__}: {exc} (log: {log.name})"
+    result.update(job=asdict(job), seconds=time.perf_counter() - start)
+    atomic_write(args.work / "jobs" / f"{job.name}.json", json.dumps(result))
+    (args.work / "jobs" / f"{job.name}.partial.json").unlink(missing_ok=True)
+    return job, result, ""
 
 
-def priority(args, job: Job) -> tuple:
-    """Run order: what the goals need first (the first fine-grained target, its baselines), then
-    the first channel target, then the rest; long studies before short jobs within a group."""
-    if job.budget_low:
-        return 5, -job.trials, job.target
-    if job.kind == "fine_grained":
-        group = 0 if job.trials and np.isclose(job.target, args.fine_targets[0]) else (1 if not job.trials else 3)
-    else:
-        group = 2 if not job.trials or np.isclose(job.target, args.channel_targets[0]) else 4
-    return group, -job.trials, job.target
+# --- the plan -----------------------------------------------------------------------
+
+
+def parts(args) -> list[tuple[str, float]]:
+    """(kind, target) pairs in run order (goal targets first, as given), filtered by --only."""
+    out = [("fine_grained", t) for t in args.fine_targets] + [("channel", t) for t in args.channel_targets]
+    if args.only:
+        out = [(k, t) for k, t in out if any(k == ok and (ot is None or np.isclose(t, ot)) for ok, ot in args.only)]
+    return out
 
 
 def plan_jobs(args) -> list[Job]:
-    jobs = []
-    for seed in args.seeds:
-        for kind, targets, sweep in (("fine_grained", args.fine_targets, args.fine_sweep),
-                                     ("channel", args.channel_targets, args.channel_sweep)):
-            if kind not in args.kinds:
-                continue
-            for method in BASELINES[kind]:
-                for target in sorted(set(targets) | set(sweep)):
-                    jobs.append(Job(kind, method, target, seed))
-            for i, target in enumerate(targets):
-                trials = args.trials if (kind, i) == ("fine_grained", 0) or args.trials_everywhere else args.trials_other
-                for method in args.methods:
-                    early = (kind, target) in args.early_stop_at
-                    jobs.append(Job(kind, method, target, seed, trials, early_stop=early))
-        if "fine_grained" in args.kinds and args.floor_trials:
-            # How far each search gets at the floor: a study capped at --floor-cap (above where the
-            # baselines reach the floor) sampling budgets down to --floor-budget-low x the cap.
-            for method in args.methods:
-                jobs.append(Job("fine_grained", method, args.floor_cap, seed, args.floor_trials,
-                                args.floor_budget_low))
-    return jobs
+    """Every job, longest first (studies, then screens, then rules): the shortest tail on 2 processes."""
+    todo = parts(args)
+    jobs = [Job(k, t, s, "search") for k, t in todo for s in args.seeds]
+    if args.screen and any(k == "fine_grained" and np.isclose(t, args.screen_target) for k, t in todo):
+        jobs += [Job("fine_grained", args.screen_target, s, "screen") for s in args.seeds]
+    return jobs + [Job(k, t, s, r) for k, t in todo for s in args.seeds for r in rules(k)]
 
 
-# --- summary --------------------------------------------------------------------------
+def finetune_seconds(args, dense, data, config: StudyConfig) -> dict:
+    """Measured now: seconds of one fine-tune per (kind, target) and of one evaluation (for the plan)."""
+    from autoprune.data import batches
+    from autoprune.plan import PruningPlan, prune
+    from autoprune.priors import one_shot_allocation
+    from autoprune.train import evaluate
 
-
-def cost_col(kind: str) -> str:
-    return "size_fraction" if kind == "fine_grained" else "macs_fraction"
-
-
-def per_run(rows: pd.DataFrame, floor: float, budgets: list[int]) -> pd.DataFrame:
-    """One line per (kind, method, target, seed, trial budget): the config chosen on validation."""
-    out = []
-    for (kind, method, target, seed), g in rows.groupby(["kind", "method", "target", "seed"]):
-        g = g.sort_values("trial")
-        search = method in SEARCHES
-        for n in (budgets if search else [1]):
-            head = g[g["trial"] < n] if search else g
-            if search and g["trial"].max() + 1 < n:
-                continue  # this target ran fewer trials
-            ok = head[head["complete"]]
-            best = ok.loc[ok["val_accuracy"].idxmax()] if len(ok) else None
-            cost = cost_col(kind)
-            feasible = ok[(ok["val_accuracy"] >= floor) & (ok[cost] <= target + 1e-9)]
-            out.append({"kind": kind, "method": method, "target": target, "seed": seed, "trials": n if search else 0,
-                        "val_accuracy": None if best is None else best["val_accuracy"],
-                        "test_accuracy": None if best is None else best["test_accuracy"],
-                        "cost": None if best is None else best[cost],
-                        "channels": None if best is None else best["channels"],
-                        "plan": None if best is None else best["plan"],
-                        "smallest_feasible": feasible[cost].min() if len(feasible) else None,
-                        "first_feasible_trial": int(feasible["trial"].min()) + 1 if len(feasible) else None})
-    return pd.DataFrame(out)
-
-
-def smallest_at_floors(rows: pd.DataFrame, dense_val: float, drops: list[float]) -> pd.DataFrame:
-    """Per (kind, method, seed, drop): the smallest cost of any fully fine-tuned config of the
-    method (every study's trials; every swept size of a baseline) whose validation accuracy is at
-    least ``dense_val - drop``; NaN where none is."""
-    out = []
-    for (kind, method, seed), g in rows[rows["complete"].astype(bool)].groupby(["kind", "method", "seed"]):
-        cost = cost_col(kind)
-        for drop in drops:
-            ok = g[g["val_accuracy"] >= dense_val - drop]
-            out.append({"kind": kind, "method": method, "seed": seed, "drop": drop,
-                        "smallest": ok[cost].min() if len(ok) else np.nan})
-    return pd.DataFrame(out)
-
-
-def at_longest(runs: pd.DataFrame) -> pd.DataFrame:
-    """Each study's line at its largest trial budget (baselines: their one line)."""
-    return runs[runs["trials"] == runs.groupby(["kind", "method", "target", "seed"])["trials"].transform("max")]
-
-
-def latencies(runs: pd.DataFrame, dense_channels, repeats: int) -> dict:
-    """CPU latency (ms) at batch 1 and 64 of the dense model and each chosen channel config.
-
-    Measured here, one model after another in one process with nothing else
-    training, at the benchmark's width and with the same kept fractions on the
-    full-width VGG.
-    """
-    chosen = at_longest(runs)
-    chosen = chosen[(chosen["kind"] == "channel") & chosen["channels"].notna()]
-    out = {"rows": []}
-    full = build_model("vgg", width=1.0).channels
-
-    def measure(channels, batch):
-        model = build_model("vgg", channels=list(channels)).eval()
-        return metrics.measure_latency_ms(model, batch, warmup=3, repeats=repeats if batch == 1 else
-                                          max(5, repeats // 5))
-
-    def dense_pair(channels):  # the dense model twice, around the pruned ones' turn: a drift shows
-        return {b: measure(channels, b) for b in (1, 64)}
-
-    scale = [f / d for f, d in zip(full, dense_channels)]
-    dense_lat, dense_full = dense_pair(dense_channels), dense_pair(full)
-    out["dense"] = {"batch1_ms": dense_lat[1], "batch64_ms": dense_lat[64],
-                    "full_width_batch1_ms": dense_full[1], "full_width_batch64_ms": dense_full[64]}
-    dense_macs = budget.vgg_cost(dense_channels)["macs"]
-    full_macs = budget.vgg_cost(full)["macs"]
-    for _, r in chosen.iterrows():
-        ch = list(r["channels"])
-        ch_full = [max(1, round(c * s)) for c, s in zip(ch, scale)]
-        row = {"method": r["method"], "target": r["target"], "seed": r["seed"], "trials": r["trials"],
-               "channels": ch, "macs_reduction": dense_macs / budget.vgg_cost(ch)["macs"],
-               "full_width_macs_reduction": full_macs / budget.vgg_cost(ch_full)["macs"]}
-        for b in (1, 64):
-            row[f"batch{b}_ms"] = measure(ch, b)
-            row[f"latency_reduction_batch{b}"] = dense_lat[b] / row[f"batch{b}_ms"]
-            row[f"full_width_batch{b}_ms"] = measure(ch_full, b)
-            row[f"full_width_latency_reduction_batch{b}"] = dense_full[b] / row[f"full_width_batch{b}_ms"]
-        out["rows"].append(row)
-        print(f"latency {r['method']} {r['target']:.3f} seed {r['seed']}: batch 1 {row['batch1_ms']:.2f} ms, "
-              f"batch 64 {row['batch64_ms']:.1f} ms (full width {row['full_width_batch64_ms']:.0f} ms)",
-              file=sys.stderr, flush=True)
-    again, again_full = dense_pair(dense_channels), dense_pair(full)
-    out["dense_again"] = {"batch1_ms": again[1], "batch64_ms": again[64], "full_width_batch1_ms": again_full[1],
-                          "full_width_batch64_ms": again_full[64]}
+    torch.set_num_threads(args.threads)
+    ft = config.finetune
+    steps = math.ceil(len(data.train) / ft.batch_size)
+    start = time.perf_counter()
+    evaluate(dense, data.val)
+    evals = time.perf_counter() - start
+    out = {"eval": evals}
+    for kind, target in parts(args):
+        model = dense
+        if kind == "channel":  # fine-grained masks leave the dense compute; channel pruning shrinks it
+            ratios = one_shot_allocation("uniform", dense, kind, target, "macs")
+            model = prune(dense, PruningPlan(kind, ratios, "", tuple(dense.channels))).model
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        times = []
+        for i, (x, y) in enumerate(batches(data.train, ft.batch_size, shuffle=True, generator=torch.Generator())):
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+            if i == 4:
+                break
+        out[(kind, target)] = ft.epochs * (float(np.median(times[1:] or times)) * steps + evals)
+        model.eval()
     return out
 
 
-def mean_sd(x) -> str:
-    x = pd.Series(x).dropna().astype(float)
-    if x.empty:
-        return "none"
-    return f"{x.mean():.2f} ± {x.std(ddof=1):.2f}" if len(x) > 1 else f"{x.mean():.2f}"
+def estimate(job: Job, args, cost: dict, select) -> float:
+    """Seconds of one job by the measured costs: a trial is a fine-tune and three evaluations."""
+    ft, ev = cost[(job.kind, job.target)], cost["eval"]
+    if not job.is_study:
+        return ft + ev
+    rescored = select.top_k * select.seeds  # fine-tunes of one re-score phase
+    if job.method == "screen":
+        return args.trials * (ft + 3 * ev) + rescored * ft
+    stages = 0 < args.anytime < args.trials
+    # a second phase re-scores only the newcomers among the top trials
+    phases = 1 + (args.trials - args.anytime) / args.trials if stages else 1
+    return args.trials * (ft + 3 * ev) + phases * rescored * ft
 
 
-def summarize(args, dense: dict, rows: pd.DataFrame, runs: pd.DataFrame, lat: dict | None) -> dict:
-    table = []
-    for kind, targets in (("fine_grained", args.fine_targets), ("channel", args.channel_targets)):
-        for target in targets:
-            for method in BASELINES[kind] + args.methods:
-                g = runs[(runs["kind"] == kind) & (runs["method"] == method) & np.isclose(runs["target"], target)]
-                for n, h in g.groupby("trials"):
-                    table.append({
-                        "kind": kind, "target": target, "method": method, "trials": int(n), "seeds": len(h),
-                        "val_mean": h["val_accuracy"].mean(), "val_sd": h["val_accuracy"].std(ddof=1),
-                        "test_mean": h["test_accuracy"].mean(), "test_sd": h["test_accuracy"].std(ddof=1),
-                        "cost_mean": h["cost"].mean(),
-                        "first_feasible_trials": [None if pd.isna(v) else int(v) for v in h["first_feasible_trial"]],
-                    })
-    smallest = smallest_at_floors(rows, dense["val_accuracy"], sorted({args.max_drop, *args.floors}))
-    return {"dense": dense, "accuracy_floor": dense["val_accuracy"] - args.max_drop, "runs": runs,
-            "table": pd.DataFrame(table),
-            "smallest": smallest, "latency": lat}
+def hms(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
 
 
-def _first_feasible(s: dict, method: str, target: float) -> list:
-    r = s["runs"]
-    g = at_longest(r[(r["kind"] == "fine_grained") & (r["method"] == method) & np.isclose(r["target"], target)])
-    g = g.sort_values("seed")
-    return [None if pd.isna(v) else int(v) for v in g["first_feasible_trial"]]
+# --- statistics ---------------------------------------------------------------------
 
 
-def goals(s: dict, args) -> list[dict]:
-    t, target = s["table"], args.fine_targets[0]
-    fine = t[(t["kind"] == "fine_grained") & np.isclose(t["target"], target)]
-    if not {"uniform", "tpe_priors", "tpe_cold"} <= set(fine["method"]):
-        return []  # a partial run: the goals need all three
-    uni = fine[fine["method"] == "uniform"].iloc[0]
-    pri = fine[fine["method"] == "tpe_priors"].sort_values("trials").iloc[-1]
-    sm = s["smallest"]
-    sm = sm[(sm["kind"] == "fine_grained") & np.isclose(sm["drop"], args.max_drop)]
-    pri_small = sm[sm["method"] == "tpe_priors"]["smallest"]
-    uni_small = sm[sm["method"] == "uniform"]["smallest"]
-    ratio = float(pri_small.mean() / uni_small.mean()) if pri_small.notna().any() and uni_small.notna().any() else None
-    out = [
-        {"goal": f"test accuracy at size {target:g}: TPE + priors - uniform >= 1 point",
-         "measured": float(pri["test_mean"] - uni["test_mean"]), "holds": bool(pri["test_mean"] - uni["test_mean"] >= 1.0)},
-        {"goal": f"smallest size at the floor (dense - {args.max_drop:g}): TPE + priors <= 0.6 x uniform's",
-         "measured": "none found" if ratio is None else ratio,
-         "holds": bool(ratio is not None and ratio <= 0.6 and pri_small.notna().all())},
-    ]
-    studies = [(target, f"size <= {target:g}")]
-    if args.floor_trials:
-        studies.append((args.floor_cap, f"size <= {args.floor_cap:g} study"))
-    for cap, what in studies:
-        pri_first, cold_first = _first_feasible(s, "tpe_priors", cap), _first_feasible(s, "tpe_cold", cap)
-        if not pri_first:
+def t975(df: int) -> float:
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def paired(diffs) -> dict:
+    """Mean of per-seed differences, its standard error and 95% t interval."""
+    d = pd.Series(diffs, dtype=float).dropna()
+    n = len(d)
+    out = {"n": n, "mean": float(d.mean()) if n else math.nan, "sd": math.nan, "se": math.nan,
+           "lo": math.nan, "hi": math.nan}
+    if n >= 2:
+        sd = float(d.std(ddof=1))
+        se = sd / math.sqrt(n)
+        out.update(sd=sd, se=se, lo=out["mean"] - t975(n - 1) * se, hi=out["mean"] + t975(n - 1) * se)
+    return out
+
+
+def best_rule(rule_rows: pd.DataFrame) -> pd.DataFrame:
+    """Per (kind, target, seed): the rule with the highest validation accuracy (test is only reported)."""
+    r = rule_rows.sort_values(["kind", "target", "seed", "val_accuracy"], ascending=[True, True, True, False])
+    return r.groupby(["kind", "target", "seed"], as_index=False).first()
+
+
+def tables(results: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(rules, stages, configs): one row per rule fine-tune, per study stage, per fine-tuned config."""
+    rule_rows, stage_rows, configs = [], [], []
+    for res in results:
+        key = {k: res["job"][k] for k in ("kind", "target", "seed", "method")}
+        if "rule" in res:
+            r = res["rule"]
+            rule_rows.append({**key, "val_accuracy": r["val_accuracy"], "test_accuracy": r["test_accuracy"],
+                              "seconds": res["seconds"]})
+            configs.append({**key, "trials": None, "trial": None, **{k: v for k, v in r.items() if k != "plan"},
+                            "deployable": True, "feasible": True, "plan": json.dumps(r["plan"])})
             continue
-        later = [c is None or (p is not None and c > p) for p, c in zip(pri_first, cold_first)]
-        out.append({"goal": f"first feasible trial ({what}): TPE + priors within 5, cold TPE later",
-                    "measured": f"{_trials_text(pri_first)} vs {_trials_text(cold_first)}",
-                    "holds": bool(all(v is not None and v <= 5 for v in pri_first) and all(later))})
-    if s["latency"] and s["latency"]["rows"]:
-        lr = pd.DataFrame(s["latency"]["rows"])
-        for b in (1, 64):
-            for pre in ("", "full_width_"):
-                ratio = float((lr[f"{pre}latency_reduction_batch{b}"] / lr[f"{pre}macs_reduction"]).mean())
-                where = "full-width VGG" if pre else f"width {args.width:g} VGG"
-                out.append({"goal": f"channel: latency reduction / MACs reduction >= 0.9 (batch {b}, {where})",
-                            "measured": ratio, "holds": bool(ratio >= 0.9)})
+        last = max(res["stages"], key=int)
+        for n, st in res["stages"].items():
+            p, f = st["pick"] or {}, st["first_score_pick"] or {}
+            stage_rows.append({**key, "trials": int(n), "pick_trial": p.get("trial"),
+                               "pick_val": p.get("val_accuracy"), "pick_test": p.get("test_accuracy"),
+                               "rescore_mean": p.get("rescore_mean"), "rescore_n": p.get("rescore_n"),
+                               "gap": p.get("gap"), "first_test": f.get("test_accuracy"),
+                               "trial_seconds": st["trial_seconds"], "wall_seconds": st["wall_seconds"],
+                               "final": n == last})
+        picked = (res["stages"][last]["pick"] or {}).get("trial")
+        configs += [{**key, "trials": int(last), "picked": row["trial"] == picked, **row}
+                    for row in res["stages"][last]["rows"]]
+    cols = ["kind", "target", "seed", "method"]
+    return (pd.DataFrame(rule_rows, columns=cols + ["val_accuracy", "test_accuracy", "seconds"]),
+            pd.DataFrame(stage_rows, columns=cols + ["trials", "pick_trial", "pick_val", "pick_test", "rescore_mean",
+                                                     "rescore_n", "gap", "first_test", "trial_seconds",
+                                                     "wall_seconds", "final"]),
+            pd.DataFrame(configs).convert_dtypes())
+
+
+def order(key: tuple[str, float]) -> tuple:
+    """Tables read fine-grained first, then channel; larger targets first."""
+    return key[0] != "fine_grained", -key[1]
+
+
+def at(df: pd.DataFrame, kind: str, target: float) -> pd.DataFrame:
+    return df[(df["kind"] == kind) & np.isclose(df["target"], target)]
+
+
+def by_seed(df: pd.DataFrame, col: str) -> pd.Series:
+    return df.set_index("seed")[col].astype(float)
+
+
+def verdict(rule_rows: pd.DataFrame, stages: pd.DataFrame) -> list[dict]:
+    """Per (kind, target), one line per method: mean test and the paired difference pick - method."""
+    out = []
+    best = best_rule(rule_rows) if len(rule_rows) else rule_rows
+    search = stages[stages["method"] == "search"]
+    for (kind, target), g in sorted(search.groupby(["kind", "target"]), key=lambda x: order(x[0])):
+        final = g[g["final"]]
+        pick = by_seed(final, "pick_test")
+        n_final = int(final["trials"].max())
+        lines = [(LABEL.get(m, m), by_seed(h, "test_accuracy"), h["seconds"].mean())
+                 for m, h in at(rule_rows, kind, target).groupby("method", sort=False)]
+        b = at(best, kind, target)
+        chosen = ", ".join(f"{LABEL.get(m, m)} x{c}" for m, c in b["method"].value_counts().items())
+        lines.append((f"best rule, chosen on validation ({chosen})", by_seed(b, "test_accuracy"), math.nan))
+        walls = g.groupby("seed")["wall_seconds"].sum()
+        for n, h in g[~g["final"]].groupby("trials"):
+            lines.append((f"search, pick after {n} trials", by_seed(h, "pick_test"), h["wall_seconds"].mean()))
+        lines.append((f"search, first score alone after {n_final} trials (no re-score)", by_seed(final, "first_test"),
+                      math.nan))
+        for label, test, seconds in lines:
+            out.append({"kind": kind, "target": target, "method": label, "seeds": int(test.notna().sum()),
+                        "test_mean": float(test.mean()), "test_sd": float(test.std(ddof=1)), "seconds": seconds,
+                        "pick_minus": paired(pick - test)})
+        out.append({"kind": kind, "target": target, "method": f"search, the pick after {n_final} trials",
+                    "seeds": int(pick.notna().sum()), "test_mean": float(pick.mean()),
+                    "test_sd": float(pick.std(ddof=1)), "seconds": float(walls.mean()), "pick_minus": None})
     return out
 
 
-def _trials_text(values: list) -> str:
-    return "[" + ", ".join("none" if v is None else str(v) for v in values) + "]"
+def selection_gaps(rule_rows: pd.DataFrame, stages: pd.DataFrame) -> pd.DataFrame:
+    """Per (kind, target, seed): the pick's reported gap and the gap seen on test (see the module doc)."""
+    final = stages[(stages["method"] == "search") & stages["final"]]
+    offset = (rule_rows.assign(o=rule_rows["val_accuracy"] - rule_rows["test_accuracy"])
+              .groupby(["kind", "target", "seed"], as_index=False)["o"].mean())
+    g = final.merge(offset, on=["kind", "target", "seed"])
+    g["reported_gap"] = g["gap"].astype(float)
+    g["test_gap"] = g["pick_val"] - g["pick_test"] - g["o"]
+    g["difference"] = g["reported_gap"] - g["test_gap"]
+    return g[["kind", "target", "seed", "reported_gap", "test_gap", "difference"]]
 
 
-def markdown(s: dict, args, goal_rows: list[dict]) -> str:
-    d = s["dense"]
-    t = s["table"]
-    n_seeds = len(args.seeds)
-    lines = [f"Dense VGG (width {args.width:g}, {args.dense_epochs} epochs): validation {d['val_accuracy']:.2f}%, "
-             f"test {d['test_accuracy']:.2f}%; accuracy floor {s['accuracy_floor']:.2f}% (dense validation - "
-             f"{args.max_drop:g}). Every config: {args.finetune_epochs}-epoch fine-tune; mean ± sd over "
-             f"{n_seeds} seeds. First feasible trial: per seed, counted from 1 (none: no trial reached the floor).", ""]
-    lines += ["| pruning | target | method | trials | val % | test % | first feasible trial |",
-              "|---|---|---|---|---|---|---|"]
-    for _, r in t.iterrows():
-        what = "size" if r["kind"] == "fine_grained" else "MACs"
-        g = s["runs"][(s["runs"]["kind"] == r["kind"]) & (s["runs"]["method"] == r["method"])
-                      & np.isclose(s["runs"]["target"], r["target"]) & (s["runs"]["trials"] == r["trials"])]
-        first = _trials_text(r["first_feasible_trials"]) if r["method"] in SEARCHES else ""
-        lines.append(f"| {r['kind'].replace('_', '-')} | {what} {r['target']:.2f} | {LABEL[r['method']]} | "
-                     f"{r['trials'] or ''} | {mean_sd(g['val_accuracy'])} | {mean_sd(g['test_accuracy'])} | {first} |")
-    sm = s["smallest"]
-    drops = sorted(sm["drop"].unique())
-    lines += ["", "Smallest fine-grained size fraction whose fine-tuned validation accuracy reaches dense minus "
-              "0.5, 1 or 2 points: over every config a method produced (all its studies, including a "
-              f"size <= {args.floor_cap:g} study sampling down to {args.floor_budget_low * args.floor_cap:g}; "
-              "every swept size of a baseline). Mean ± sd over the seeds that reached it.", "",
-              "| method | " + " | ".join(f"dense - {x:g}" for x in drops) + " |",
-              "|---|" + "---|" * len(drops)]
-    fine = sm[sm["kind"] == "fine_grained"]
-    for method in BASELINES["fine_grained"] + args.methods:
-        cells = []
-        for x in drops:
-            v = fine[(fine["method"] == method) & np.isclose(fine["drop"], x)]["smallest"]
-            cell = mean_sd(v)
-            if 0 < v.notna().sum() < n_seeds:
-                cell += f" ({v.notna().sum()}/{n_seeds} seeds)"
-            cells.append(cell)
-        if (fine["method"] == method).any():
-            lines.append(f"| {LABEL[method]} | " + " | ".join(cells) + " |")
-    if s["latency"] and s["latency"]["rows"]:
-        lat = pd.DataFrame(s["latency"]["rows"]).groupby(["target", "method"], sort=False).mean(numeric_only=True)
-        dl, da = s["latency"]["dense"], s["latency"]["dense_again"]
-        lines += ["", f"Channel configs chosen on validation: CPU latency (ms, median; mean over seeds) at batch 1 "
-                  f"and 64, as measured at width {args.width:g} and with the same kept fractions on the full-width "
-                  f"VGG. Dense: {dl['batch1_ms']:.2f} / {dl['batch64_ms']:.1f} ms; full width "
-                  f"{dl['full_width_batch1_ms']:.1f} / {dl['full_width_batch64_ms']:.0f} ms (measured again after "
-                  f"the pruned ones: {da['batch1_ms']:.2f} / {da['batch64_ms']:.1f} ms; "
-                  f"{da['full_width_batch1_ms']:.1f} / {da['full_width_batch64_ms']:.0f} ms).", "",
-                  "| MACs target | method | MACs reduction | batch 1 ms | batch 64 ms | latency reduction b1 / b64 | "
-                  "full width: MACs reduction | latency reduction b1 / b64 |", "|---|---|---|---|---|---|---|---|"]
-        for (target, method), r in lat.iterrows():
-            lines.append(f"| {target:.2f} | {LABEL[method]} | {r['macs_reduction']:.2f}x | {r['batch1_ms']:.2f} | "
-                         f"{r['batch64_ms']:.1f} | {r['latency_reduction_batch1']:.2f}x / "
-                         f"{r['latency_reduction_batch64']:.2f}x | {r['full_width_macs_reduction']:.2f}x | "
-                         f"{r['full_width_latency_reduction_batch1']:.2f}x / "
-                         f"{r['full_width_latency_reduction_batch64']:.2f}x |")
-    lines += ["", "| goal | measured | holds |", "|---|---|---|"]
-    for g in goal_rows:
-        m = g["measured"]
-        m = f"{m:.2f}" if isinstance(m, float) else m
-        lines.append(f"| {g['goal']} | {m} | {'yes' if g['holds'] else 'no'} |")
+def equal_compute(stages: pd.DataFrame) -> list[dict]:
+    """Screened vs shipped study per target: trials, seconds, the pick's test and the paired difference."""
+    out = []
+    for (kind, target), g in stages[stages["method"] == "screen"].groupby(["kind", "target"]):
+        ship = at(stages[(stages["method"] == "search") & stages["final"]], kind, target)
+        screen = g[g["final"]]
+        out.append({"kind": kind, "target": target,
+                    "arms": {name: {"trials": float(h["trials"].mean()),
+                                    "trial_seconds": float(h["trial_seconds"].mean()),
+                                    "test_mean": float(h["pick_test"].mean())}
+                             for name, h in (("full", ship), ("screen", screen))},
+                    "screen_minus_full": paired(by_seed(screen, "pick_test") - by_seed(ship, "pick_test"))})
+    return out
+
+
+def decided(d: dict, holds) -> bool | None:
+    """A goal's verdict; None (undecided) with fewer than 2 seeds: no interval."""
+    return bool(holds) if d["n"] >= 2 else None
+
+
+def goals(lines: list[dict], gaps: pd.DataFrame, stages: pd.DataFrame, compute: list[dict]) -> list[dict]:
+    out = []
+    for (kind, target), (least, above_zero) in GOALS.items():
+        line = next((x for x in lines if x["kind"] == kind and np.isclose(x["target"], target)
+                     and x["method"].startswith("best rule")), None)
+        if line is None:
+            continue
+        d = line["pick_minus"]
+        what = "size" if kind == "fine_grained" else "MACs"
+        rule = f"mean >= {least:+.1f}" + (", 95% interval above 0" if above_zero else "")
+        out.append({"goal": f"{kind.replace('_', '-')} {what} {target:g}: pick - best rule on test, {rule}",
+                    "measured": ci_text(d), "met": decided(d, d["mean"] >= least and (not above_zero or d["lo"] > 0)),
+                    "kind": kind, "target": target, "rule": rule})
+    search = stages[stages["method"] == "search"]
+    early = search[~search["final"]].set_index(["kind", "target", "seed"])["pick_test"]
+    late = search[search["final"]].set_index(["kind", "target", "seed"])["pick_test"]
+    if len(early):
+        d = paired((late - early).to_numpy())
+        out.append({"goal": "anytime: the pick's test accuracy does not fall from the first to the last stage "
+                            "(all targets pooled; met unless the 95% interval lies below 0)",
+                    "measured": ci_text(d), "met": decided(d, d["hi"] >= 0)})
+    if len(gaps):
+        d = paired(gaps["difference"])
+        out.append({"goal": "selection gap: reported (first - re-scored) minus seen on test, all targets pooled; "
+                            "met when the 95% interval holds 0", "measured": ci_text(d),
+                    "met": decided(d, d["lo"] <= 0 <= d["hi"])})
+    for c in compute:
+        d = c["screen_minus_full"]
+        out.append({"goal": f"equal compute at size {c['target']:g}: screened - fully fine-tuned study (reported)",
+                    "measured": ci_text(d), "met": None})
+    return out
+
+
+# --- outputs ------------------------------------------------------------------------
+
+
+def ci_text(d: dict | None) -> str:
+    if not d or not d["n"]:
+        return "none"
+    if d["n"] < 2:
+        return f"{d['mean']:+.2f} (1 seed)"
+    return f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] (se {d['se']:.2f})"
+
+
+def yes_no(met: bool | None) -> str:
+    return "-" if met is None else "yes" if met else "no"
+
+
+def markdown(s: dict) -> str:
+    d, st = s["dense"], s["settings"]
+    se_one = 100 * math.sqrt(d["test_accuracy"] / 100 * (1 - d["test_accuracy"] / 100) / d["test_images"])
+    lines = [f"Dense VGG width {d['width']:g} ({d['params']:,} parameters): validation {d['val_accuracy']:.2f}%, "
+             f"test {d['test_accuracy']:.2f}% ({d['val_images']:,} validation, {d['test_images']:,} test images; one "
+             f"test accuracy has a standard error of ~{se_one:.1f} points). Every config: the studies' "
+             f"{st['finetune_epochs']}-epoch fine-tune; the search: {st['trials']} trials (pick also recorded after "
+             f"{st['anytime']}), re-scored and picked as shipped; accuracy floor lifted (dense - {st['max_drop']:g}). "
+             f"Seeds {', '.join(map(str, st['seeds']))}; **pick - method**: mean of the per-seed differences on "
+             f"test, [95% t interval], (standard error). Cost: mean seconds per seed (1 process, "
+             f"{st['threads']} torch thread).", "",
+             "| pruning | target | method | seeds | test % (mean ± sd) | pick - method | cost s | goal | met |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for x in s["verdict"]:
+        what = "size" if x["kind"] == "fine_grained" else "MACs"
+        g = next((g for g in s["goals"] if g.get("kind") == x["kind"] and np.isclose(g["target"], x["target"])
+                  and x["method"].startswith("best rule")), None)
+        sd = f" ± {x['test_sd']:.2f}" if x["seeds"] > 1 else ""
+        cost = "" if math.isnan(x["seconds"]) else f"{x['seconds']:.0f}"
+        lines.append(f"| {x['kind'].replace('_', '-')} | {what} {x['target']:g} | {x['method']} | {x['seeds']} | "
+                     f"{x['test_mean']:.2f}{sd} | {ci_text(x['pick_minus']) if x['pick_minus'] else ''} | {cost} | "
+                     f"{g['rule'] if g else ''} | {yes_no(g['met']) if g else ''} |")
+    gaps = s["gaps"]
+    if len(gaps):
+        lines += ["", "Selection gap of the pick (points): reported = first validation score - re-scored mean; on "
+                  "test = (first validation score - test) - the rules' mean (validation - test) at that seed.", "",
+                  "| pruning | target | reported gap | gap on test | reported - on test |", "|---|---|---|---|---|"]
+        for (kind, target), g in sorted(gaps.groupby(["kind", "target"]), key=lambda x: order(x[0])):
+            lines.append(f"| {kind.replace('_', '-')} | {target:g} | {g['reported_gap'].mean():+.2f} | "
+                         f"{g['test_gap'].mean():+.2f} | {ci_text(paired(g['difference']))} |")
+        lines.append(f"| all | | {gaps['reported_gap'].mean():+.2f} | {gaps['test_gap'].mean():+.2f} | "
+                     f"{ci_text(paired(gaps['difference']))} |")
+    for c in s["equal_compute"]:
+        a = c["arms"]
+        lines += ["", f"Equal compute, fine-grained size {c['target']:g}: the shipped study against the same with "
+                  f"`[fidelity] screen = {st['screen']}`, given as many trials as fit in the shipped study's trial "
+                  f"seconds (mean per seed: {a['full']['trial_seconds']:.0f} s in {a['full']['trials']:.1f} trials "
+                  f"vs {a['screen']['trial_seconds']:.0f} s in {a['screen']['trials']:.1f}). Test accuracy of the "
+                  f"pick: {a['full']['test_mean']:.2f}% vs {a['screen']['test_mean']:.2f}%; screened - full "
+                  f"{ci_text(c['screen_minus_full'])}."]
+    lines += ["", "| goal | measured | met |", "|---|---|---|"]
+    for g in s["goals"]:
+        lines.append(f"| {g['goal']} | {g['measured']} | {yes_no(g['met'])} |")
+    lines += ["", f"`{s['command']}` (run started {s['date']}; summarized {s['summarized']}); {s['machine']}; "
+              f"torch {s['torch']}.", "",
+              "![search vs baselines](benchmarks/results/search-vs-baselines.png)"]
     return "\n".join(lines) + "\n"
 
 
-def figure(s: dict, args, path: Path) -> None:
+def figure(s: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = s["runs"]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
-    longest = at_longest(runs)
-    for ax, kind, targets in ((axes[0], "fine_grained", args.fine_targets), (axes[2], "channel", args.channel_targets)):
-        g = longest[longest["kind"] == kind]
-        for i, method in enumerate(BASELINES[kind] + args.methods):
-            h = g[g["method"] == method]
-            if method in SEARCHES:  # not the smallest-size-at-the-floor studies
-                h = h[np.isclose(h["target"].to_numpy()[:, None], np.array(targets)[None, :]).any(1)]
-            h = h.groupby("target")["test_accuracy"].agg(["mean", "std"]).reset_index()
-            if h.empty:
-                continue
-            dx = (i - 3) * 0.002
-            ax.errorbar(h["target"] + dx, h["mean"], yerr=h["std"].fillna(0), marker="o", capsize=3,
-                        label=LABEL[method], ls="--" if method in SEARCHES else "-", color=COLOR[method])
-        ax.axhline(s["dense"]["test_accuracy"], color="gray", lw=0.8, ls=":", label="dense (test)")
-        ax.set_xlabel("nonzero size fraction of dense" if kind == "fine_grained" else "MACs fraction of dense")
-        ax.set_ylabel("test accuracy after fine-tune (%)")
-        ax.set_title(f"{kind.replace('_', '-')}: test accuracy of the validation-chosen config")
-        ax.legend(fontsize=7)
-    ax = axes[1]
-    target = args.fine_targets[0]
-    rows = s["rows"]
-    for method in args.methods:
-        g = rows[(rows["kind"] == "fine_grained") & (rows["method"] == method) & np.isclose(rows["target"], target)]
-        curves = []
-        for _, h in g.groupby("seed"):
-            h = h.sort_values("trial")
-            curves.append(h["val_accuracy"].where(h["complete"].astype(bool)).cummax().ffill().to_numpy())  # NaN: none yet
-        if not curves:
-            continue
-        n = min(len(c) for c in curves)
-        c = np.array([c[:n] for c in curves], dtype=float)
-        x = np.arange(1, n + 1)
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: no seed has a config yet
-            ax.plot(x, np.nanmean(c, 0), label=LABEL[method] + " (mean of the seeds with a config)",
-                    color=COLOR[method])
-            ax.fill_between(x, np.nanmin(c, 0), np.nanmax(c, 0), alpha=0.2, color=COLOR[method])
-    uni = runs[(runs["kind"] == "fine_grained") & (runs["method"] == "uniform") & np.isclose(runs["target"], target)]
-    ax.axhline(uni["val_accuracy"].mean(), color="k", lw=0.8, label="uniform (val)")
-    ax.axhline(s["accuracy_floor"], color="r", lw=0.8, ls=":", label="accuracy floor")
-    ax.set_ylim(bottom=uni["val_accuracy"].mean() - 6)
-    ax.set_xlabel("trials")
-    ax.set_ylabel("best validation accuracy so far (%)")
-    ax.set_title(f"fine-grained, size <= {target:g}: best so far (mean, min-max of seeds)")
-    ax.legend(fontsize=7)
+    rule_rows, stages = s["rules"], s["stages"]
+    best = best_rule(rule_rows)
+    final = stages[(stages["method"] == "search") & stages["final"]]
+    keys = sorted({(k, t) for k, t in zip(final["kind"], final["target"])}, key=order)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(keys)), 4.2))
+    for i, (kind, target) in enumerate(keys):
+        diff = by_seed(at(final, kind, target), "pick_test") - by_seed(at(best, kind, target), "test_accuracy")
+        diff = diff.dropna()
+        d = paired(diff)
+        ax.scatter(np.full(len(diff), i) + np.linspace(-0.15, 0.15, len(diff)), diff, color="tab:gray", s=14, zorder=2)
+        if d["n"] >= 2:
+            ax.errorbar(i + 0.25, d["mean"], yerr=[[d["mean"] - d["lo"]], [d["hi"] - d["mean"]]], fmt="o",
+                        color="tab:blue", capsize=4, zorder=3)
+        goal = GOALS.get((kind, round(target, 4)))
+        if goal:
+            ax.hlines(goal[0], i - 0.3, i + 0.35, color="tab:red", ls="--", lw=1)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(range(len(keys)), [f"{'size' if k == 'fine_grained' else 'MACs'} {t:g}\n{k.replace('_', '-')}"
+                                     for k, t in keys])
+    ax.set_ylabel("pick - best rule, test points")
+    ax.set_title("per seed (gray), mean and 95% interval (blue), goal (red dashes)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -546,129 +615,208 @@ def update_readme(table_md: str) -> bool:
     return True
 
 
-# --- main -----------------------------------------------------------------------------
+def summarize(args, results: list[dict], dense: dict) -> dict:
+    rule_rows, stages, configs = tables(results)
+    lines = verdict(rule_rows, stages)
+    gaps = selection_gaps(rule_rows, stages)
+    compute = equal_compute(stages)
+    return {"dense": dense, "rules": rule_rows, "stages": stages, "configs": configs, "verdict": lines,
+            "gaps": gaps, "equal_compute": compute, "goals": goals(lines, gaps, stages, compute),
+            "settings": {"seeds": args.seeds, "trials": args.trials, "anytime": args.anytime,
+                         "finetune_epochs": dense["finetune_epochs"], "max_drop": args.max_drop,
+                         "screen": args.screen, "width": args.width, "threads": args.threads},
+            "command": dense["command"], "machine": dense["machine"], "torch": dense["torch"],
+            "date": dense["date"], "summarized": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_outputs(args, s: dict) -> str:
+    args.out.mkdir(parents=True, exist_ok=True)
+    table_md = markdown(s)
+    s["configs"].to_csv(args.out / "search-vs-baselines-rows.csv", index=False)
+    figure(s, args.out / "search-vs-baselines.png")
+    (args.out / "search-vs-baselines.md").write_text(table_md)
+    keep = {k: s[k] for k in ("command", "date", "summarized", "machine", "torch", "dense", "settings", "verdict",
+                              "goals", "equal_compute")}
+    keep["selection_gaps"] = s["gaps"].to_dict(orient="records")
+    keep["stages"] = s["stages"].to_dict(orient="records")
+    keep["rules"] = s["rules"].to_dict(orient="records")
+    (args.out / "search-vs-baselines.json").write_text(json.dumps(keep, indent=2, default=float) + "\n")
+    if not args.no_readme and update_readme(table_md):
+        print("README.md table updated", file=sys.stderr)
+    return table_md
+
+
+# --- main ---------------------------------------------------------------------------
+
+
+def run_all(args, todo: list[Job], checkpoint: str, scan, cost: dict, select) -> int:
+    """Run ``todo`` on --workers processes in order; a screen job waits for its shipped study.
+
+    Prints one line per finished job with the elapsed time and an ETA (the plan's estimate of
+    what is left, scaled by how the finished jobs compared with theirs). Returns the failures.
+    """
+    est = {j: estimate(j, args, cost, select) for j in todo}
+    pending, running = list(todo), {}
+    clock = {"start": time.perf_counter(), "estimated_done": 0.0, "n": 0, "failed": 0}
+
+    def shipped(job):  # the shipped study's last stage, which sizes a screen job
+        path = args.work / "jobs" / f"{Job(job.kind, job.target, job.seed, 'search').name}.json"
+        if job.method != "screen" or not path.is_file():
+            return None
+        stages = json.loads(path.read_text())["stages"]
+        return stages[max(stages, key=int)]
+
+    def next_ready():
+        return next((j for j in pending if j.method != "screen" or shipped(j) is not None), None)
+
+    def report(job, result, error):
+        clock["n"] += 1
+        clock["estimated_done"] += est[job]
+        clock["failed"] += bool(error)
+        elapsed = time.perf_counter() - clock["start"]
+        # wall seconds per estimated job-second so far (the processes' parallelism included) x what is left
+        left = sum(est[j] for j in pending + list(running.values()))
+        eta = left * elapsed / clock["estimated_done"]
+        what = f"FAILED: {error}" if error else summary_line(job, result)
+        print(f"[{clock['n']}/{len(todo)}] {job.name}: {what} (elapsed {hms(elapsed)}, ETA {hms(eta)})",
+              file=sys.stderr, flush=True)
+
+    if args.workers == 1:  # in this process: simpler to debug
+        while (job := next_ready()) is not None:
+            pending.remove(job)
+            report(*run_job(args, job, checkpoint, scan, shipped(job)))
+    else:
+        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+            while pending or running:
+                while len(running) < args.workers and (job := next_ready()) is not None:
+                    pending.remove(job)
+                    running[pool.submit(run_job, args, job, checkpoint, scan, shipped(job))] = job
+                if not running:
+                    break
+                for future in wait(running, return_when=FIRST_COMPLETED)[0]:
+                    del running[future]
+                    report(*future.result())
+    if pending:  # screens whose shipped study failed or was filtered out
+        print(f"skipped {len(pending)} screen job(s): their shipped study has no result", file=sys.stderr)
+    return clock["failed"]
+
+
+def summary_line(job: Job, result: dict) -> str:
+    if "rule" in result:
+        r = result["rule"]
+        return f"val {r['val_accuracy']:.2f}% test {r['test_accuracy']:.2f}% ({result['seconds']:.0f}s)"
+    parts_ = []
+    for n, st in sorted(result["stages"].items(), key=lambda x: int(x[0])):
+        p = st["pick"]
+        parts_.append(f"{n} trials: pick " + (f"#{p['trial']} test {p['test_accuracy']:.2f}%" if p else "none"))
+    return "; ".join(parts_) + f" ({result['seconds']:.0f}s)"
+
+
+def kind_targets(text: str) -> list[tuple[str, float | None]]:
+    out = []
+    for item in filter(None, text.split(",")):
+        kind, _, target = item.partition(":")
+        if kind not in STUDY_TOML:
+            raise argparse.ArgumentTypeError(f"--only takes KIND[:TARGET],... with KIND fine_grained or channel, "
+                                             f"got {item!r}")
+        out.append((kind, float(target) if target else None))
+    return out
 
 
 def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
 
 
-def kind_targets(text: str) -> set[tuple[str, float]]:
-    return {(k, float(t)) for k, t in (item.split(":") for item in text.split(",") if item)}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
-    p.add_argument("--kinds", default="fine_grained,channel", type=lambda s: s.split(","))
-    p.add_argument("--methods", default="tpe_priors,tpe_cold,random", type=lambda s: s.split(","))
-    p.add_argument("--fine-targets", default="0.25,0.15,0.10", type=floats)
-    p.add_argument("--fine-sweep", default="0.5,0.4,0.3,0.2", type=floats,
-                   help="extra sizes for the baselines' smallest size at the floor")
-    p.add_argument("--channel-targets", default="0.5,0.3333", type=floats, help="MACs fractions (2x, 3x fewer)")
-    p.add_argument("--channel-sweep", default="0.7,0.6,0.4", type=floats)
-    p.add_argument("--trials", type=int, default=40, help="trials of the studies at the first fine-grained target")
-    p.add_argument("--trials-other", type=int, default=20, help="trials of the other studies")
-    p.add_argument("--trials-everywhere", action="store_true", help="--trials at every target")
-    p.add_argument("--floor-cap", type=float, default=0.5, help="size cap of the smallest-size-at-the-floor studies")
-    p.add_argument("--floor-budget-low", type=float, default=0.2, help="their lowest budget, fraction of the cap")
-    p.add_argument("--floor-trials", type=int, default=20, help="their trials (0: skip them)")
-    p.add_argument("--early-stop-at", default="fine_grained:0.25", type=kind_targets,
-                   help="KIND:TARGET,... whose studies keep the early stop of hopeless trials (the product's "
-                        "default; these figures were measured so); elsewhere every trial is fully fine-tuned")
-    p.add_argument("--floors", default="0.5,1,2", type=floats,
-                   help="points below dense validation at which the smallest sizes are reported")
-    p.add_argument("--width", type=float, default=0.125)
-    p.add_argument("--dense-epochs", type=int, default=20)
-    p.add_argument("--finetune-epochs", type=int, default=2)
-    p.add_argument("--max-drop", type=float, default=0.5, help="accuracy floor: dense validation minus this")
-    p.add_argument("--data", default="", help="data spec (default: the subset studies' npz), e.g. cifar10")
-    p.add_argument("--val-size", type=int, default=0, help="validation images (default: the subset studies')")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, auto (latency is always measured on the CPU)")
-    p.add_argument("--workers", type=int, default=2, help="jobs in parallel (processes)")
+    p.add_argument("--seeds", default="0,1,2,3,4", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--fine-targets", default="0.10,0.05,0.25", type=floats, help="size fractions (run in this order)")
+    p.add_argument("--channel-targets", default="0.3333,0.5", type=floats, help="MACs fractions: 3x and 2x fewer")
+    p.add_argument("--only", default=[], type=kind_targets, help="KIND[:TARGET],... e.g. fine_grained:0.10")
+    p.add_argument("--trials", type=int, default=0, help="the search's trials (default: the study TOML's)")
+    p.add_argument("--anytime", type=int, default=10, help="the pick is also recorded after this many trials (0: no)")
+    p.add_argument("--screen", type=int, default=8, help="[fidelity] screen of the equal-compute arm (0: skip it)")
+    p.add_argument("--screen-target", type=float, default=0.10, help="fine-grained size of the equal-compute arm")
+    p.add_argument("--width", type=float, default=0.125, help="VGG width (the studies ship 0.25; 0.125 fits 3 hours)")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="default: the study TOMLs' [finetune] epochs")
+    p.add_argument("--max-drop", type=float, default=100.0,
+                   help="accuracy floor, points below dense validation (default: lifted; see the module doc)")
+    p.add_argument("--checkpoint", default="", help="a dense checkpoint of --width (default: train one, cached)")
+    p.add_argument("--data", default="", help="data spec (default: the studies' subset), e.g. synthetic:600")
+    p.add_argument("--val-size", type=int, default=0, help="validation images (default: the studies')")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=2, help="jobs in parallel (processes; 1: in this process)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per job")
-    p.add_argument("--latency-repeats", type=int, default=50)
-    p.add_argument("--work", type=Path, default=REPO / "reports" / "bench-search")
+    p.add_argument("--work", type=Path, default=REPO / "reports" / "bench-verdict")
     p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--summarize", action="store_true", help="only rebuild the summary from kept jobs")
+    p.add_argument("--plan", action="store_true", help="print the job plan and its estimated time, then stop")
+    p.add_argument("--summarize", action="store_true", help="only rebuild the outputs from the kept jobs")
     p.add_argument("--no-readme", action="store_true")
     args = p.parse_args()
     args.work = args.work.resolve()
-    (args.work / "jobs").mkdir(parents=True, exist_ok=True)
+    jobs_dir = args.work / "jobs"
+    jobs_dir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-
-    # The dense model (trained once, cached) and the sensitivity scans, before any job forks off.
-    from autoprune.sensitivity import scan_cached
-
-    config = base_config(args, "fine_grained")
-    data = config.load_data()
-    device = resolve_device(args.device)
-    data = data.to(device)
-    dense, checkpoint = dense_model(config, data, device, progress=False)
-    dense.to(device).eval()
-    figures = {"val_accuracy": evaluate(dense, data.val), "test_accuracy": evaluate(dense, data.test),
-               "params": metrics.count_params(dense), "macs": metrics.count_macs(dense),
-               "checkpoint": Path(checkpoint).name, "width": args.width, "val_images": len(data.val),
-               "train_images": len(data.train), "test_images": len(data.test)}
-    print(f"dense: val {figures['val_accuracy']:.2f}% test {figures['test_accuracy']:.2f}% ({checkpoint})",
-          file=sys.stderr, flush=True)
-    scans = {}
-    for kind in args.kinds:
-        cfg = base_config(args, kind)
-        df, dense_acc, _ = scan_cached(checkpoint, data, kind, cfg.priors.grid, "", cfg.out_dir, progress=False)
-        scans[kind] = (df, dense_acc)
-
+    base = study_config(args, "fine_grained", 0.25, 0, "dense", 1, args.checkpoint)
+    args.trials = args.trials or load_config(REPO / "studies" / STUDY_TOML["fine_grained"]).study.trials
     jobs = plan_jobs(args)
-    done = {j.name for j in jobs if (args.work / "jobs" / f"{j.name}.json").is_file()}
-    todo = [j for j in jobs if j.name not in done]
-    todo.sort(key=lambda j: priority(args, j))
-    if not args.summarize and todo:
-        print(f"{len(todo)} of {len(jobs)} jobs to run ({len(done)} kept from earlier runs) on {args.workers} "
-              f"processes x {args.threads} threads", file=sys.stderr, flush=True)
-        start = time.perf_counter()
-        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(run_job, args, j, checkpoint, scans) for j in todo]
-            for i, f in enumerate(as_completed(futures), 1):
-                job, rows, seconds = f.result()
-                best = max((r["val_accuracy"] for r in rows if r["complete"]), default=float("nan"))
-                print(f"[{i}/{len(todo)}] {job.name}: {len(rows)} configs, best val {best:.2f}% ({seconds:.0f}s; "
-                      f"{time.perf_counter() - start:.0f}s elapsed)", file=sys.stderr, flush=True)
-    kept = [args.work / "jobs" / f"{j.name}.json" for j in jobs if (args.work / "jobs" / f"{j.name}.json").is_file()]
-    if not kept:
-        sys.exit(f"search_vs_baselines: no finished jobs in {args.work / 'jobs'}; run without --summarize first")
-    rows = pd.concat([pd.DataFrame(json.loads(path.read_text())) for path in kept], ignore_index=True)
-    # The config each method chose per study, at 10, 20 and the study's own number of trials.
-    runs = per_run(rows, figures["val_accuracy"] - args.max_drop, sorted({10, 20, args.trials, args.trials_other} - {0}))
-    lat = None
-    if "channel" in args.kinds:
-        lat = latencies(runs[runs["target"].isin(args.channel_targets)], list(dense.channels), args.latency_repeats)
-    s = summarize(args, figures, rows, runs, lat)
-    s["rows"] = rows
-    goal_rows = goals(s, args)
-    table_md = markdown(s, args, goal_rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows.to_csv(args.out / "search-vs-baselines-rows.csv", index=False)
-    figure(s, args, args.out / "search-vs-baselines.png")
-    (args.out / "search-vs-baselines.md").write_text(table_md)
-    command = " ".join(["python", "benchmarks/search_vs_baselines.py", *sys.argv[1:]])
-    result = {
-        "command": command,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {args.workers} jobs x {args.threads} torch threads",
-        "torch": torch.__version__,
-        "dense": figures,
-        "accuracy_floor": s["accuracy_floor"],
-        "finetune_epochs": args.finetune_epochs,
-        "seeds": args.seeds,
-        "table": json.loads(s["table"].to_json(orient="records")),
-        "smallest_at_floors": json.loads(s["smallest"].to_json(orient="records")),
-        "latency": lat,
-        "goals": goal_rows,
-    }
-    (args.out / "search-vs-baselines.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    if not args.no_readme and update_readme(table_md):
-        print("README.md table updated", file=sys.stderr)
-    print(table_md)
+    kept = [j for j in jobs if (jobs_dir / f"{j.name}.json").is_file()]
+    todo = [j for j in jobs if j not in kept]
+    dense_file = args.work / "dense.json"
+
+    if not args.summarize:
+        from autoprune.model import build_model
+        from autoprune.search import dense_model
+        from autoprune.sensitivity import scan_cached
+        from autoprune.train import evaluate, resolve_device
+
+        data = base.load_data()
+        # Timing needs only the shapes: an untrained model of the width, so --plan trains nothing.
+        cost = finetune_seconds(args, build_model("vgg", width=args.width).eval(), data, base)
+        select = base.select  # [select] top_k trials re-scored with seeds other seeds
+        total = sum(estimate(j, args, cost, select) for j in todo)
+        count = {m: sum(j.method == m for j in todo) for m in ("search", "screen")}
+        print(f"plan: {len(jobs)} jobs, {len(kept)} kept, {len(todo)} to run: {count['search']} searches of "
+              f"{args.trials} trials (pick also after {args.anytime}), {count['screen']} screened searches, "
+              f"{len(todo) - sum(count.values())} rule fine-tunes; seeds {args.seeds}. One fine-tune, measured now: "
+              + ", ".join(f"{k[0].replace('_grained', '')} {k[1]:g} {v:.0f}s" for k, v in cost.items() if k != "eval")
+              + f". Estimated {hms(total / args.workers)} on {args.workers} processes x {args.threads} threads "
+              f"(+ the dense model's {base.model.train_epochs} epochs once)", file=sys.stderr, flush=True)
+        if args.plan:
+            return
+        torch.set_num_threads(max(args.threads, args.workers))  # the dense model trains before any job
+        device = resolve_device(args.device)
+        dense, checkpoint = dense_model(base, data.to(device), device, progress=False)
+        dense = dense.cpu().eval()
+        data = data.to("cpu")
+        dense_figures = {"val_accuracy": evaluate(dense, data.val), "test_accuracy": evaluate(dense, data.test),
+                         "params": metrics.count_params(dense), "macs": metrics.count_macs(dense),
+                         "width": args.width, "checkpoint": str(checkpoint), "train_epochs": base.model.train_epochs,
+                         "finetune_epochs": base.finetune.epochs, "val_images": len(data.val),
+                         "train_images": len(data.train), "test_images": len(data.test),
+                         # the run that made the jobs, for the outputs (also of a later --summarize)
+                         "command": " ".join(["python", "benchmarks/search_vs_baselines.py", *sys.argv[1:]]),
+                         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+                                    f"{args.workers} processes x {args.threads} torch threads",
+                         "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        atomic_write(dense_file, json.dumps(dense_figures, indent=2))
+        print(f"dense: val {dense_figures['val_accuracy']:.2f}% test {dense_figures['test_accuracy']:.2f}% "
+              f"({checkpoint})", file=sys.stderr, flush=True)
+        scan = None
+        if any(j.method == "by_hand" for j in todo):
+            df, dense_acc, _ = scan_cached(checkpoint, data, "fine_grained", BY_HAND_GRID, "", args.work / "by-hand",
+                                           progress=False)
+            scan = (df, dense_acc)
+        failed = run_all(args, todo, str(checkpoint), scan, cost, select) if todo else 0
+        if failed:
+            print(f"{failed} job(s) failed; rerun the same command to retry them", file=sys.stderr)
+    if not dense_file.is_file():
+        sys.exit(f"search_vs_baselines: no {dense_file}; run without --summarize first")
+    results = [json.loads((jobs_dir / f"{j.name}.json").read_text()) for j in jobs
+               if (jobs_dir / f"{j.name}.json").is_file()]
+    if not any("stages" in r and r["job"]["method"] == "search" for r in results):
+        sys.exit(f"search_vs_baselines: no finished search in {jobs_dir}; nothing to compare yet")
+    print(write_outputs(args, summarize(args, results, json.loads(dense_file.read_text()))))
 
 
 if __name__ == "__main__":

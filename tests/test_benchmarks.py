@@ -1,12 +1,13 @@
-"""The search-vs-baselines benchmark's bookkeeping: what it picks and counts from the trial rows."""
+"""The search-vs-baselines verdict's statistics and bookkeeping, on hand-made tables (no training)."""
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
-import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,40 +22,129 @@ def bench():
     return module
 
 
-def rows(method, target, seed, trials):
-    return [{"kind": "fine_grained", "method": method, "target": target, "seed": seed, "trial": i,
-             "val_accuracy": v, "test_accuracy": t, "size_fraction": s, "macs_fraction": 1.0, "complete": c,
-             "channels": None, "plan": "{}"} for i, (v, t, s, c) in enumerate(trials)]
+def rule(method, seed, val, test, kind="fine_grained", target=0.1):
+    return {"job": {"kind": kind, "target": target, "seed": seed, "method": method}, "seconds": 30.0,
+            "rule": {"val_accuracy": val, "test_accuracy": test, "size_fraction": target, "macs_fraction": 1.0,
+                     "plan": {}}}
 
 
-def test_runs_choose_on_validation_and_count_feasible_trials_from_one(bench):
-    df = pd.DataFrame(
-        rows("tpe_priors", 0.25, 0, [(60.0, 99.0, 0.25, True),   # best test, worst val: never chosen
-                                     (72.0, 70.0, 0.20, True),   # best val
-                                     (75.0, 75.0, 0.12, False),  # stopped early: not a candidate
-                                     (70.5, 69.0, 0.15, True)])
-        + rows("uniform", 0.25, 0, [(69.0, 68.0, 0.25, True)])
-        + rows("uniform", 0.4, 0, [(70.2, 69.5, 0.4, True)]))
-    runs = bench.per_run(df, floor=70.0, budgets=[2, 4, 40]).set_index(["method", "target", "trials"])
-    two, four = runs.loc[("tpe_priors", 0.25, 2)], runs.loc[("tpe_priors", 0.25, 4)]
-    assert (two["val_accuracy"], two["test_accuracy"], two["cost"]) == (72.0, 70.0, 0.20)
-    assert (two["smallest_feasible"], two["first_feasible_trial"]) == (0.20, 2)
-    assert (four["smallest_feasible"], four["first_feasible_trial"]) == (0.15, 2)
-    assert ("tpe_priors", 0.25, 40) not in runs.index  # the study ran 4 trials, not 40
-    assert pd.isna(runs.loc[("uniform", 0.25, 0), "smallest_feasible"])  # 69.0 < floor
+def search(seed, stages, kind="fine_grained", target=0.1, method="search"):
+    """stages: {trials: (pick val, pick test, reported gap, first-score pick test)}"""
+    return {"job": {"kind": kind, "target": target, "seed": seed, "method": method}, "seconds": 300.0,
+            "stages": {str(n): {"trials": n, "trial_seconds": 10.0 * n, "wall_seconds": 12.0 * n, "rows": [],
+                                "pick": {"trial": 0, "val_accuracy": v, "test_accuracy": t, "rescore_n": 2,
+                                         "rescore_mean": v - g, "gap": g},
+                                "first_score_pick": {"trial": 1, "test_accuracy": f}}
+                       for n, (v, t, g, f) in stages.items()}}
 
 
-def test_smallest_size_at_each_floor_spans_every_config_of_a_method(bench):
-    df = pd.DataFrame(
-        rows("tpe_priors", 0.25, 0, [(70.5, 0.0, 0.24, True), (69.2, 0.0, 0.13, True), (75.0, 0.0, 0.05, False)])
-        + rows("tpe_priors", 0.5, 0, [(70.1, 0.0, 0.18, True)])
-        + rows("uniform", 0.25, 0, [(69.0, 0.0, 0.25, True)])
-        + rows("uniform", 0.4, 0, [(70.2, 0.0, 0.4, True)]))
-    sm = bench.smallest_at_floors(df, dense_val=70.5, drops=[0.5, 1.5, 3.0]).set_index(["method", "drop"])
-    assert sm.loc[("tpe_priors", 0.5), "smallest"] == 0.18  # from the other study; 0.05 was not fine-tuned
-    assert sm.loc[("tpe_priors", 1.5), "smallest"] == 0.13
-    assert sm.loc[("uniform", 0.5), "smallest"] == 0.4
-    assert sm.loc[("uniform", 1.5), "smallest"] == 0.25
+def test_paired_mean_and_t_interval_are_exact(bench):
+    d = bench.paired([1.0, 2.0, 3.0, 4.0, 5.0, None])  # a missing seed is left out
+    half = 2.776 * math.sqrt(2.5) / math.sqrt(5)  # t(0.975, 4 df) x sd / sqrt(n)
+    assert d["n"] == 5 and d["mean"] == 3.0
+    assert d["sd"] == pytest.approx(math.sqrt(2.5)) and d["se"] == pytest.approx(math.sqrt(0.5))
+    assert (d["lo"], d["hi"]) == (pytest.approx(3.0 - half), pytest.approx(3.0 + half))
+    one = bench.paired([2.0])
+    assert one["mean"] == 2.0 and math.isnan(one["lo"])  # no interval from one seed
+
+
+def test_t_quantiles(bench):
+    assert [bench.t975(df) for df in (1, 4, 30)] == [12.706, 2.776, 2.042]
+    assert bench.t975(40) == pytest.approx(2.021, abs=0.002)
+    assert bench.t975(120) == pytest.approx(1.980, abs=0.002)
+
+
+def test_best_rule_is_chosen_on_validation_not_test(bench):
+    rules, _, _ = bench.tables([rule("lamp", 0, 70.0, 60.0), rule("global", 0, 69.0, 68.0),
+                                rule("lamp", 1, 65.0, 66.0), rule("global", 1, 66.0, 61.0)])
+    best = bench.best_rule(rules).set_index("seed")
+    assert best.loc[0, "method"] == "lamp" and best.loc[0, "test_accuracy"] == 60.0  # not global's 68
+    assert best.loc[1, "method"] == "global" and best.loc[1, "test_accuracy"] == 61.0
+
+
+def line(lines, text):
+    return next(x for x in lines if text in x["method"])
+
+
+def test_verdict_pairs_the_pick_with_the_best_rule_per_seed(bench):
+    results = [rule("lamp", s, 70.0, t) for s, t in enumerate([60.0, 61.0, 62.0])]
+    results += [rule("global", s, 69.0, 90.0) for s in range(3)]  # best on test, never chosen
+    # the pick after 12 trials is 1.5, 2, 2.5 points above LAMP; after 10 trials 0, 2, 4
+    results += [search(s, {10: (72.0, t10, 1.0, 59.0), 12: (72.0, t12, 1.0, 60.0)})
+                for s, (t10, t12) in enumerate([(60.0, 61.5), (63.0, 63.0), (66.0, 64.5)])]
+    rules, stages, _ = bench.tables(results)
+    lines = bench.verdict(rules, stages)
+    best = line(lines, "best rule")
+    half = 4.303 * 0.5 / math.sqrt(3)  # t(0.975, 2 df) x sd / sqrt(n)
+    assert best["method"] == "best rule, chosen on validation (LAMP x3)"
+    assert (best["pick_minus"]["n"], best["pick_minus"]["mean"]) == (3, 2.0)
+    assert (best["pick_minus"]["lo"], best["pick_minus"]["hi"]) == (pytest.approx(2 - half), pytest.approx(2 + half))
+    assert line(lines, "global")["pick_minus"]["mean"] == pytest.approx(63.0 - 90.0)
+    assert line(lines, "after 10 trials")["pick_minus"]["mean"] == 0.0  # +1.5, 0, -1.5
+    assert line(lines, "first score")["pick_minus"]["mean"] == pytest.approx(63.0 - 60.0)
+    assert line(lines, "the pick after 12")["test_mean"] == 63.0
+    goals = bench.goals(lines, bench.selection_gaps(rules, stages), stages, [])
+    assert next(g for g in goals if g.get("kind") == "fine_grained")["met"] is True  # +2.0, interval above 0
+    assert next(g for g in goals if g["goal"].startswith("anytime"))["met"] is True
+
+
+def test_goal_needs_the_interval_above_zero_and_two_seeds(bench):
+    results = [rule("lamp", s, 70.0, 60.0) for s in range(3)]
+    results += [search(s, {12: (72.0, t, 1.0, 60.0)}) for s, t in enumerate([56.0, 66.0, 64.0])]  # mean +2, wide
+    rules, stages, _ = bench.tables(results)
+    goals = bench.goals(bench.verdict(rules, stages), bench.selection_gaps(rules, stages), stages, [])
+    fine = next(g for g in goals if g.get("kind") == "fine_grained")
+    assert fine["met"] is False  # mean 2.0 >= 1.0, but the interval reaches below 0
+    rules1, stages1, _ = bench.tables(results[:1] + results[3:4])
+    goals1 = bench.goals(bench.verdict(rules1, stages1), bench.selection_gaps(rules1, stages1), stages1, [])
+    assert next(g for g in goals1 if g.get("kind") == "fine_grained")["met"] is None  # one seed: undecided
+
+
+def test_selection_gap_against_the_gap_seen_on_test(bench):
+    # seed 0: rules' val - test offsets 2 and 4 -> 3; pick first val 72, test 64 -> seen gap 8 - 3 = 5
+    results = [rule("lamp", 0, 70.0, 68.0), rule("global", 0, 69.0, 65.0), search(0, {12: (72.0, 64.0, 1.5, 60.0)})]
+    rules, stages, _ = bench.tables(results)
+    g = bench.selection_gaps(rules, stages).iloc[0]
+    assert (g["reported_gap"], g["test_gap"], g["difference"]) == (1.5, 5.0, -3.5)
+
+
+def test_screened_study_is_sized_to_the_shipped_trial_seconds(bench):
+    ship = {"trials": 12, "trial_seconds": 360.0}  # 30 s a trial
+    assert bench.screen_trials(ship, screen=8, candidate_seconds=1.25) == 9  # 360 / (30 + 10)
+    assert bench.screen_trials(ship, screen=8, candidate_seconds=1000.0) == 1
+
+
+def test_plan_runs_studies_first_and_filters_parts(bench):
+    args = SimpleNamespace(fine_targets=[0.10, 0.05], channel_targets=[0.3333], seeds=[0, 1], screen=8,
+                           screen_target=0.10, only=[])
+    jobs = bench.plan_jobs(args)
+    assert [j.method for j in jobs[:8]] == ["search"] * 6 + ["screen"] * 2
+    assert all(not j.is_study for j in jobs[8:])
+    assert len(jobs) == 6 + 2 + 2 * (2 * len(bench.rules("fine_grained")) + len(bench.rules("channel")))
+    args.only = bench.kind_targets("channel")
+    assert {(j.kind, j.method) for j in bench.plan_jobs(args)} >= {("channel", "search")}
+    assert all(j.kind == "channel" for j in bench.plan_jobs(args))  # no screen without its target
+    args.only = bench.kind_targets("fine_grained:0.05")
+    assert {j.target for j in bench.plan_jobs(args)} == {0.05}
+
+
+def test_outputs_from_kept_jobs(bench, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "REPO", tmp_path)
+    (tmp_path / "README.md").write_text(f"top\n{bench.MARK_START}\nold\n{bench.MARK_END}\nbottom\n")
+    results = [rule(m, s, 70.0 - i, 60.0 + s) for s in range(2) for i, m in enumerate(["lamp", "global"])]
+    results += [search(s, {10: (72.0, 61.0, 1.0, 60.0), 12: (72.0, 62.0 + s, 1.0, 60.0)}) for s in range(2)]
+    results += [search(s, {9: (71.0, 61.5, 1.0, 60.0)}, method="screen") for s in range(2)]
+    dense = {"width": 0.125, "params": 145554, "val_accuracy": 71.4, "test_accuracy": 72.0, "val_images": 1096,
+             "test_images": 1017, "finetune_epochs": 2, "command": "python benchmarks/search_vs_baselines.py",
+             "machine": "x86_64", "torch": "2", "date": "today"}
+    args = SimpleNamespace(seeds=[0, 1], trials=12, anytime=10, max_drop=100.0, screen=8, width=0.125, threads=1,
+                           out=tmp_path / "results", no_readme=False)
+    table = bench.write_outputs(args, bench.summarize(args, results, dense))
+    assert "| fine-grained | size 0.1 | best rule, chosen on validation (LAMP x2) | 2 | 60.50 ± 0.71 | +2.00" in table
+    assert "screened - full -1.00" in table
+    assert table in (tmp_path / "README.md").read_text()
+    assert {p.name for p in args.out.iterdir()} == {"search-vs-baselines.json", "search-vs-baselines.md",
+                                                     "search-vs-baselines.png", "search-vs-baselines-rows.csv"}
 
 
 def test_readme_table_is_replaced_between_the_markers_only(bench, tmp_path, monkeypatch):
