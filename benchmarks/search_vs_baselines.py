@@ -55,9 +55,10 @@ sys.path.insert(0, str(REPO))
 from autoprune import budget, metrics  # noqa: E402
 from autoprune.config import StudyConfig, load_config  # noqa: E402
 from autoprune.model import build_model  # noqa: E402
+from autoprune.objective import finetune  # noqa: E402
 from autoprune.plan import PruningPlan, prune  # noqa: E402
 from autoprune.search import dense_model  # noqa: E402
-from autoprune.train import evaluate, fit, resolve_device  # noqa: E402
+from autoprune.train import evaluate, resolve_device  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 BASE_TOML = {"fine_grained": "subset-fine-grained.toml", "channel": "subset-channel.toml"}
@@ -158,7 +159,7 @@ def run_baseline(args, job: Job, checkpoint: str, scan) -> list[dict]:
     dense = load_checkpoint(checkpoint)[0].to(device).eval()
     ratios = baseline_ratios(job, dense, scan)
     pruned = prune(dense, PruningPlan(job.kind, ratios, "", tuple(dense.channels)))
-    history = fit(pruned.model, data, config.finetune_recipe(), masks=pruned.masks, progress=False)
+    history = finetune(pruned, dense, data, config, job.seed)  # the trials' own fine-tune
     model = pruned.model.eval()
     figures = metrics.profile(model, latency=False)
     return [{"trial": 0, "val_accuracy": history[-1]["val_accuracy"], "test_accuracy": evaluate(model, data.test),
