@@ -88,6 +88,11 @@ class FinetuneSection:
     # Stop after epoch e of E when val accuracy < floor - margin * (E - e). On the subset,
     # the last of two cosine epochs recovered up to 4.2 points (channel trials): 6 leaves room.
     early_stop_margin: float = 6.0  # points per remaining epoch
+    # Knowledge distillation from the dense model (the teacher) in every fine-tune: loss =
+    # (1 - weight) CE + weight T^2 KL(teacher || student) at temperature T (Hinton et al.).
+    distill: bool = False
+    distill_temperature: float = 4.0  # T, > 0
+    distill_weight: float = 0.5  # in [0, 1]: the distillation term's share of the loss
 
 
 @dataclass
@@ -199,12 +204,17 @@ class StudyConfig:
                          seed=d.seed)
 
     def finetune_recipe(self):
-        """The trials' fine-tune as an autoprune.train.TrainConfig (seeded by the study seed)."""
+        """The trials' fine-tune as an autoprune.train.TrainConfig (seeded by the study seed).
+
+        The distillation values ride along; whether a teacher is used is ``[finetune] distill``
+        (autoprune.objective.finetune passes the dense model).
+        """
         from .train import TrainConfig
 
         ft = self.finetune
         return TrainConfig(epochs=ft.epochs, lr=ft.lr, momentum=ft.momentum, weight_decay=ft.weight_decay,
-                           batch_size=ft.batch_size, seed=self.study.seed)
+                           batch_size=ft.batch_size, seed=self.study.seed,
+                           distill_temperature=ft.distill_temperature, distill_weight=ft.distill_weight)
 
     def accuracy_floor(self, dense_val_accuracy: float) -> float:
         """The accuracy constraint in percent, absolute or relative to dense."""
@@ -287,6 +297,8 @@ class StudyConfig:
             ("finetune", "momentum", 0 <= f.momentum < 1, "in [0, 1)"),
             ("finetune", "weight_decay", f.weight_decay >= 0, ">= 0"),
             ("finetune", "early_stop_margin", f.early_stop_margin >= 0, ">= 0 points"),
+            ("finetune", "distill_temperature", f.distill_temperature > 0, "> 0"),
+            ("finetune", "distill_weight", 0 <= f.distill_weight <= 1, "in [0, 1]"),
             ("priors", "tolerance", p.tolerance >= 0, ">= 0 points"),
             ("priors", "spread", 0 < p.spread <= 5, "in (0, 5] (log kept fraction)"),
             ("fidelity", "bn_recal_batches", fi.bn_recal_batches >= 0, ">= 0"),

@@ -77,12 +77,15 @@ def finetune(pruned, dense: VGG, data: Data, config: StudyConfig, seed: int, *, 
     The one fine-tune every config gets: trials, re-scores of the leading
     trials and the benchmark's one-shot baselines all call it, so every method
     in a comparison has the same recipe. ``seed`` sets the data order and
-    augmentation. Returns fit's per-epoch history; a diverged fine-tune raises
-    an :class:`AutopruneError` that names ``desc``.
+    augmentation. With ``[finetune] distill`` on, ``dense`` (on the pruned
+    model's device) is the teacher. Returns fit's per-epoch history; a diverged
+    fine-tune raises an :class:`AutopruneError` that names ``desc``.
     """
     recipe = dataclasses.replace(config.finetune_recipe(), seed=int(seed))
+    teacher = dense if config.finetune.distill else None
     try:
-        return fit(pruned.model, data, recipe, masks=pruned.masks, on_epoch=on_epoch, progress=progress, desc=desc)
+        return fit(pruned.model, data, recipe, masks=pruned.masks, on_epoch=on_epoch, progress=progress, desc=desc,
+                   teacher=teacher)
     except AutopruneError as exc:
         raise AutopruneError(f"{desc} fine-tune: {exc}") from None
 

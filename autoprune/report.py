@@ -204,9 +204,10 @@ def uniform_baseline(study: optuna.Study, config: StudyConfig, out_dir: Path, de
     """Prune the dense checkpoint uniformly at the cap, fine-tune by the study's recipe, measure (cached)."""
     from . import metrics
     from .model import load_checkpoint
+    from .objective import finetune
     from .plan import prune
     from .search import file_digest
-    from .train import evaluate, fit, resolve_device
+    from .train import evaluate, resolve_device
 
     ua = study.user_attrs
     ckpt = _checkpoint_path(study, config)
@@ -228,7 +229,8 @@ def uniform_baseline(study: optuna.Study, config: StudyConfig, out_dir: Path, de
     plan = baseline_plan(config, model.channels, model.num_classes)
     d = config.data
     recipe = config.finetune_recipe().to_dict()
-    key_src = {"checkpoint_sha256": sha, "plan": plan.to_dict(), "recipe": recipe, "data": d.spec,
+    key_src = {"checkpoint_sha256": sha, "plan": plan.to_dict(), "recipe": recipe,
+               "distill": config.finetune.distill, "data": d.spec,
                "val_size": d.val_size, "data_seed": d.seed, "version": 1}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
     cache_path = out_dir / "baseline-cache.json"
@@ -247,7 +249,8 @@ def uniform_baseline(study: optuna.Study, config: StudyConfig, out_dir: Path, de
     pruned = prune(model, plan)
     net = pruned.model
     start = time.perf_counter()
-    history = fit(net, data, config.finetune_recipe(), masks=pruned.masks, progress=progress, desc="baseline")
+    # The trials' own fine-tune (distillation from the dense model included when it is on).
+    history = finetune(pruned, model, data, config, config.study.seed, progress=progress, desc="baseline")
     seconds = time.perf_counter() - start
     dense = ua.get("dense", {})
     figures = metrics.profile(net.cpu(), latency=False)

@@ -11,6 +11,7 @@ import logging
 import math
 import numbers
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -37,6 +38,9 @@ class TrainConfig:
     schedule: str = "cosine"  # "cosine" (per step, to zero) or "onecycle"
     augment: bool = True
     seed: int = 0
+    # Knowledge distillation, used only when fit() is given a teacher (see distillation_loss).
+    distill_temperature: float = 4.0  # softens both models' logits; > 0
+    distill_weight: float = 0.5  # weight of the distillation term in [0, 1]; 1 - weight for the labels' CE
 
     def __post_init__(self):
         # The library's own guard: NaN or Inf here would train to NaN weights without a word.
@@ -48,7 +52,11 @@ class TrainConfig:
         top = torch.finfo(torch.float32).max
         bounds = {"lr": (f"a finite number > 0 (at most {top:.3g})", lambda v: 0 < v <= top),
                   "momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
-                  "weight_decay": (f"a finite number >= 0 (at most {top:.3g})", lambda v: 0 <= v <= top)}
+                  "weight_decay": (f"a finite number >= 0 (at most {top:.3g})", lambda v: 0 <= v <= top),
+                  # T^2 scales the distillation term: it must stay finite in float32 too
+                  "distill_temperature": (f"a finite number > 0 (at most {math.sqrt(top):.3g})",
+                                          lambda v: 0 < v <= math.sqrt(top)),
+                  "distill_weight": ("in [0, 1]", lambda v: 0 <= v <= 1)}
         for name, (text, within) in bounds.items():
             value = getattr(self, name)
             if not (_is_real(value) and within(value)):  # NaN fails every comparison
@@ -93,6 +101,23 @@ def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                      temperature: float, weight: float) -> torch.Tensor:
+    """Hinton et al.'s loss: ``(1 - w) CE(logits, y) + w T^2 KL(softmax(teacher/T) || softmax(logits/T))``.
+
+    KL is averaged over the batch (batchmean, the true KL per example); the T^2
+    keeps its gradients on the CE term's scale whatever the temperature. In
+    float32 whatever autocast made the logits: the KL of two near-equal
+    softmaxes is a small difference of large terms.
+    """
+    logits, teacher_logits = logits.float(), teacher_logits.float()
+    ce = nn.functional.cross_entropy(logits, targets)
+    kl = nn.functional.kl_div(nn.functional.log_softmax(logits / temperature, dim=1),
+                              nn.functional.log_softmax(teacher_logits / temperature, dim=1),
+                              reduction="batchmean", log_target=True)
+    return (1.0 - weight) * ce + weight * temperature ** 2 * kl
+
+
 @torch.no_grad()
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> None:
     """Zero the pruned weights: ``masks`` maps parameter names to 0/1 tensors."""
@@ -112,6 +137,7 @@ def fit(
     on_epoch: Callable[[int, float], bool] | None = None,
     progress: bool = True,
     desc: str = "train",
+    teacher: nn.Module | None = None,
 ) -> list[dict]:
     """Train ``model`` in place on ``data.train``; returns one record per epoch.
 
@@ -121,7 +147,37 @@ def fit(
     may return True to stop early. The final epoch's weights are kept (the
     cosine schedule ends at zero; picking the best epoch would bias the
     validation figure upwards).
+
+    With a ``teacher`` (on the same device), the loss is
+    :func:`distillation_loss` with ``config.distill_temperature`` and
+    ``config.distill_weight``: the teacher sees each augmented batch in eval
+    mode, without gradients; its train/eval mode is restored afterwards.
     """
+    device = next(model.parameters()).device
+    if teacher is not None:
+        teacher_device = next(teacher.parameters()).device
+        if teacher_device != device:
+            raise AutopruneError(f"the teacher is on {teacher_device} but the model on {device}; "
+                                 f"move the teacher to {device}")
+    with _eval_mode(teacher):  # running BN stats: the teacher's own predictions, its stats left as they were
+        return _fit(model, data, config, masks, on_epoch, progress, desc, teacher)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module | None):
+    """``model`` (if any) in eval mode inside, its train/eval mode restored after."""
+    if model is None:
+        yield
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _fit(model, data, config, masks, on_epoch, progress, desc, teacher) -> list[dict]:
     device = next(model.parameters()).device
     channels_last = device.type == "cuda"
     if channels_last:
@@ -156,7 +212,13 @@ def fit(
         for x, y in batches(data.train, config.batch_size, shuffle=True, augment=config.augment,
                             generator=gen, channels_last=channels_last):
             with _autocast(device):
-                loss = loss_fn(model(x), y)
+                if teacher is None:
+                    loss = loss_fn(model(x), y)
+                else:
+                    with torch.no_grad():
+                        teacher_logits = teacher(x)
+                    loss = distillation_loss(model(x), teacher_logits, y, config.distill_temperature,
+                                             config.distill_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
