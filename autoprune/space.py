@@ -8,8 +8,11 @@ Parameters of a trial:
   0 is not searched;
 * ``budget`` (multi-objective studies): the trial's cost as a fraction of the
   cap, in ``[budget_low, 1]``, so the study spreads its trials along the
-  Pareto front instead of piling them at the cap. Single-objective studies
-  always spend the whole cap.
+  Pareto front instead of piling them at the cap. The parameter is sampled in
+  ``[budget_low, 2 - budget_low]`` and values above 1 mean the cap: half the
+  range stays at the cap, where the deployment pick is made (at 0.5 x the
+  cap a config is not a candidate for it). Single-objective studies always
+  spend the whole cap.
 
 A *centred* space (``[priors] centre``, the default with priors) samples each
 layer's preference as a deviation from a centre allocation (the best one-shot
@@ -145,7 +148,9 @@ class SearchSpace:
                     kept = max(1.0 - self.centre[n], self._MIN_KEPT) * math.exp(d)
                     proposal[n] = min(max(1.0 - kept, 0.0), hi)
         if self.budget_low is not None and self.budget_low < 1.0:
-            proposal[BUDGET] = trial.suggest_float(BUDGET, self.budget_low, 1.0)
+            # Sampled in [low, 2 - low], everything >= 1 meaning the cap: half of the sampler's range
+            # is the cap itself, where a deployment pick is made, the other half spreads the front.
+            proposal[BUDGET] = min(1.0, trial.suggest_float(BUDGET, self.budget_low, 2.0 - self.budget_low))
         return proposal
 
     def initial_params(self, allocation: dict[str, float]) -> dict[str, float]:

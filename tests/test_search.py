@@ -111,7 +111,8 @@ def test_tiny_study_counts_constraints_and_attributes(tmp_path, storage_kind):
             k: round(v * numels[k]) for k, v in wanted.items()}, rule
     # Every trial ran at its sampled budget, exactly (one weight of rounding).
     for t in trials:
-        assert t.user_attrs["size_fraction"] == pytest.approx(0.3 * t.params["budget"], abs=1e-4)
+        assert t.user_attrs["size_fraction"] == pytest.approx(0.3 * min(1.0, t.params["budget"]), abs=1e-4)
+        assert 0.5 <= t.params["budget"] <= 1.5  # above 1: the cap
     # Running the same command again adds nothing: the study is complete.
     again = run_search(load_config(write_config(tmp_path, trials=3, storage=url)), progress=False)
     assert again["ran_this_session"] == 0 and again["finished_trials"] == 3
