@@ -265,9 +265,11 @@ def test_sigkilled_worker_trial_is_retried(tmp_path, tiny_checkpoint, storage_ur
     assert killed.params.items() <= retries[0].params.items()
     assert retries[0].user_attrs["worker"] != killed.user_attrs.get("worker")
     if not storage_url.startswith("journal:"):
-        # Found by its heartbeat: not before the grace period (3 x 2 s, less one beat) had passed.
+        # Found by its heartbeat, never while its worker lived. Not "a grace period after the kill":
+        # on a loaded machine the victim's heartbeat thread may have been late already, and a trial
+        # whose heartbeat is stale is rightly failed the moment the survivor looks.
         waited = killed.datetime_complete.timestamp() - killed_at
-        assert waited >= 2 * HEARTBEAT - 0.5, f"failed {waited:.1f}s after the kill"
+        assert waited >= -0.5, f"failed {-waited:.1f}s before the kill"
 
 
 QUOTA_SCRIPT = textwrap.dedent("""
