@@ -115,6 +115,10 @@ class FidelitySection:
     promote_top: float = 0.5  # stage 1 -> 2: BN-recal score in this top fraction (at equal cost)
     full_top: float = 0.5  # stage 2 -> 3: accuracy after 1 epoch in this top fraction (at equal cost)
     warmup_trials: int = 4  # the first trials always climb the whole ladder
+    # Screen many, fine-tune few: a trial scores this many candidates on its budget (the proposal and
+    # perturbations of it) by BN recalibration and fine-tunes the best; 0 or 1: off.
+    screen: int = 0
+    screen_spread: float = 0.25  # perturbation: each layer's kept fraction times exp(N(0, spread))
 
 
 @dataclass
@@ -252,6 +256,8 @@ class StudyConfig:
             ("fidelity", "warmup_trials", fi.warmup_trials >= 0, ">= 0"),
             ("fidelity", "promote_top", 0 < fi.promote_top <= 1, "a fraction in (0, 1]"),
             ("fidelity", "full_top", 0 < fi.full_top <= 1, "a fraction in (0, 1]"),
+            ("fidelity", "screen", fi.screen >= 0, ">= 0 (0 or 1: off)"),
+            ("fidelity", "screen_spread", 0 < fi.screen_spread <= 2, "in (0, 2]"),
         ]
         for table, key, ok, rule in ranges:
             if not ok:
@@ -268,6 +274,8 @@ class StudyConfig:
             raise AutopruneError(f"[constraints] max_latency_ms must be > 0, got {c.max_latency_ms}")
         if fi.ladder and fi.bn_recal_batches == 0:
             raise AutopruneError("[fidelity] ladder needs the cheap score: set bn_recal_batches >= 1")
+        if fi.screen > 1 and fi.bn_recal_batches == 0:
+            raise AutopruneError("[fidelity] screen scores candidates by BN recalibration: set bn_recal_batches >= 1")
         if not self.priors.grid or not all(0 < g < 1 for g in self.priors.grid):
             raise AutopruneError(f"[priors] grid must be ratios in (0, 1), got {self.priors.grid}")
         from .priors import ONE_SHOT_RULES
