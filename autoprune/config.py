@@ -149,6 +149,10 @@ class FidelitySection:
     promote_top: float = 0.5  # stage 1 -> 2: BN-recal score in this top fraction (at equal cost)
     full_top: float = 0.5  # stage 2 -> 3: accuracy after 1 epoch in this top fraction (at equal cost)
     warmup_trials: int = 4  # the first trials always climb the whole ladder
+    # Screen many, fine-tune few: a trial scores this many candidates on its budget (the proposal and
+    # perturbations of it) by BN recalibration and fine-tunes the best; 0 or 1: off.
+    screen: int = 0
+    screen_spread: float = 0.25  # perturbation: each layer's kept fraction times exp(N(0, spread))
 
 
 @dataclass
@@ -308,6 +312,8 @@ class StudyConfig:
             ("fidelity", "full_top", 0 < fi.full_top <= 1, "a fraction in (0, 1]"),
             ("select", "top_k", 0 <= self.select.top_k <= 1000, "in [0, 1000] (0: off)"),
             ("select", "seeds", 1 <= self.select.seeds <= 100, "in [1, 100]"),
+            ("fidelity", "screen", fi.screen >= 0, ">= 0 (0 or 1: off)"),
+            ("fidelity", "screen_spread", 0 < fi.screen_spread <= 2, "in (0, 2]"),
         ]
         for table, key, ok, rule in ranges:
             if not ok:
@@ -324,6 +330,8 @@ class StudyConfig:
             raise AutopruneError(f"[constraints] max_latency_ms must be > 0, got {c.max_latency_ms}")
         if fi.ladder and fi.bn_recal_batches == 0:
             raise AutopruneError("[fidelity] ladder needs the cheap score: set bn_recal_batches >= 1")
+        if fi.screen > 1 and fi.bn_recal_batches == 0:
+            raise AutopruneError("[fidelity] screen scores candidates by BN recalibration: set bn_recal_batches >= 1")
         if self.priors.grid is not None and not (self.priors.grid and all(0 < g < 1 for g in self.priors.grid)):
             raise AutopruneError(f"[priors] grid must be ratios in (0, 1), got {self.priors.grid}")
         from .priors import ONE_SHOT_RULES, one_shot_rule

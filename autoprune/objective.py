@@ -5,7 +5,10 @@ Each trial stores its figures as user attributes (names that scripts read):
 ``macs_fraction``, ``val_accuracy``, ``val_accuracy_before_finetune``,
 ``test_accuracy`` (for reports only; never used to choose), ``finetune_seconds``,
 ``plan`` (layer -> ratio that ran), ``proposed`` (what the sampler asked for),
-``finetune_epochs_done`` and, for channel trials, ``latency_ms``.
+``finetune_epochs_done``, for channel trials ``latency_ms`` and, for screened
+trials (``[fidelity] screen``), ``screen_plans``, ``screen_scores`` (BN-recal
+validation accuracy; index 0 is the proposal), ``screen_chosen`` (the index
+that ran as ``plan``) and ``screen_seconds``.
 Feasibility is Optuna's constraint list (system attr ``constraints``, <= 0 is
 feasible; in the order size, accuracy, fidelity, then macs and latency when the
 study constrains them), named by the user attr ``constraint_names``: Optuna's
@@ -43,7 +46,7 @@ from .data import Data
 from .errors import AutopruneError
 from .model import VGG
 from .plan import prune
-from .space import SearchSpace
+from .space import BUDGET, SearchSpace
 from .train import evaluate, fit, recalibrate_bn
 
 log = logging.getLogger("autoprune")
@@ -117,6 +120,7 @@ class Objective:
         ratios, notes = ctx.space.repair(proposed)
         for note in notes:
             log.info("trial %d: %s", trial.number, note)
+        ratios = self.screen(trial, proposed, ratios)
         plan = ctx.space.plan(ratios)
         trial.set_user_attr("proposed", proposed)
         trial.set_user_attr("plan", dict(plan.ratios))
@@ -207,6 +211,52 @@ class Objective:
         if all(v <= 0 for v in constraints.values()) and ctx.artifact_store is not None:
             self.save_weights(trial, model, plan, attrs)
         return self.values(attrs)
+
+    def screen(self, trial: optuna.Trial, proposed: dict, ratios: dict) -> dict:
+        """Screen many, fine-tune few: the ratios of the best of ``[fidelity] screen`` candidates.
+
+        Candidate 0 is the repaired proposal; the others perturb its per-layer
+        kept fractions (:meth:`SearchSpace.perturb`, seeded by the study seed and
+        the trial number) and are repaired onto the proposal's budget, so all
+        cost the same. Each is scored by BN recalibration + validation accuracy
+        (the trial's own cheap score); the first best runs. The sampler keeps the
+        proposal as the trial's params: it learns the value of the best of its
+        neighbourhood. Off (``ratios`` unchanged) for screen <= 1 and for
+        enqueued warm starts, which run their rule's allocation as it is.
+        """
+        ctx, cfg = self.ctx, self.ctx.config
+        fid = cfg.fidelity
+        if fid.screen <= 1:
+            return ratios
+        if "warm_start" in trial.user_attrs:
+            log.info("trial %d: warm start %r runs as enqueued, not screened", trial.number,
+                     trial.user_attrs["warm_start"])
+            return ratios
+        start = time.perf_counter()
+        rng = np.random.default_rng([cfg.study.seed, trial.number])
+        budget = {k: v for k, v in proposed.items() if k == BUDGET}
+        candidates = [ratios] + [ctx.space.repair({**ctx.space.perturb(ratios, rng, fid.screen_spread), **budget})[0]
+                                 for _ in range(fid.screen - 1)]
+        plans = [ctx.space.plan(c) for c in candidates]
+        scores, seen = [], {}
+        for plan in plans:
+            key = tuple(plan.ratios.items())
+            if key not in seen:  # a perturbation that rounds back onto an earlier plan needs no second score
+                model = prune(ctx.dense, plan).model
+                recalibrate_bn(model, ctx.data.train, fid.bn_recal_batches, fid.bn_recal_batch_size, cfg.study.seed)
+                seen[key] = evaluate(model, ctx.data.val)
+            scores.append(seen[key])
+        best = int(np.argmax(scores))  # the first maximum: ties go to the proposal
+        seconds = time.perf_counter() - start
+        trial.set_user_attr("screen_plans", [{n: round(r, 6) for n, r in p.ratios.items()} for p in plans])
+        trial.set_user_attr("screen_scores", scores)
+        trial.set_user_attr("screen_chosen", best)
+        trial.set_user_attr("screen_seconds", seconds)
+        log.info("trial %d: screened %d candidates (%d distinct) at one budget by BN-recal val accuracy "
+                 "%.2f-%.2f%% in %.1fs; fine-tuning candidate %d (%.2f%%; the proposal scored %.2f%%)",
+                 trial.number, len(plans), len(seen), min(scores), max(scores), seconds, best, scores[best],
+                 scores[0])
+        return candidates[best]
 
     def promoted(self, trial: optuna.Trial, attr: str, score: float, ratios: dict, top: float) -> bool:
         """Ladder gate: is ``score`` within the ``top`` fraction of earlier trials at equal cost?

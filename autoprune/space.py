@@ -38,6 +38,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import optuna
 
 from . import budget
@@ -152,6 +153,18 @@ class SearchSpace:
             # is the cap itself, where a deployment pick is made, the other half spreads the front.
             proposal[BUDGET] = min(1.0, trial.suggest_float(BUDGET, self.budget_low, 2.0 - self.budget_low))
         return proposal
+
+    def perturb(self, ratios: dict[str, float], rng: np.random.Generator, spread: float) -> dict[str, float]:
+        """Preferences near ``ratios``: each searched layer's kept fraction times exp(N(0, spread)).
+
+        Relative to the kept fraction, not in ratio units: a layer keeping 4% of
+        its weights moves as far in its own terms as one keeping 60% (an additive
+        0.1 would wipe out the first and barely touch the second). No budget key:
+        the caller adds the proposal's and repairs, so every draw costs the same.
+        """
+        noise = rng.standard_normal(len(self.upper))  # one draw per layer, searched or not: a stable stream
+        return {n: min(max(1.0 - (1.0 - ratios.get(n, 0.0)) * math.exp(spread * z), 0.0), hi) if hi > 0 else 0.0
+                for (n, hi), z in zip(self.upper.items(), noise)}
 
     def initial_params(self, allocation: dict[str, float]) -> dict[str, float]:
         """Trial params that reproduce a prior allocation at the full cap (for enqueue_trial)."""

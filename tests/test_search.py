@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import subprocess
 import sys
@@ -308,3 +309,112 @@ def test_channel_studies_fall_back_from_the_ladder_to_early_stop(tmp_path):
     # With promote_top 0.01 a fine-grained study would stop nearly every trial at bn_recal.
     assert {t.user_attrs["fidelity"] for t in trials} <= {"full", "stopped_early"}
     assert all("val_accuracy_bn_recal" in t.user_attrs for t in trials)
+
+
+def screened_study(tmp_path: Path, checkpoint: Path, screen: int | None, trials: int = 3, **kwargs):
+    """A tiny study (fine-grained unless ``kind`` says) from one dense checkpoint, every trial sampled
+    (no priors, so no warm starts), optionally screened."""
+    extra = "" if screen is None else f"\n[fidelity]\nscreen = {screen}\n"
+    path = write_config(tmp_path, name="screen", trials=trials, extra=extra, **kwargs)
+    path.write_text(path.read_text().replace("train_epochs = 2", f'checkpoint = "{checkpoint}"'))
+    config = load_config(path)
+    config.priors.enabled = False
+    run_search(config, progress=False)
+    return complete_trials(config.storage_url, "screen")[1]
+
+
+def test_screen_fine_tunes_the_best_of_m_candidates_on_one_budget(tmp_path, caplog, tiny_checkpoint):
+    from autoprune.budget import fine_size_fraction, vgg_cost
+    from autoprune.model import vgg_channels
+
+    channels = vgg_channels(0.125)
+    total = vgg_cost(channels)["params"]
+    with caplog.at_level("INFO", logger="autoprune"):
+        trials = screened_study(tmp_path / "a", tiny_checkpoint, screen=4)
+    assert len(trials) == 3
+    for t in trials:
+        a = t.user_attrs
+        plans, scores = a["screen_plans"], a["screen_scores"]
+        assert len(plans) == len(scores) == 4
+        assert len({tuple(p.items()) for p in plans}) > 1  # the perturbations moved something
+        # Every candidate is repaired onto the proposal's budget: the same nonzero count, exactly.
+        target = math.floor(0.3 * t.params["budget"] * total + 1e-6) / total
+        assert [fine_size_fraction(channels, p) for p in plans] == [target] * 4
+        assert a["screen_chosen"] == scores.index(max(scores))
+        assert plans[a["screen_chosen"]] == {n: round(r, 6) for n, r in a["plan"].items()}  # the plan that ran
+        assert a["val_accuracy_bn_recal"] == scores[a["screen_chosen"]]  # the trial's own cheap score
+        assert a["size_fraction"] == target
+        assert a["screen_seconds"] > 0
+    assert sum("screened 4 candidates" in r.getMessage() for r in caplog.records) == 3
+    # Determinism: the candidates follow from the study seed and the trial number alone.
+    again = screened_study(tmp_path / "b", tiny_checkpoint, screen=4)
+    for key in ("screen_plans", "screen_scores", "screen_chosen", "plan"):
+        assert [t.user_attrs[key] for t in again] == [t.user_attrs[key] for t in trials]
+
+
+def test_screen_off_runs_the_repaired_proposal_as_before(tmp_path, monkeypatch, tiny_checkpoint):
+    from autoprune.objective import Objective
+
+    runs = {screen: screened_study(tmp_path / f"s{screen}", tiny_checkpoint, screen, trials=2) for screen in (0, 1)}
+    # Before screening existed: the repaired proposal ran as it was.
+    monkeypatch.setattr(Objective, "screen", lambda self, trial, proposed, ratios: ratios)
+    runs["before"] = screened_study(tmp_path / "before", tiny_checkpoint, None, trials=2)
+    seen = {k: [(t.params, t.user_attrs["plan"], t.values) for t in trials] for k, trials in runs.items()}
+    assert seen[0] == seen[1] == seen["before"]
+    assert not any(k.startswith("screen") for trials in runs.values() for t in trials for k in t.user_attrs)
+
+
+def test_channel_trials_are_screened_on_their_budget(tmp_path, tiny_checkpoint):
+    from autoprune.budget import channel_cost_fraction
+    from autoprune.model import vgg_channels
+
+    (t,) = screened_study(tmp_path, tiny_checkpoint, screen=3, trials=1, kind="channel", cap=0.6)
+    a = t.user_attrs
+    plans, scores = a["screen_plans"], a["screen_scores"]
+    assert len(plans) == len(scores) == 3
+    # Channel counts are integers: each candidate is the largest reachable size at or below the budget.
+    target = 0.6 * t.params["budget"]
+    sizes = [channel_cost_fraction(vgg_channels(0.125), p, "params") for p in plans]
+    assert all(target - 0.02 < s <= target for s in sizes), (sizes, target)
+    assert a["screen_chosen"] == scores.index(max(scores))
+    assert plans[a["screen_chosen"]] == {n: round(r, 6) for n, r in a["plan"].items()}
+    assert a["val_accuracy_bn_recal"] == scores[a["screen_chosen"]]
+
+
+def test_perturb_keeps_bounds_and_follows_its_generator():
+    import numpy as np
+
+    from autoprune.model import vgg_channels
+    from autoprune.space import SearchSpace
+
+    upper = {f"conv{i}": 0.9 for i in range(8)} | {"classifier": 0.0}  # the classifier is not searched
+    space = SearchSpace.build("fine_grained", vgg_channels(0.125), upper, max_size_fraction=0.3)
+    ratios = {f"conv{i}": 0.1 * i for i in range(8)}
+    a = space.perturb(ratios, np.random.default_rng([0, 5]), 0.25)
+    assert a == space.perturb(ratios, np.random.default_rng([0, 5]), 0.25)
+    assert a != space.perturb(ratios, np.random.default_rng([0, 6]), 0.25)
+    assert a["classifier"] == 0.0 and all(0.0 <= a[n] <= 0.9 for n in a)
+    # Relative to the kept fraction: log(kept) moves by spread x a standard normal.
+    z = np.random.default_rng([0, 5]).standard_normal(9)
+    assert a["conv4"] == pytest.approx(1 - 0.6 * math.exp(0.25 * z[4]))
+
+
+@pytest.mark.parametrize("extra,message", [
+    ("screen = -1", "[fidelity] screen must be >= 0 (0 or 1: off), got -1"),
+    ("screen_spread = 0", "[fidelity] screen_spread must be in (0, 2], got 0"),
+    ("screen = 4\nbn_recal_batches = 0", "[fidelity] screen scores candidates by BN recalibration: "
+                                         "set bn_recal_batches >= 1"),
+])
+def test_bad_screen_settings_are_refused(tmp_path, extra, message):
+    with pytest.raises(AutopruneError) as exc:
+        load_config(write_config(tmp_path, extra=f"\n[fidelity]\n{extra}\n"))
+    assert str(exc.value) == message
+
+
+def test_warm_starts_run_as_enqueued_and_sampled_trials_are_screened(tmp_path):
+    config = load_config(write_config(tmp_path, name="warm", trials=4, extra="\n[fidelity]\nscreen = 3\n"))
+    run_search(config, progress=False)
+    _, trials = complete_trials(config.storage_url, "warm")
+    assert [t.user_attrs.get("warm_start") for t in trials] == ["prior allocation", "lamp", "global", None]
+    assert ["screen_plans" in t.user_attrs for t in trials] == [False, False, False, True]
+    assert len(trials[3].user_attrs["screen_plans"]) == 3
