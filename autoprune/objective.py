@@ -242,9 +242,7 @@ class Objective:
         for plan in plans:
             key = tuple(plan.ratios.items())
             if key not in seen:  # a perturbation that rounds back onto an earlier plan needs no second score
-                model = prune(ctx.dense, plan).model
-                recalibrate_bn(model, ctx.data.train, fid.bn_recal_batches, fid.bn_recal_batch_size, cfg.study.seed)
-                seen[key] = evaluate(model, ctx.data.val)
+                seen[key] = cheap_score(ctx.dense, plan, ctx.data, cfg)
             scores.append(seen[key])
         best = int(np.argmax(scores))  # the first maximum: ties go to the proposal
         seconds = time.perf_counter() - start
