@@ -149,11 +149,14 @@ def _fmt_profile(d: dict) -> str:
 
 
 def cmd_train(args) -> int:
+    import torch
+
     from .model import build_model, save_checkpoint
     from .train import DENSE_RECIPE, TrainConfig, evaluate, fit, resolve_device
 
     device = resolve_device(args.device)
     data = _load_data(args)
+    torch.manual_seed(args.seed)  # the initial weights too, not only fit's batches
     model = build_model("vgg", width=args.width, num_classes=data.num_classes).to(device)
     recipe = {**DENSE_RECIPE, **{k: v for k, v in
               dict(lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay).items() if v is not None}}

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import optuna
+import torch
 from optuna.trial import TrialState
 
 from . import metrics
@@ -92,6 +93,7 @@ def dense_model(config: StudyConfig, data, device, progress: bool):
         return load_checkpoint(path)[0], str(path)
     log.info("dense model: training vgg width %s for %d epochs on %s (no [model] checkpoint given)",
              m.width, m.train_epochs, data.describe())
+    torch.manual_seed(config.study.seed)  # the initial weights too: the same config trains the same dense model
     model = build_model(m.name, width=m.width, num_classes=m.num_classes).to(device)
     history = fit(model, data, TrainConfig(epochs=m.train_epochs, seed=config.study.seed, **DENSE_RECIPE),
                   progress=progress, desc="dense")

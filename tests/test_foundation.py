@@ -581,3 +581,22 @@ def test_error_pickled_code_is_refused(tiny_checkpoint, tmp_path, capsys):
     with pytest.raises(AutopruneError):
         load_checkpoint(evil)
     assert not marker.exists()
+
+
+def test_dense_training_is_reproducible(tmp_path):
+    """The same study config trains the same dense model: initial weights are seeded too."""
+    import dataclasses
+
+    from autoprune.config import StudyConfig
+    from autoprune.search import dense_model
+
+    weights = []
+    for run in ("a", "b"):
+        config = StudyConfig()
+        config.study.out_dir = str(tmp_path / run / "reports" / "x")
+        config.model = dataclasses.replace(config.model, width=0.0625, train_epochs=1)
+        config.data = dataclasses.replace(config.data, spec="synthetic:200")
+        data = config.load_data()
+        model, _ = dense_model(config, data, "cpu", progress=False)
+        weights.append(model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
