@@ -338,7 +338,7 @@ def test_screen_fine_tunes_the_best_of_m_candidates_on_one_budget(tmp_path, capl
         assert len(plans) == len(scores) == 4
         assert len({tuple(p.items()) for p in plans}) > 1  # the perturbations moved something
         # Every candidate is repaired onto the proposal's budget: the same nonzero count, exactly.
-        target = math.floor(0.3 * t.params["budget"] * total + 1e-6) / total
+        target = math.floor(0.3 * min(1.0, t.params["budget"]) * total + 1e-6) / total
         assert [fine_size_fraction(channels, p) for p in plans] == [target] * 4
         assert a["screen_chosen"] == scores.index(max(scores))
         assert plans[a["screen_chosen"]] == {n: round(r, 6) for n, r in a["plan"].items()}  # the plan that ran
@@ -373,7 +373,7 @@ def test_channel_trials_are_screened_on_their_budget(tmp_path, tiny_checkpoint):
     plans, scores = a["screen_plans"], a["screen_scores"]
     assert len(plans) == len(scores) == 3
     # Channel counts are integers: each candidate is the largest reachable size at or below the budget.
-    target = 0.6 * t.params["budget"]
+    target = 0.6 * min(1.0, t.params["budget"])
     sizes = [channel_cost_fraction(vgg_channels(0.125), p, "params") for p in plans]
     assert all(target - 0.02 < s <= target for s in sizes), (sizes, target)
     assert a["screen_chosen"] == scores.index(max(scores))
