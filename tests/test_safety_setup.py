@@ -286,7 +286,7 @@ def test_two_searches_create_one_sqlite_study_at_once(tmp_path, tiny_checkpoint)
 
 
 def test_interrupted_enqueued_trial_runs_on_resume(tmp_path, tiny_checkpoint):
-    path = write_config(tmp_path, tiny_checkpoint, trials=1, epochs=2, priors=True)
+    path = write_config(tmp_path, tiny_checkpoint, trials=1, epochs=5, priors=True)  # a wide window for the Ctrl-C
     config = load_config(path)
     url = config.storage_url
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg-cache"))
