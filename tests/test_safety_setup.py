@@ -286,13 +286,16 @@ def test_two_searches_create_one_sqlite_study_at_once(tmp_path, tiny_checkpoint)
 
 
 def test_interrupted_enqueued_trial_runs_on_resume(tmp_path, tiny_checkpoint):
-    path = write_config(tmp_path, tiny_checkpoint, trials=1, epochs=5, priors=True)  # a wide window for the Ctrl-C
+    path = write_config(tmp_path, tiny_checkpoint, trials=1, epochs=2, priors=True)
     config = load_config(path)
     url = config.storage_url
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg-cache"))
     proc = subprocess.Popen([sys.executable, "-m", "autoprune", "search", str(path), "--device", "cpu",
                              "--threads", "1", "-q"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            # A test run started in the background (`cmd &` without job control) has
+                            # SIGINT ignored, and a child inherits that: give it Ctrl-C back.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     study, caught, deadline = None, False, time.time() + 180
     try:
         while time.time() < deadline and proc.poll() is None and not caught:
