@@ -192,6 +192,18 @@ class StudyConfig:
         return f"{cost}_fraction"
 
     @property
+    def budget_metric(self) -> str:
+        """What trials are repaired onto: "macs" (channel studies with a MACs cap) or "params" (nonzero size)."""
+        c = self.constraints
+        return "macs" if self.study.kind == "channel" and c.max_macs_fraction is not None else "params"
+
+    @property
+    def budget_cap(self) -> float:
+        """The cap of ``budget_metric``, a fraction of dense."""
+        c = self.constraints
+        return c.max_macs_fraction if self.budget_metric == "macs" else c.max_size_fraction
+
+    @property
     def out_dir(self) -> Path:
         return Path(self.study.out_dir or f"reports/{self.study.name}")
 

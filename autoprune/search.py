@@ -28,7 +28,7 @@ from .errors import AutopruneError
 from .model import build_model, load_checkpoint, save_checkpoint, vgg_channels
 from .objective import Objective, TrialContext
 from .plan import PruningPlan
-from .pick import format_score, is_deployable, is_feasible, leaders, study_scores
+from .pick import format_score, is_feasible, leaders, qualified, study_scores
 from .rescore import rescore_trials, rescores
 from .space import SearchSpace
 from .storage import redact, redacted_config, storage_file
@@ -230,16 +230,6 @@ def prepare(config: StudyConfig, device="auto", progress: bool = True) -> tuple[
     return ctx, info
 
 
-def _budget_metric(config) -> str:
-    c = config.constraints
-    return "macs" if config.study.kind == "channel" and c.max_macs_fraction is not None else "params"
-
-
-def _cap(config) -> float:
-    c = config.constraints
-    return c.max_macs_fraction if _budget_metric(config) == "macs" else c.max_size_fraction
-
-
 def _budget_low(config) -> float:
     """The lowest budget a trial samples, as a fraction of the cap (1: single-objective, always the cap)."""
     return config.study.budget_low if len(config.objectives) > 1 else 1.0
@@ -247,7 +237,7 @@ def _budget_low(config) -> float:
 
 def scan_grid(config) -> list[float]:
     """The sensitivity scan's ratios: the configured grid, or one that reaches the lowest sampled budget."""
-    return config.priors.scan_grid(config.study.kind, _cap(config) * _budget_low(config))
+    return config.priors.scan_grid(config.study.kind, config.budget_cap * _budget_low(config))
 
 
 def widen_for_starts(upper: dict[str, float], starts: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -278,8 +268,9 @@ def choose_centre(config, dense, data, starts: dict[str, dict]) -> tuple[str, di
         rules = [n for n in starts if n != "prior allocation"] or list(starts)
         log.info("space: centred on the %s allocation (the cheap score does not rank channel configs)", rules[0])
         return rules[0], {}
-    scores = {name: cheap_score(dense, PruningPlan(kind, {n: r for n, r in ratios.items() if r > 0}, "",
-                                                   tuple(dense.channels)), data, config)
+    # scored as its warm-start trial will run: the study's criterion, zero ratios left out
+    scores = {name: cheap_score(dense, PruningPlan(kind, {n: r for n, r in ratios.items() if r > 0},
+                                                   config.study.criterion, tuple(dense.channels)), data, config)
               for name, ratios in starts.items()}
     best = max(scores, key=lambda n: (scores[n], -list(starts).index(n)))
     log.info("space: centred on the %s allocation, the best cheap score (BatchNorm-recalibrated val: %s)", best,
@@ -292,7 +283,7 @@ def warm_starts(config, dense) -> dict[str, dict[str, float]]:
     from .priors import one_shot_allocation
 
     kind = config.study.kind
-    return {rule: one_shot_allocation(rule, dense, kind, _cap(config), _budget_metric(config))
+    return {rule: one_shot_allocation(rule, dense, kind, config.budget_cap, config.budget_metric)
             for rule in config.priors.warm_start_rules(kind)}
 
 
@@ -311,7 +302,7 @@ def compute_study_priors(config, dense, checkpoint, data, progress):
     df, dense_acc, cached = scan_cached(checkpoint, data, kind, scan_grid(config), config.study.criterion,
                                         config.out_dir, progress)
     low = _budget_low(config)
-    metric, cap = _budget_metric(config), _cap(config)
+    metric, cap = config.budget_metric, config.budget_cap
 
     def at(target):
         log.info("priors at %s fraction %.4f (%s):", "size" if metric == "params" else metric, target,
@@ -344,8 +335,7 @@ def _line(study: optuna.Study, trial: optuna.trial.FrozenTrial, done: int, total
 def best_feasible(study: optuna.Study):
     """The deployable feasible trial with the highest (re-scored) validation accuracy, or None."""
     config = StudyConfig.from_dict(study.user_attrs.get("config", {}))
-    feasible = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if is_feasible(t) and is_deployable(t, config)]
+    feasible = qualified(study, config)
     score = study_scores(study)
     cost = config.cost_attr  # ties in accuracy go to the smaller model
     return max(feasible, key=lambda t: (score[t.number].estimate, -t.user_attrs.get(cost, 0.0), -t.number),

@@ -164,7 +164,7 @@ def study_record(config: StudyConfig, wall_seconds: float) -> dict:
     from optuna.trial import TrialState
 
     from autoprune.errors import NothingQualifies
-    from autoprune.pick import is_deployable, is_feasible, pick
+    from autoprune.pick import is_deployable, is_feasible, pick, qualified
     from autoprune.rescore import rescores
 
     study = optuna.load_study(study_name=config.study.name, storage=config.storage_url)
@@ -175,8 +175,7 @@ def study_record(config: StudyConfig, wall_seconds: float) -> dict:
     except NothingQualifies:
         picked = None
     # Picking by the first score alone, as before re-scoring: what re-scoring is measured against.
-    ok = [t for t in trials if is_deployable(t, config) and is_feasible(t)]
-    first = max(ok, key=lambda t: (t.user_attrs["val_accuracy"], -t.user_attrs[config.cost_attr]), default=None)
+    first = max(qualified(study, config), key=lambda t: (t.user_attrs["val_accuracy"], -t.user_attrs[config.cost_attr]), default=None)
 
     def brief(t):
         if t is None:
