@@ -101,10 +101,15 @@ def to_onnx(model: nn.Module, input_shape: tuple[int, ...]) -> bytes:
             return buf.getvalue()
         except Exception as exc:  # a torch whose legacy exporter is gone or fails on this model
             log.debug("TorchScript-based ONNX export failed (%s); trying the dynamo exporter", exc)
-        program = torch.onnx.export(model, (x,), dynamo=True, verbose=False, opset_version=ONNX_OPSET,
-                                    input_names=["input"], output_names=["output"],
-                                    dynamic_shapes=({0: torch.export.Dim("batch")},))
-        return program.model_proto.SerializeToString()
+        try:
+            program = torch.onnx.export(model, (x,), dynamo=True, verbose=False, opset_version=ONNX_OPSET,
+                                        input_names=["input"], output_names=["output"],
+                                        dynamic_shapes=({0: torch.export.Dim("batch")},))
+            return program.model_proto.SerializeToString()
+        except Exception as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise AutopruneError(f"torch cannot export this model to ONNX: {reason[:160]}; please report "
+                                 f"this") from None
 
 
 def onnx_session(data: bytes, threads: int = 1, device: str = "cpu"):
@@ -460,13 +465,13 @@ class Meter:
 
     def __init__(self, runtime: str = "torch", threads: int = 1, batch_sizes=(1,), warmup: int = 10,
                  repeats: int = 50, device: str = "cpu", predict: bool = True,
-                 cache_dir: str | os.PathLike | None = None):
+                 cache_dir: str | os.PathLike | None = None, clock: Callable[[], float] = time.perf_counter):
         get_runtime(runtime)
         self.runtime, self.threads, self.device = runtime, resolve_threads(threads), device
         self.batch_sizes = [int(b) for b in batch_sizes]
-        self.warmup, self.repeats = warmup, repeats
-        self.table = (LatencyTable(runtime, self.threads, self.batch_sizes[0], device, cache_dir, warmup, repeats)
-                      if predict else None)
+        self.warmup, self.repeats, self.clock = warmup, repeats, clock
+        self.table = (LatencyTable(runtime, self.threads, self.batch_sizes[0], device, cache_dir, warmup, repeats,
+                                   clock) if predict else None)
 
     @classmethod
     def from_config(cls, section, cache_dir=None) -> "Meter":
@@ -483,7 +488,7 @@ class Meter:
         ``latency_predicted_ms`` and ``latency_prediction_error`` (predicted / measured - 1)."""
         models = {"model": model, **({"dense": dense} if dense is not None else {})}
         runs = measure(models, runtime=self.runtime, threads=self.threads, batch_sizes=self.batch_sizes,
-                       warmup=self.warmup, repeats=self.repeats, device=self.device)
+                       warmup=self.warmup, repeats=self.repeats, device=self.device, clock=self.clock)
         b = self.batch_sizes[0]
         mine = runs["model"][b]
         out = {"latency_ms": mine["median_ms"], "latency_iqr_ms": mine["iqr_ms"], "latency_batch_size": b,

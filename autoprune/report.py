@@ -30,6 +30,7 @@ at all (:func:`autoprune.files.atomic_path`).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import html
 import json
@@ -203,6 +204,7 @@ def uniform_baseline(study: optuna.Study, config: StudyConfig, out_dir: Path, de
                      progress: bool = False) -> dict:
     """Prune the dense checkpoint uniformly at the cap, fine-tune by the study's recipe, measure (cached)."""
     from . import metrics
+    from .latency import Meter
     from .model import load_checkpoint
     from .objective import finetune
     from .plan import prune
@@ -262,8 +264,10 @@ def uniform_baseline(study: optuna.Study, config: StudyConfig, out_dir: Path, de
         "params": figures["params"], "nonzero_params": figures["nonzero_params"],
         "finetune_seconds": seconds, "finetune_epochs": len(history), "checkpoint_sha256": sha, "key": key,
     }
-    if config.study.kind == "channel":
-        result["latency_ms"] = metrics.measure_latency_ms(net.cpu(), 1, 10, 50)
+    if config.study.kind == "channel":  # as the trials measure it: [latency], beside the dense model
+        meter = Meter.from_config(dataclasses.replace(config.latency, predict=False))
+        lat = meter.figures(net, model)
+        result.update({k: lat[k] for k in ("latency_ms", "latency_runtime", "latency_threads", "latency_fraction")})
     cache[key] = result
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_text(cache_path, json.dumps(cache, indent=2))

@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 from . import metrics
 from .config import StudyConfig
 from .errors import AutopruneError
+from .latency import Meter
 from .model import build_model, load_checkpoint, save_checkpoint, vgg_channels
 from .objective import Objective, TrialContext
 from .plan import PruningPlan
@@ -201,9 +202,13 @@ def prepare(config: StudyConfig, device="auto", progress: bool = True) -> tuple[
     floor = config.accuracy_floor(dense_val)
     figures = {"params": metrics.count_params(dense), "macs": metrics.count_macs(dense),
                "val_accuracy": dense_val, "test_accuracy": evaluate(dense, data.test)}
+    meter = None
     if config.study.kind == "channel":
-        figures["latency_ms"] = metrics.measure_latency_ms(dense.cpu(), 1, 10, 50)
-        dense.to(device)
+        meter = Meter.from_config(config.latency, config.latency_cache_dir)
+        lat = meter.figures(dense)
+        figures.update({k: lat[k] for k in ("latency_ms", "latency_iqr_ms", "latency_batch_size", "latency_runtime",
+                                            "latency_threads", "latency_device", "latency_predicted_ms",
+                                            "latency_prediction_error") if k in lat})
     log.info("dense model %s: val %.2f%% on %d images; accuracy floor %.2f%%", checkpoint, dense_val,
              len(data.val), floor)
     upper, allocation, prior_info, warm, centre = None, None, {}, {}, None
@@ -226,7 +231,7 @@ def prepare(config: StudyConfig, device="auto", progress: bool = True) -> tuple[
             "checkpoint_sha256": file_digest(checkpoint), "data": data.describe(),
             "prior_allocation": allocation, "warm_starts": warm, **prior_info}
     ctx = TrialContext(config=config, space=space, dense=dense, data=data, floor=floor, dense_figures=figures,
-                       progress=progress)
+                       progress=progress, latency=meter)
     return ctx, info
 
 
