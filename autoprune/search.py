@@ -180,14 +180,25 @@ def check_setup(config: StudyConfig) -> dict:
             "trials": config.study.trials, "storage": redact(url), "out_dir": str(out),
             "artifacts": artifacts.get("path", "in the study's database"), "data": data_text, "dense": dense,
             "priors": (f"sensitivity scan over {scan_grid(config)} (cached in the out_dir)"
-                       if config.priors.enabled else "off")}
+                       if config.priors.enabled else "off"),
+            "latency": _latency_setup(config)}
+
+
+def _latency_setup(config: StudyConfig) -> str:
+    lat = config.latency
+    if config.study.kind != "channel":
+        return "not measured (fine-grained trials run dense-shaped)"
+    return (f"{lat.runtime} on {lat.device}, {lat.threads or 'all'} thread(s), batch {lat.batch_sizes}, "
+            f"{lat.repeats} repeats beside the dense model" + (
+                f"; per-layer tables cached in {config.latency_cache_dir}" if lat.predict else ""))
 
 
 def format_setup(s: dict) -> str:
     rows = [("study", f"{s['study']} ({s['kind']}, objectives {', '.join(s['objectives'])}): "
                       f"{s['trials']} complete trials wanted"),
             ("storage", s["storage"]), ("out dir", s["out_dir"]), ("artifacts", s["artifacts"]),
-            ("data", s["data"]), ("dense model", s["dense"]), ("priors", s["priors"])]
+            ("data", s["data"]), ("dense model", s["dense"]), ("priors", s["priors"]),
+            ("latency", s.get("latency", ""))]
     return "\n".join(["dry run: the setup checks passed; nothing was written"]
                      + [f"{k:<13}{v}" for k, v in rows])
 
