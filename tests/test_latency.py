@@ -321,3 +321,33 @@ def test_real_runtimes_measure_and_predict(runtime, tmp_path):
     f = meter.figures(model, model)
     assert f["latency_ms"] > 0 and f["latency_predicted_ms"] > 0 and f["latency_runtime"] == runtime
     assert meter.table.path.is_file() and meter.table.path.name.startswith(f"{runtime}-cpu-t1-b1-")
+
+
+# --- the benchmark's bookkeeping --------------------------------------------------------
+
+
+def test_latency_benchmark_configs_and_summary():
+    import importlib.util
+    import sys
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("bench_latency", REPO / "benchmarks" / "latency.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    cfgs = bench.configs([0.5], 2, 0.8, seed=0)
+    assert [c["name"] for c in cfgs] == ["uniform 0.5", "random 0", "random 1"]
+    assert cfgs == bench.configs([0.5], 2, 0.8, seed=0)  # seeded
+    assert all("conv7" not in c["ratios"] and all(0 <= r <= 0.8 for r in c["ratios"].values()) for c in cfgs)
+
+    def row(config, ratio, error, dense_ms=2.0):
+        return {"width": 1.0, "runtime": "torch", "threads": 1, "batch_size": 1, "config": config,
+                "latency_vs_macs": ratio, "prediction_error": error, "dense_median_ms": dense_ms}
+
+    summary = bench.summarize([row("dense", None, 0.02), row("a", 0.5, -0.10), row("b", 0.9, 0.04),
+                               row("c", 0.7, 0.2, dense_ms=4.0)])
+    assert summary == [{"width": 1.0, "runtime": "torch", "threads": 1, "batch_size": 1, "configs": 3,
+                        "dense_ms": 2.0, "latency_vs_macs_median": 0.7, "prediction_abs_error_median": 0.07,
+                        "prediction_abs_error_max": 0.2}]
+    assert "| 1 | torch | 1 | 1 | 2.000 | 0.70 | 7.0% / 20.0% |" in bench.markdown(summary)
