@@ -5,7 +5,9 @@ device, the dense VGG and a set of channel-pruned configs are timed by
 :class:`autoprune.latency.Meter`: each config side by side with the dense model
 (interleaved repeats after warm-up; median and interquartile range), at every
 batch size. Configs: uniform ratios (``--uniform``) and ``--random`` seeded
-per-layer ratios in [0, ``--max-ratio``]. The weights are random: latency does not
+per-layer ratios in [0, ``--max-ratio``], each also with its kept channel counts
+rounded to multiples of every ``--round-to`` value (hardware-friendly widths: does
+latency then follow MACs better?). The weights are random: latency does not
 depend on their values.
 
 Per config and batch size it records the MACs reduction (dense MACs / MACs), the
@@ -44,6 +46,7 @@ import torch
 
 from autoprune import latency
 from autoprune.errors import AutopruneError
+from autoprune.channel import kept_channels
 from autoprune.metrics import count_macs
 from autoprune.model import CONV_NAMES, build_model
 from autoprune.plan import PruningPlan, prune
@@ -62,6 +65,20 @@ def configs(uniform: list[float], random: int, max_ratio: float, seed: int) -> l
     return out
 
 
+def rounded(channels: list[int], ratios: dict[str, float], multiple: int) -> dict[str, float]:
+    """``ratios`` with each conv's kept channels rounded to the nearest multiple of ``multiple`` (at least one
+    multiple, at most all channels); exact ratios ``1 - kept / channels``, as autoprune.budget returns."""
+    if multiple <= 1:
+        return ratios
+    kept = kept_channels(channels, ratios)
+    out = {}
+    for name, c, k in zip(CONV_NAMES, channels, kept):
+        if name in ratios:
+            k = min(c, max(multiple, multiple * round(k / multiple)))
+            out[name] = 1.0 - k / c
+    return out
+
+
 def run_one(width: float, runtime: str, threads: int, args, cfgs: list[dict]) -> list[dict]:
     torch.manual_seed(args.seed)
     dense = build_model("vgg", width=width).eval()
@@ -70,7 +87,11 @@ def run_one(width: float, runtime: str, threads: int, args, cfgs: list[dict]) ->
     tables = {b: latency.LatencyTable(runtime, threads, b, args.device, args.cache, args.warmup, args.repeats)
               for b in args.batch_sizes}
     rows = []
-    for cfg in [{"name": "dense", "ratios": {}}, *cfgs]:
+    variants = [{"name": "dense", "ratios": {}, "round_to": 1}]
+    for cfg in cfgs:
+        variants += [{"name": cfg["name"], "ratios": rounded(dense.channels, cfg["ratios"], m), "round_to": m}
+                     for m in args.round_to]
+    for cfg in variants:
         model = dense if not cfg["ratios"] else prune(dense, PruningPlan("channel", cfg["ratios"]).for_model(dense)).model
         macs = count_macs(model)
         f = meter.figures(model.eval(), dense)
@@ -78,13 +99,15 @@ def run_one(width: float, runtime: str, threads: int, args, cfgs: list[dict]) ->
             predicted = tables[int(b)].predict_ms(model)
             rows.append({
                 "width": width, "runtime": runtime, "threads": f["latency_threads"], "batch_size": int(b),
-                "config": cfg["name"], "ratios": cfg["ratios"], "channels": list(model.channels),
+                "config": cfg["name"], "round_to": cfg["round_to"], "ratios": cfg["ratios"],
+                "channels": list(model.channels),
                 "macs": macs, "macs_reduction": dense_macs / macs, "median_ms": m["median_ms"], "iqr_ms": m["iqr_ms"],
                 "dense_median_ms": m["dense_median_ms"], "latency_reduction": 1.0 / m["fraction"],
                 "latency_vs_macs": (1.0 / m["fraction"]) / (dense_macs / macs) if macs != dense_macs else None,
                 "predicted_ms": predicted, "prediction_error": predicted / m["median_ms"] - 1.0,
             })
             print(f"  w{width:g} {runtime:<11} t{f['latency_threads']} b{b:<3} {cfg['name']:<10} "
+                  f"r{cfg['round_to']:<2} "
                   f"{m['median_ms']:8.3f} ms (dense {m['dense_median_ms']:.3f}), MACs /{dense_macs / macs:.2f}, "
                   f"latency /{1.0 / m['fraction']:.2f}, predicted {predicted:.3f} ms "
                   f"({100 * (predicted / m['median_ms'] - 1):+.1f}%)", file=sys.stderr)
@@ -92,17 +115,24 @@ def run_one(width: float, runtime: str, threads: int, args, cfgs: list[dict]) ->
 
 
 def summarize(rows: list[dict]) -> list[dict]:
+    """Per width, runtime, threads, batch and rounding: medians over the configs (the dense row counts in the
+    prediction error of every rounding)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["width"], r["runtime"], r["threads"], r["batch_size"]), []).append(r)
+        if r["config"] != "dense":
+            groups.setdefault((r["width"], r["runtime"], r["threads"], r["batch_size"], r.get("round_to", 1)),
+                              []).append(r)
+    dense = {(r["width"], r["runtime"], r["threads"], r["batch_size"]): r for r in rows if r["config"] == "dense"}
     out = []
-    for (width, runtime, threads, b), rs in groups.items():
-        pruned = [r for r in rs if r["latency_vs_macs"] is not None]
+    for (width, runtime, threads, b, multiple), pruned in groups.items():
+        rs = pruned + ([dense[width, runtime, threads, b]] if (width, runtime, threads, b) in dense else [])
         errors = [abs(r["prediction_error"]) for r in rs]
+        ratios = [r["latency_vs_macs"] for r in pruned if r["latency_vs_macs"] is not None]
         out.append({
-            "width": width, "runtime": runtime, "threads": threads, "batch_size": b, "configs": len(pruned),
+            "width": width, "runtime": runtime, "threads": threads, "batch_size": b, "round_to": multiple,
+            "configs": len(pruned),
             "dense_ms": statistics.median(r["dense_median_ms"] for r in rs),
-            "latency_vs_macs_median": statistics.median(r["latency_vs_macs"] for r in pruned) if pruned else None,
+            "latency_vs_macs_median": statistics.median(ratios) if ratios else None,
             "prediction_abs_error_median": statistics.median(errors),
             "prediction_abs_error_max": max(errors),
         })
@@ -110,11 +140,12 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def markdown(summary: list[dict]) -> str:
-    lines = ["| width | runtime | threads | batch | dense ms | latency reduction / MACs reduction (median) | "
-             "predicted vs measured: median / max abs error |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| width | runtime | threads | batch | round_to | dense ms | latency reduction / MACs reduction (median) | "
+             "predicted vs measured: median / max abs error |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in summary:
         ratio = "-" if s["latency_vs_macs_median"] is None else f"{s['latency_vs_macs_median']:.2f}"
-        lines.append(f"| {s['width']:g} | {s['runtime']} | {s['threads']} | {s['batch_size']} | {s['dense_ms']:.3f} | "
+        lines.append(f"| {s['width']:g} | {s['runtime']} | {s['threads']} | {s['batch_size']} | {s['round_to']} | "
+                     f"{s['dense_ms']:.3f} | "
                      f"{ratio} | {100 * s['prediction_abs_error_median']:.1f}% / "
                      f"{100 * s['prediction_abs_error_max']:.1f}% |")
     return "\n".join(lines) + "\n"
@@ -136,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="uniform channel ratios (default 0.3,0.5,0.7)")
     p.add_argument("--random", type=int, default=6, help="seeded random per-layer configs (default 6)")
     p.add_argument("--max-ratio", type=float, default=0.8, help="random ratios in [0, this] (default 0.8)")
+    p.add_argument("--round-to", type=lambda t: listed(int, t), default=[1, 8],
+                   help="also run each config with kept channels rounded to these multiples (1: as is; default 1,8)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)

@@ -341,13 +341,19 @@ def test_latency_benchmark_configs_and_summary():
     assert cfgs == bench.configs([0.5], 2, 0.8, seed=0)  # seeded
     assert all("conv7" not in c["ratios"] and all(0 <= r <= 0.8 for r in c["ratios"].values()) for c in cfgs)
 
-    def row(config, ratio, error, dense_ms=2.0):
+    def row(config, ratio, error, dense_ms=2.0, round_to=1):
         return {"width": 1.0, "runtime": "torch", "threads": 1, "batch_size": 1, "config": config,
-                "latency_vs_macs": ratio, "prediction_error": error, "dense_median_ms": dense_ms}
+                "round_to": round_to, "latency_vs_macs": ratio, "prediction_error": error, "dense_median_ms": dense_ms}
 
     summary = bench.summarize([row("dense", None, 0.02), row("a", 0.5, -0.10), row("b", 0.9, 0.04),
-                               row("c", 0.7, 0.2, dense_ms=4.0)])
-    assert summary == [{"width": 1.0, "runtime": "torch", "threads": 1, "batch_size": 1, "configs": 3,
-                        "dense_ms": 2.0, "latency_vs_macs_median": 0.7, "prediction_abs_error_median": 0.07,
-                        "prediction_abs_error_max": 0.2}]
-    assert "| 1 | torch | 1 | 1 | 2.000 | 0.70 | 7.0% / 20.0% |" in bench.markdown(summary)
+                               row("c", 0.7, 0.2, dense_ms=4.0), row("a", 1.0, 0.3, round_to=8)])
+    common = {"width": 1.0, "runtime": "torch", "threads": 1, "batch_size": 1}
+    assert summary == [  # the dense row counts in every rounding's prediction error
+        {**common, "round_to": 1, "configs": 3, "dense_ms": 2.0, "latency_vs_macs_median": 0.7,
+         "prediction_abs_error_median": 0.07, "prediction_abs_error_max": 0.2},
+        {**common, "round_to": 8, "configs": 1, "dense_ms": 2.0, "latency_vs_macs_median": 1.0,
+         "prediction_abs_error_median": 0.16, "prediction_abs_error_max": 0.3}]
+    assert "| 1 | torch | 1 | 1 | 1 | 2.000 | 0.70 | 7.0% / 20.0% |" in bench.markdown(summary)
+    # Rounded widths: kept channels to the nearest multiple (at least one), exact ratios.
+    assert bench.kept_channels([64, 128], bench.rounded([64, 128], {"conv0": 0.5, "conv1": 0.99}, 8)) == [32, 8]
+    assert bench.kept_channels([64, 128], bench.rounded([64, 128], {"conv0": 0.45}, 16)) == [32, 128]
