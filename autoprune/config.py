@@ -378,7 +378,6 @@ class StudyConfig:
             raise AutopruneError(f"[priors] warm_start: {exc}") from None
         return self
 
-
     def check_latency(self) -> None:
         """[latency]: a known runtime and device; for a channel study (the one that measures) installed."""
         from .latency import DEVICES, get_runtime
@@ -390,6 +389,11 @@ class StudyConfig:
             raise AutopruneError(f"[latency] runtime: {exc}") from None
         if lat.device not in DEVICES:
             raise AutopruneError(f"[latency] device must be one of {', '.join(DEVICES)}, got {lat.device!r}")
+        if lat.device == "cuda" and self.study.kind == "channel":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise AutopruneError("[latency] device cuda: this machine has no CUDA device; set device = \"cpu\"")
 
 
 # A study name becomes the folder reports/<name>/ and its sqlite:///reports/<name>/study.db.

@@ -190,6 +190,8 @@ class TorchRuntime(Runtime):
 
     @contextlib.contextmanager
     def session(self, model, input_shape, threads, device="cpu") -> Iterator[Callable[[], object]]:
+        if device == "cuda" and not torch.cuda.is_available():
+            raise AutopruneError("latency device cuda: this machine has no CUDA device; measure on the cpu")
         net = copy.deepcopy(model).to(device).eval()  # a copy: the caller's model stays where it is
         x = torch.zeros(*input_shape, device=device)
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

@@ -128,6 +128,17 @@ def test_latency_section_is_validated(tmp_path, table, wanted):
     assert str(exc.value).removesuffix(f" in {toml}") == wanted
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_cuda_without_a_device_is_refused_in_one_line(tmp_path):
+    toml = tmp_path / "s.toml"
+    toml.write_text('[study]\nkind = "channel"\n[latency]\ndevice = "cuda"\n')
+    with pytest.raises(AutopruneError) as exc:
+        load_config(toml)
+    assert str(exc.value) == '[latency] device cuda: this machine has no CUDA device; set device = "cpu"'
+    with pytest.raises(AutopruneError, match="^latency device cuda: this machine has no CUDA device"):
+        latency.measure({"m": torch.nn.ReLU()}, device="cuda")
+
+
 def test_a_stored_config_without_latency_gets_the_defaults():
     stored = StudyConfig().to_dict()
     del stored["latency"]  # a study made before [latency] existed
