@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 from . import metrics
 from .config import StudyConfig
 from .errors import AutopruneError
+from .latency import Meter
 from .model import build_model, load_checkpoint, save_checkpoint, vgg_channels
 from .objective import Objective, TrialContext
 from .plan import PruningPlan
@@ -179,14 +180,25 @@ def check_setup(config: StudyConfig) -> dict:
             "trials": config.study.trials, "storage": redact(url), "out_dir": str(out),
             "artifacts": artifacts.get("path", "in the study's database"), "data": data_text, "dense": dense,
             "priors": (f"sensitivity scan over {scan_grid(config)} (cached in the out_dir)"
-                       if config.priors.enabled else "off")}
+                       if config.priors.enabled else "off"),
+            "latency": _latency_setup(config)}
+
+
+def _latency_setup(config: StudyConfig) -> str:
+    lat = config.latency
+    if config.study.kind != "channel":
+        return "not measured (fine-grained trials run dense-shaped)"
+    return (f"{lat.runtime} on {lat.device}, {lat.threads or 'all'} thread(s), batch {lat.batch_sizes}, "
+            f"{lat.repeats} repeats beside the dense model" + (
+                f"; per-layer tables cached in {config.latency_cache_dir}" if lat.predict else ""))
 
 
 def format_setup(s: dict) -> str:
     rows = [("study", f"{s['study']} ({s['kind']}, objectives {', '.join(s['objectives'])}): "
                       f"{s['trials']} complete trials wanted"),
             ("storage", s["storage"]), ("out dir", s["out_dir"]), ("artifacts", s["artifacts"]),
-            ("data", s["data"]), ("dense model", s["dense"]), ("priors", s["priors"])]
+            ("data", s["data"]), ("dense model", s["dense"]), ("priors", s["priors"]),
+            ("latency", s.get("latency", ""))]
     return "\n".join(["dry run: the setup checks passed; nothing was written"]
                      + [f"{k:<13}{v}" for k, v in rows])
 
@@ -201,9 +213,13 @@ def prepare(config: StudyConfig, device="auto", progress: bool = True) -> tuple[
     floor = config.accuracy_floor(dense_val)
     figures = {"params": metrics.count_params(dense), "macs": metrics.count_macs(dense),
                "val_accuracy": dense_val, "test_accuracy": evaluate(dense, data.test)}
+    meter = None
     if config.study.kind == "channel":
-        figures["latency_ms"] = metrics.measure_latency_ms(dense.cpu(), 1, 10, 50)
-        dense.to(device)
+        meter = Meter.from_config(config.latency, config.latency_cache_dir)
+        lat = meter.figures(dense)
+        figures.update({k: lat[k] for k in ("latency_ms", "latency_iqr_ms", "latency_batch_size", "latency_runtime",
+                                            "latency_threads", "latency_device", "latency_predicted_ms",
+                                            "latency_prediction_error") if k in lat})
     log.info("dense model %s: val %.2f%% on %d images; accuracy floor %.2f%%", checkpoint, dense_val,
              len(data.val), floor)
     upper, allocation, prior_info, warm, centre = None, None, {}, {}, None
@@ -226,7 +242,7 @@ def prepare(config: StudyConfig, device="auto", progress: bool = True) -> tuple[
             "checkpoint_sha256": file_digest(checkpoint), "data": data.describe(),
             "prior_allocation": allocation, "warm_starts": warm, **prior_info}
     ctx = TrialContext(config=config, space=space, dense=dense, data=data, floor=floor, dense_figures=figures,
-                       progress=progress)
+                       progress=progress, latency=meter)
     return ctx, info
 
 

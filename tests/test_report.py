@@ -291,7 +291,8 @@ def test_export_channel_is_the_small_network(channel, tmp_path):
     exported = export(channel["url"], channel["name"], out, pick_kwargs={})  # what `export --pick` does
     trial = study.trials[exported["trial"]]
     assert trial.number == pick(study, config, require_weights=True)[0].number
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.pt", "model.ts", "plan.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.onnx", "model.pt", "model.ts",
+                                                     "plan.json"]
     model = autoprune.load(out)
     assert metrics.count_params(model) == trial.user_attrs["params"]
     assert metrics.count_macs(model) == trial.user_attrs["macs"]
@@ -306,6 +307,14 @@ def test_export_channel_is_the_small_network(channel, tmp_path):
     assert run.returncode == 0, run.stderr
     with torch.no_grad():
         assert (torch.load(tmp_path / "y.pt") - model(x)).abs().max().item() <= 1e-6
+    # model.onnx: ONNX Runtime's outputs equal torch's to 1e-4, and metrics.json says it was checked.
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        assert abs(session.run(None, {"input": x.numpy()})[0] - model(x).numpy()).max() <= 1e-4
+    onnx = json.loads((out / "metrics.json").read_text())["onnx"]
+    assert onnx["written"] and onnx["max_abs_difference"] <= onnx["tolerance"] == 1e-4
 
 
 def test_export_refuses_a_non_empty_dir_and_leaves_it_alone(fine, tmp_path):

@@ -66,8 +66,11 @@ FLAG_CASES = [
     (["train", "--data", TINY_DATA, "--val-size", "0"], "--val-size must be >= 1 (an integer), got '0'"),
     (["train", "--data", TINY_DATA, "--val-size", "-5"], "--val-size must be >= 1 (an integer), got '-5'"),
     (["profile", "--repeats", "0"], "--repeats must be >= 1 (an integer), got '0'"),
-    (["profile", "--batch-size", "-1"], "--batch-size must be >= 1 (an integer), got '-1'"),
-    (["profile", "--batch-size", "0"], "--batch-size must be >= 1 (an integer), got '0'"),
+    (["profile", "--batch-size", "-1"], "--batch-size must be in [1, 4096] (one batch size, or several "
+                                        "comma-separated: 1,8), got '-1'"),
+    (["profile", "--batch-size", "1,0"], "--batch-size must be in [1, 4096] (one batch size, or several "
+                                         "comma-separated: 1,8), got '0'"),
+    (["profile", "--threads", "0"], "--threads must be >= 1 (an integer), got '0'"),
     (["train", "--data", TINY_DATA, "--weight-decay", "-1"], "--weight-decay must be >= 0 (a finite number), got '-1'"),
     (["train", "--data", TINY_DATA, "--lr", "inf"], "--lr must be > 0 (a finite number), got 'inf'"),
     (["train", "--data", TINY_DATA, "--lr", "nan"], "--lr must be > 0 (a finite number), got 'nan'"),

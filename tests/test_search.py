@@ -127,6 +127,11 @@ def test_channel_study_records_macs_and_latency(tmp_path):
     assert len(trials) == 2
     for t in trials:
         assert t.user_attrs["latency_ms"] > 0
+        # [latency] defaults: torch at 1 thread, batch 1, the dense model timed in the same run, predicted too.
+        a = t.user_attrs
+        assert (a["latency_runtime"], a["latency_threads"], a["latency_batch_size"]) == ("torch", 1, 1)
+        assert a["latency_fraction"] == a["latency_ms"] / a["latency_dense_ms"]
+        assert a["latency_prediction_error"] == a["latency_predicted_ms"] / a["latency_ms"] - 1
         assert t.user_attrs["macs"] < t.user_attrs["macs"] / t.user_attrs["macs_fraction"] + 1
         assert t.user_attrs["size_fraction"] <= 0.6 + 1e-9
         assert t.user_attrs["channels"][-1] == 64  # the last conv is never cut
