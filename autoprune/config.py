@@ -136,10 +136,7 @@ class PriorsSection:
     def warm_start_rules(self, kind: str) -> list[str]:
         if self.warm_start is not None:
             return list(self.warm_start)
-        # The best rules of the paired benchmark (benchmarks/search_vs_baselines.py), so a study
-        # evaluates them exactly; channel: Torch-Pruning's global magnitude first (the centre of a
-        # centred space), 0.7-1.0 test points above uniform at 2x and 3x fewer MACs.
-        return ["lamp", "global"] if kind == "fine_grained" else ["tp_magnitude", "uniform"]
+        return ["lamp", "global"] if kind == "fine_grained" else ["uniform"]
 
 
 @dataclass

@@ -275,7 +275,7 @@ def choose_centre(config, dense, data, starts: dict[str, dict]) -> tuple[str, di
     Fine-grained: the start with the best BatchNorm-recalibrated validation
     score, which ranks fine-grained configs like the fine-tune does. Channel:
     that score hardly ranks channel configs, so the first one-shot rule
-    (tp_magnitude by default, the best channel rule of the paired benchmark).
+    (uniform by default), as the rule a person would try first.
     """
     from .objective import cheap_score
 

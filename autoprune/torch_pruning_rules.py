@@ -54,7 +54,7 @@ def require_torch_pruning(rule: str):
         import torch_pruning
     except ImportError:
         raise AutopruneError(
-            f"one-shot rule {rule!r} needs Torch-Pruning, which is not installed; pip install torch-pruning"
+            f"one-shot rule {rule!r} needs Torch-Pruning, which is not installed; pip install 'autoprune[pruning]'"
         ) from None
     return torch_pruning
 

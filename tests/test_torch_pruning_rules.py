@@ -164,7 +164,7 @@ def test_a_target_that_would_empty_a_layer_is_refused(dense):
 
 def test_without_torch_pruning_the_rule_names_the_extra(dense, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch_pruning", None)  # import torch_pruning -> ImportError
-    fix = "one-shot rule 'tp_lamp' needs Torch-Pruning, which is not installed; pip install torch-pruning"
+    fix = "one-shot rule 'tp_lamp' needs Torch-Pruning, which is not installed; pip install 'autoprune[pruning]'"
     with pytest.raises(AutopruneError) as exc:
         one_shot_pruned("tp_lamp", dense, "channel", 0.5, "macs")
     assert str(exc.value) == fix
