@@ -1,7 +1,8 @@
-"""Shared fixtures: the CIFAR-10 subset, a tiny trained checkpoint, and a CLI runner."""
+"""Shared fixtures: the CIFAR-10 subset, a tiny trained checkpoint, the tiny study TOML, and a CLI runner."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,55 @@ SUBSET = REPO.parent / "shared/data/cifar10-subset.npz"
 
 TINY_WIDTH = 0.125
 TINY_DATA = "synthetic:600"
+
+# The tests' tiny study (tables of Python values; see write_study). Re-scoring is off:
+# tests/test_rescore.py has its own tests.
+TINY_STUDY = {
+    "study": {"name": "tiny", "kind": "fine_grained", "trials": 1, "seed": 0},
+    "model": {"width": TINY_WIDTH, "train_epochs": 2},
+    "data": {"spec": TINY_DATA},
+    "constraints": {"max_size_fraction": 0.3, "max_accuracy_drop": 40.0},
+    "select": {"top_k": 0},
+    "finetune": {"epochs": 1, "batch_size": 128},
+    "priors": {"grid": [0.5, 0.9], "tolerance": 30.0},
+}
+
+
+class Raw(str):
+    """A TOML value as written (``'"5"'``, ``"[0.5, nan]"``)."""
+
+
+def toml_value(value) -> str:
+    if isinstance(value, Raw):
+        return value
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(toml_value, value)) + "]"
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value))  # a TOML basic string
+    return repr(value)  # int, float (1e+30, inf and nan are TOML too)
+
+
+def write_study(path: Path, base: dict = TINY_STUDY, **tables: dict | str) -> Path:
+    """``base`` with ``tables`` merged in, written as TOML to ``path``; returns ``path``.
+
+    A table is a dict of Python values (None drops the key) or TOML lines as written
+    (``study='trials = "5"'``); a table not in ``base`` is added. A ``[model] checkpoint``
+    replaces the dense training (``train_epochs``).
+    """
+    content = {table: dict(keys) for table, keys in base.items()}
+    for table, keys in tables.items():
+        if isinstance(keys, str):
+            keys = {k.strip(): Raw(v.strip()) for k, _, v in (line.partition("=") for line in keys.splitlines())
+                    if k.strip()}
+        content.setdefault(table, {}).update(keys)
+    if content["model"].get("checkpoint"):
+        content["model"].pop("train_epochs", None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(f"[{table}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in keys.items()
+                                                      if v is not None) for table, keys in content.items()))
+    return path
 
 
 def run_cli(*args, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:

@@ -30,52 +30,22 @@ from autoprune.report import redacted_config, uniform_baseline, write_report
 from autoprune.search import run_search
 from autoprune.storage import redact
 
-from conftest import run_cli
-
-TINY = """
-[study]
-name = "{name}"
-kind = "{kind}"
-trials = 3
-seed = 0
-out_dir = "{out}"
-
-[model]
-width = 0.125
-checkpoint = "{checkpoint}"
-
-[data]
-spec = "synthetic:600"
-
-[constraints]
-max_size_fraction = {cap}
-max_accuracy_drop = 40.0
-
-[select]
-top_k = 0  # re-scoring has its own tests (tests/test_rescore.py)
-
-[finetune]
-epochs = 1
-batch_size = 128
-
-[priors]
-enabled = {priors}
-grid = [0.5, 0.9]
-tolerance = 30.0
-"""
-
-
+from conftest import run_cli, write_study
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def study_toml(root: Path, checkpoint: Path, kind: str, cap: float, priors: bool, name=None, trials=3) -> Path:
+    name = name or f"tiny-{kind}"
+    return write_study(root / f"{name}.toml", study={"name": name, "kind": kind, "trials": trials,
+                                                     "out_dir": root / "reports" / name},
+                       model={"checkpoint": checkpoint}, constraints={"max_size_fraction": cap},
+                       priors={"enabled": priors})
+
+
 def make_study(root: Path, checkpoint: Path, kind: str, cap: float, priors: bool):
-    name = f"tiny-{kind}"
-    path = root / f"{name}.toml"
-    path.write_text(TINY.format(name=name, kind=kind, out=root / "reports" / name, checkpoint=checkpoint,
-                                cap=cap, priors=str(priors).lower()))
-    config = load_config(path)
+    config = load_config(study_toml(root, checkpoint, kind, cap, priors))
     run_search(config, progress=False)
-    return config.storage_url, name
+    return config.storage_url, config.study.name
 
 
 def fabricate(study: optuna.Study, like: optuna.trial.FrozenTrial, state=TrialState.COMPLETE, drop=(),

@@ -20,53 +20,20 @@ from autoprune.errors import AutopruneError
 from autoprune.pick import named_constraints
 from autoprune.search import run_search
 
+from conftest import write_study
+
 REPO = Path(__file__).resolve().parents[1]
 
 ATTRS = ["size_fraction", "nonzero_size_mib", "params", "macs", "macs_fraction", "val_accuracy",
          "val_accuracy_before_finetune", "test_accuracy", "finetune_seconds", "plan", "proposed"]
 
-TINY = """
-[study]
-name = "{name}"
-kind = "{kind}"
-trials = {trials}
-seed = {seed}
-out_dir = "{out}"
-{storage}
-
-[model]
-width = 0.125
-train_epochs = 2
-
-[data]
-spec = "synthetic:600"
-
-[constraints]
-max_size_fraction = {cap}
-max_accuracy_drop = 30.0
-
-[select]
-top_k = 0  # re-scoring has its own tests (tests/test_rescore.py)
-
-[finetune]
-epochs = 1
-batch_size = 128
-
-[priors]
-grid = [0.5, 0.9]
-tolerance = 30.0
-"""
-
-
-def write_config(tmp_path: Path, name="tiny", kind="fine_grained", trials=3, seed=0, cap=0.3,
-                 storage="", extra="") -> Path:
-    out = tmp_path / "reports" / name
-    text = TINY.format(name=name, kind=kind, trials=trials, seed=seed, cap=cap, out=out,
-                       storage=f'storage = "{storage}"' if storage else "")
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / f"{name}.toml"
-    path.write_text(text + extra)
-    return path
+def write_config(tmp_path: Path, name="tiny", kind="fine_grained", trials=3, seed=0, cap=0.3, storage=None,
+                 **tables) -> Path:
+    """The tiny study (conftest.TINY_STUDY) as ``tmp_path/NAME.toml``, its out_dir ``tmp_path/reports/NAME``."""
+    study = {"name": name, "kind": kind, "trials": trials, "seed": seed, "out_dir": tmp_path / "reports" / name,
+             "storage": storage, **tables.pop("study", {})}
+    constraints = {"max_size_fraction": cap, "max_accuracy_drop": 30.0, **tables.pop("constraints", {})}
+    return write_study(tmp_path / f"{name}.toml", study=study, constraints=constraints, **tables)
 
 
 def complete_trials(url: str, name: str):
@@ -120,8 +87,7 @@ def test_tiny_study_counts_constraints_and_attributes(tmp_path, storage_kind):
 
 
 def test_channel_study_records_macs_and_latency(tmp_path):
-    config = load_config(write_config(tmp_path, name="ch", kind="channel", trials=2, cap=0.6,
-                                      extra="\n"))
+    config = load_config(write_config(tmp_path, name="ch", kind="channel", trials=2, cap=0.6))
     run_search(config, progress=False)
     _, trials = complete_trials(config.storage_url, "ch")
     assert len(trials) == 2
@@ -145,13 +111,11 @@ def test_same_seed_proposes_same_parameters(tmp_path):
 
 
 def test_sigkill_mid_trial_then_resume(tmp_path):
-    path = write_config(tmp_path, name="killed", trials=3)
+    # Make each fine-tune slow enough (a few seconds) to be caught running, even on a loaded machine.
+    path = write_config(tmp_path, name="killed", trials=3, constraints={"max_accuracy_drop": 90.0},
+                        finetune={"epochs": 12})
     url = load_config(path).storage_url
     cmd = [sys.executable, "-m", "autoprune", "search", str(path), "-q"]
-    # Make each fine-tune slow enough (a few seconds) to be caught running, even on a loaded machine.
-    text = path.read_text().replace("epochs = 1\n", "epochs = 12\n").replace("max_accuracy_drop = 30.0",
-                                                                             "max_accuracy_drop = 90.0")
-    path.write_text(text)
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     killed_number = None
@@ -196,21 +160,18 @@ def assert_one_line_error(result, *fragments):
 
 
 def test_unknown_toml_key_names_it_and_valid_keys(tmp_path):
-    path = write_config(tmp_path, extra="\n[finetune2]\nx = 1\n")
+    path = write_config(tmp_path, finetune2={"x": 1})
     assert_one_line_error(run_cli("search", path), "unknown table [finetune2]", "finetune")
-    path = write_config(tmp_path)
-    path.write_text(path.read_text().replace("[finetune]\n", "[finetune]\nepoch = 3\n"))
+    path = write_config(tmp_path, finetune={"epoch": 3})
     assert_one_line_error(run_cli("search", path), "unknown key 'epoch' in [finetune]", "epochs")
 
 
-@pytest.mark.parametrize("line,fragment", [
-    ("max_size_fraction = 1.5", "max_size_fraction must be in (0, 1]"),
-    ("max_size_fraction = 0", "max_size_fraction must be in (0, 1]"),
+@pytest.mark.parametrize("cap,fragment", [
+    (1.5, "max_size_fraction must be in (0, 1]"),
+    (0, "max_size_fraction must be in (0, 1]"),
 ])
-def test_constraint_out_of_range(tmp_path, line, fragment):
-    path = write_config(tmp_path)
-    path.write_text(path.read_text().replace("max_size_fraction = 0.3", line))
-    assert_one_line_error(run_cli("search", path), fragment)
+def test_constraint_out_of_range(tmp_path, cap, fragment):
+    assert_one_line_error(run_cli("search", write_config(tmp_path, cap=cap)), fragment)
 
 
 def test_existing_study_with_another_space_is_refused_and_untouched(tmp_path):
@@ -237,13 +198,12 @@ def test_checkpoint_of_another_width(tmp_path):
     from autoprune.model import build_model, save_checkpoint
 
     ckpt = save_checkpoint(build_model("vgg", width=0.25), tmp_path / "w025.pt")
-    path = write_config(tmp_path)
-    path.write_text(path.read_text().replace("train_epochs = 2", f'checkpoint = "{ckpt}"'))
+    path = write_config(tmp_path, model={"checkpoint": ckpt})
     assert_one_line_error(run_cli("search", path), "width 0.125")
 
 
 def test_unknown_warm_start_rule_is_refused(tmp_path):
-    path = write_config(tmp_path, kind="channel", extra='warm_start = ["lamp"]\n')
+    path = write_config(tmp_path, kind="channel", priors={"warm_start": ["lamp"]})
     with pytest.raises(AutopruneError, match="warm_start: unknown rule 'lamp' for channel pruning; use some of uniform"):
         load_config(path)
 
@@ -251,8 +211,7 @@ def test_unknown_warm_start_rule_is_refused(tmp_path):
 def test_bad_config_values_raise_library_errors(tmp_path):
     with pytest.raises(AutopruneError, match="not found"):
         load_config(tmp_path / "missing.toml")
-    path = write_config(tmp_path)
-    path.write_text(path.read_text().replace('kind = "fine_grained"', 'kind = "weights"'))
+    path = write_config(tmp_path, kind="weights")
     with pytest.raises(AutopruneError, match="kind must be fine_grained or channel"):
         load_config(path)
 
@@ -279,10 +238,8 @@ def test_shipped_studies_load(name):
 
 
 def test_fidelity_ladder_never_presents_partial_trials_as_fine_tuned(tmp_path):
-    extra = "\n[fidelity]\nladder = true\nwarmup_trials = 2\npromote_top = 0.3\nfull_top = 0.5\n"
-    path = write_config(tmp_path, name="ladder", trials=8, extra=extra)
-    path.write_text(path.read_text().replace("[finetune]\nepochs = 1\n", "[finetune]\nepochs = 2\n"))
-    config = load_config(path)
+    fidelity = {"ladder": True, "warmup_trials": 2, "promote_top": 0.3, "full_top": 0.5}
+    config = load_config(write_config(tmp_path, name="ladder", trials=8, fidelity=fidelity, finetune={"epochs": 2}))
     run_search(config, progress=False)
     study, trials = complete_trials(config.storage_url, "ladder")
     assert len(trials) == 8
@@ -301,8 +258,8 @@ def test_fidelity_ladder_never_presents_partial_trials_as_fine_tuned(tmp_path):
 
 
 def test_channel_studies_fall_back_from_the_ladder_to_early_stop(tmp_path):
-    extra = "\n[fidelity]\nladder = true\nwarmup_trials = 0\npromote_top = 0.01\nfull_top = 0.01\n"
-    config = load_config(write_config(tmp_path, name="chl", kind="channel", trials=6, cap=0.6, extra=extra))
+    fidelity = {"ladder": True, "warmup_trials": 0, "promote_top": 0.01, "full_top": 0.01}
+    config = load_config(write_config(tmp_path, name="chl", kind="channel", trials=6, cap=0.6, fidelity=fidelity))
     run_search(config, progress=False)
     _, trials = complete_trials(config.storage_url, "chl")
     assert len(trials) == 6
@@ -314,10 +271,9 @@ def test_channel_studies_fall_back_from_the_ladder_to_early_stop(tmp_path):
 def screened_study(tmp_path: Path, checkpoint: Path, screen: int | None, trials: int = 3, **kwargs):
     """A tiny study (fine-grained unless ``kind`` says) from one dense checkpoint, every trial sampled
     (no priors, so no warm starts), optionally screened."""
-    extra = "" if screen is None else f"\n[fidelity]\nscreen = {screen}\n"
-    path = write_config(tmp_path, name="screen", trials=trials, extra=extra, **kwargs)
-    path.write_text(path.read_text().replace("train_epochs = 2", f'checkpoint = "{checkpoint}"'))
-    config = load_config(path)
+    fidelity = {} if screen is None else {"screen": screen}
+    config = load_config(write_config(tmp_path, name="screen", trials=trials, fidelity=fidelity,
+                                      model={"checkpoint": checkpoint}, **kwargs))
     config.priors.enabled = False
     run_search(config, progress=False)
     return complete_trials(config.storage_url, "screen")[1]
@@ -407,12 +363,12 @@ def test_perturb_keeps_bounds_and_follows_its_generator():
 ])
 def test_bad_screen_settings_are_refused(tmp_path, extra, message):
     with pytest.raises(AutopruneError) as exc:
-        load_config(write_config(tmp_path, extra=f"\n[fidelity]\n{extra}\n"))
+        load_config(write_config(tmp_path, fidelity=extra))
     assert str(exc.value) == message
 
 
 def test_warm_starts_run_as_enqueued_and_sampled_trials_are_screened(tmp_path):
-    config = load_config(write_config(tmp_path, name="warm", trials=4, extra="\n[fidelity]\nscreen = 3\n"))
+    config = load_config(write_config(tmp_path, name="warm", trials=4, fidelity={"screen": 3}))
     run_search(config, progress=False)
     _, trials = complete_trials(config.storage_url, "warm")
     assert [t.user_attrs.get("warm_start") for t in trials] == ["prior allocation", "lamp", "global", None]

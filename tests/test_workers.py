@@ -24,6 +24,8 @@ from optuna.trial import TrialState
 
 from autoprune.storage import redact
 
+from conftest import write_study
+
 REPO = Path(__file__).resolve().parents[1]
 PG_ENV = "AUTOPRUNE_TEST_POSTGRES_URL"
 HEARTBEAT = 2  # seconds; a trial silent for 3x this is failed and retried
@@ -31,40 +33,6 @@ HEARTBEAT = 2  # seconds; a trial silent for 3x this is failed and retried
 ATTRS = ["size_fraction", "nonzero_size_mib", "params", "macs", "macs_fraction", "val_accuracy",
          "val_accuracy_before_finetune", "test_accuracy", "finetune_seconds", "plan", "proposed", "worker",
          "weights_artifact_id"]
-
-CONFIG = """
-[study]
-name = "{name}"
-kind = "fine_grained"
-trials = {trials}
-seed = 0
-out_dir = "{out}"
-storage = "{storage}"
-heartbeat_seconds = {heartbeat}
-
-[model]
-width = 0.125
-checkpoint = "{checkpoint}"
-
-[data]
-spec = "synthetic:600"
-
-[constraints]
-max_size_fraction = 0.3
-max_accuracy_drop = 90.0  # every trial feasible: every trial uploads its weights
-
-[select]
-top_k = 0  # re-scoring has its own tests (tests/test_rescore.py)
-
-[finetune]
-epochs = {epochs}
-batch_size = 128
-
-[priors]
-grid = [0.5, 0.9]
-tolerance = 30.0
-"""
-
 
 def _in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
@@ -128,9 +96,11 @@ def make_study(tmp_path, tiny_checkpoint, url, *, trials, epochs=1, remove_check
     name = f"w-{uuid.uuid4().hex[:10]}"
     ckpt = tmp_path / "dense.pt"
     shutil.copy(tiny_checkpoint, ckpt)
-    path = tmp_path / f"{name}.toml"
-    path.write_text(CONFIG.format(name=name, trials=trials, out=tmp_path / "out", storage=url, heartbeat=HEARTBEAT,
-                                  checkpoint=ckpt, epochs=epochs))
+    # Every trial feasible: every trial uploads its weights.
+    study = {"name": name, "trials": trials, "out_dir": tmp_path / "out", "storage": url,
+             "heartbeat_seconds": HEARTBEAT}
+    path = write_study(tmp_path / f"{name}.toml", study=study, model={"checkpoint": ckpt},
+                       constraints={"max_accuracy_drop": 90.0}, finetune={"epochs": epochs})
     config = load_config(path)
     storage = connect_storage(url, heartbeat_seconds=HEARTBEAT)
     study, ctx, created = create_or_join(config, storage, url, device="cpu", progress=False)
