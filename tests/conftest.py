@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +86,43 @@ def subset_path() -> Path:
     if not SUBSET.is_file():
         pytest.skip(f"CIFAR-10 subset not found at {SUBSET} (expected ../shared/data/ beside the repo)")
     return SUBSET
+
+
+PG_ENV = "AUTOPRUNE_TEST_POSTGRES_URL"
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+class SecretURL(str):
+    """A URL whose repr (in pytest's reports) hides its password."""
+
+    def __repr__(self) -> str:
+        from autoprune.storage import redact
+
+        return repr(redact(str(self)))
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    """The test PostgreSQL server's URL (tests/test_workers.py says how to start one)."""
+    from autoprune.storage import redact
+
+    url = os.environ.get(PG_ENV, "")
+    if not url:
+        message = (f"{PG_ENV} is not set; start a throwaway PostgreSQL with "
+                   f'export {PG_ENV}="$(.ci/postgres.sh start)"')
+        if _in_ci():
+            pytest.fail(f"{message} (CI is set, so the PostgreSQL tests must run: .ci/run starts the server)")
+        pytest.skip(message)
+    import psycopg2
+
+    try:
+        psycopg2.connect(url, connect_timeout=5).close()
+    except Exception as exc:
+        pytest.fail(f"{PG_ENV} is set ({redact(url)}) but the server cannot be used: {str(exc).splitlines()[0]}")
+    return SecretURL(url)
 
 
 @pytest.fixture(scope="session")

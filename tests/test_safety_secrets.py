@@ -22,7 +22,7 @@ from autoprune.report import trials_frame
 from autoprune.storage import passwords, redact, scrub, with_driver
 
 from conftest import run_cli, write_study
-from test_workers import assert_one_line_error, pg_url  # noqa: F401 (pg_url is a fixture)
+from test_workers import assert_one_line_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -144,7 +144,7 @@ def test_the_study_stores_the_storage_redacted(tiny_study):
     assert StudyConfig.from_dict(study.user_attrs["config"]).study.name == "secrets"  # still a readable config
 
 
-def test_postgres_study_never_stores_the_password(tmp_path, tiny_checkpoint, pg_url):  # noqa: F811
+def test_postgres_study_never_stores_the_password(tmp_path, tiny_checkpoint, pg_url):
     """A search and a worker on a PostgreSQL URL with a password: not in the study, not in their output."""
     from sqlalchemy.engine import make_url
 

@@ -22,46 +22,14 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from autoprune.storage import redact
-
 from conftest import write_study
 
 REPO = Path(__file__).resolve().parents[1]
-PG_ENV = "AUTOPRUNE_TEST_POSTGRES_URL"
 HEARTBEAT = 2  # seconds; a trial silent for 3x this is failed and retried
 
 ATTRS = ["size_fraction", "nonzero_size_mib", "params", "macs", "macs_fraction", "val_accuracy",
          "val_accuracy_before_finetune", "test_accuracy", "finetune_seconds", "plan", "proposed", "worker",
          "weights_artifact_id"]
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-class SecretURL(str):
-    """A URL whose repr (in pytest's reports) hides its password."""
-
-    def __repr__(self) -> str:
-        return repr(redact(str(self)))
-
-
-@pytest.fixture(scope="session")
-def pg_url() -> str:
-    url = os.environ.get(PG_ENV, "")
-    if not url:
-        message = (f"{PG_ENV} is not set; start a throwaway PostgreSQL with "
-                   f'export {PG_ENV}="$(.ci/postgres.sh start)"')
-        if _in_ci():
-            pytest.fail(f"{message} (CI is set, so the PostgreSQL tests must run: .ci/run starts the server)")
-        pytest.skip(message)
-    import psycopg2
-
-    try:
-        psycopg2.connect(url, connect_timeout=5).close()
-    except Exception as exc:
-        pytest.fail(f"{PG_ENV} is set ({redact(url)}) but the server cannot be used: {str(exc).splitlines()[0]}")
-    return SecretURL(url)
-
 
 @pytest.fixture(params=["postgres", "journal"])
 def storage_url(request, tmp_path) -> str:
