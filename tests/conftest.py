@@ -146,6 +146,34 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def dense_cache(tmp_path_factory):
+    """``dense_cache(config)``: the dense model a study without a checkpoint trains, put in its cache.
+
+    Trained once per recipe (by the function ``run_search`` calls; the same recipe trains the
+    same weights, see test_foundation.py), so each study finds it there: ``run_search(dense_cache(config))``.
+    """
+    import dataclasses
+    import shutil
+
+    from autoprune.search import dense_cache_path, dense_model
+
+    store = tmp_path_factory.mktemp("dense-cache")
+
+    def put(config):
+        data = config.load_data()
+        target = dense_cache_path(config, data)
+        trained = store / "cache" / target.name
+        if not trained.is_file():
+            elsewhere = dataclasses.replace(config, study=dataclasses.replace(config.study, out_dir=str(store / "x")))
+            dense_model(elsewhere, data, "cpu", progress=False)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(trained, target)
+        return config
+
+    return put
+
+
 def randomized_model(width: float = 0.25, seed: int = 0):
     """A VGG whose every parameter is nonzero and whose BatchNorm stats are not the identity."""
     import torch

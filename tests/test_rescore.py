@@ -90,9 +90,9 @@ def test_select_keys_are_checked(tmp_path):
         load_config(write_config(tmp_path, select={"top_k": 2.5}, name="b"))
 
 
-def test_search_rescores_its_leaders_and_everyone_agrees(tmp_path):
+def test_search_rescores_its_leaders_and_everyone_agrees(tmp_path, dense_cache):
     config = load_config(write_config(tmp_path, select={"top_k": 2, "seeds": 2}, trials=4, cap=0.4))
-    summary = run_search(config, progress=False)
+    summary = run_search(dense_cache(config), progress=False)
     study = optuna.load_study(study_name="tiny", storage=config.storage_url)
     records = rescores(study)
     assert len(records) >= 2  # the two leaders, and any trial that then led on its shrunk first score

@@ -44,10 +44,10 @@ def complete_trials(url: str, name: str):
 
 
 @pytest.mark.parametrize("storage_kind", ["sqlite", "journal"])
-def test_tiny_study_counts_constraints_and_attributes(tmp_path, storage_kind):
+def test_tiny_study_counts_constraints_and_attributes(tmp_path, storage_kind, dense_cache):
     url = (f"sqlite:///{tmp_path}/s.db" if storage_kind == "sqlite" else f"journal:{tmp_path}/s.log")
     config = load_config(write_config(tmp_path, trials=3, storage=url))
-    summary = run_search(config, progress=False)
+    summary = run_search(dense_cache(config), progress=False)
     assert summary["finished_trials"] == 3
     study, trials = complete_trials(url, "tiny")
     assert len(trials) == 3
@@ -86,9 +86,9 @@ def test_tiny_study_counts_constraints_and_attributes(tmp_path, storage_kind):
     assert again["ran_this_session"] == 0 and again["finished_trials"] == 3
 
 
-def test_channel_study_records_macs_and_latency(tmp_path):
+def test_channel_study_records_macs_and_latency(tmp_path, dense_cache):
     config = load_config(write_config(tmp_path, name="ch", kind="channel", trials=2, cap=0.6))
-    run_search(config, progress=False)
+    run_search(dense_cache(config), progress=False)
     _, trials = complete_trials(config.storage_url, "ch")
     assert len(trials) == 2
     for t in trials:
@@ -98,13 +98,13 @@ def test_channel_study_records_macs_and_latency(tmp_path):
         assert t.user_attrs["channels"][-1] == 64  # the last conv is never cut
 
 
-def test_same_seed_proposes_same_parameters(tmp_path):
+def test_same_seed_proposes_same_parameters(tmp_path, dense_cache):
     params = []
     for run in ("a", "b"):
         config = load_config(write_config(tmp_path / run, name="seeded", trials=3, seed=7))
         config.priors.enqueue_allocation = False
         config.priors.warm_start = []  # every trial sampled
-        run_search(config, progress=False)
+        run_search(dense_cache(config), progress=False)
         _, trials = complete_trials(config.storage_url, "seeded")
         params.append([t.params for t in trials])
     assert params[0] == params[1]
@@ -174,9 +174,9 @@ def test_constraint_out_of_range(tmp_path, cap, fragment):
     assert_one_line_error(run_cli("search", write_config(tmp_path, cap=cap)), fragment)
 
 
-def test_existing_study_with_another_space_is_refused_and_untouched(tmp_path):
+def test_existing_study_with_another_space_is_refused_and_untouched(tmp_path, dense_cache):
     url = f"sqlite:///{tmp_path}/shared.db"
-    run_search(load_config(write_config(tmp_path, name="same", trials=1, storage=url)), progress=False)
+    run_search(dense_cache(load_config(write_config(tmp_path, name="same", trials=1, storage=url))), progress=False)
     before = Path(f"{tmp_path}/shared.db").read_bytes()
     other = write_config(tmp_path, name="same", kind="channel", trials=1, storage=url, cap=0.6)
     assert_one_line_error(run_cli("search", other), "already exists with another search space")
@@ -237,10 +237,10 @@ def test_shipped_studies_load(name):
         assert config.accuracy_floor(95.0) == 92.5
 
 
-def test_fidelity_ladder_never_presents_partial_trials_as_fine_tuned(tmp_path):
+def test_fidelity_ladder_never_presents_partial_trials_as_fine_tuned(tmp_path, dense_cache):
     fidelity = {"ladder": True, "warmup_trials": 2, "promote_top": 0.3, "full_top": 0.5}
     config = load_config(write_config(tmp_path, name="ladder", trials=8, fidelity=fidelity, finetune={"epochs": 2}))
-    run_search(config, progress=False)
+    run_search(dense_cache(config), progress=False)
     study, trials = complete_trials(config.storage_url, "ladder")
     assert len(trials) == 8
     assert all("val_accuracy_bn_recal" in t.user_attrs for t in trials)  # the cheap score, on every trial
@@ -257,10 +257,10 @@ def test_fidelity_ladder_never_presents_partial_trials_as_fine_tuned(tmp_path):
         assert "weights_artifact_id" not in t.user_attrs
 
 
-def test_channel_studies_fall_back_from_the_ladder_to_early_stop(tmp_path):
+def test_channel_studies_fall_back_from_the_ladder_to_early_stop(tmp_path, dense_cache):
     fidelity = {"ladder": True, "warmup_trials": 0, "promote_top": 0.01, "full_top": 0.01}
     config = load_config(write_config(tmp_path, name="chl", kind="channel", trials=6, cap=0.6, fidelity=fidelity))
-    run_search(config, progress=False)
+    run_search(dense_cache(config), progress=False)
     _, trials = complete_trials(config.storage_url, "chl")
     assert len(trials) == 6
     # With promote_top 0.01 a fine-grained study would stop nearly every trial at bn_recal.
@@ -367,9 +367,9 @@ def test_bad_screen_settings_are_refused(tmp_path, extra, message):
     assert str(exc.value) == message
 
 
-def test_warm_starts_run_as_enqueued_and_sampled_trials_are_screened(tmp_path):
+def test_warm_starts_run_as_enqueued_and_sampled_trials_are_screened(tmp_path, dense_cache):
     config = load_config(write_config(tmp_path, name="warm", trials=4, fidelity={"screen": 3}))
-    run_search(config, progress=False)
+    run_search(dense_cache(config), progress=False)
     _, trials = complete_trials(config.storage_url, "warm")
     assert [t.user_attrs.get("warm_start") for t in trials] == ["prior allocation", "lamp", "global", None]
     assert ["screen_plans" in t.user_attrs for t in trials] == [False, False, False, True]
