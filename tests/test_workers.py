@@ -31,6 +31,7 @@ ATTRS = ["size_fraction", "nonzero_size_mib", "params", "macs", "macs_fraction",
          "val_accuracy_before_finetune", "test_accuracy", "finetune_seconds", "plan", "proposed", "worker",
          "weights_artifact_id"]
 
+
 @pytest.fixture(params=["postgres", "journal"])
 def storage_url(request, tmp_path) -> str:
     if request.param == "postgres":
@@ -52,11 +53,12 @@ def _env(tmp_path: Path) -> dict:
     return env
 
 
-def make_study(tmp_path, tiny_checkpoint, url, *, trials, epochs=1, remove_checkpoint=True):
+def make_study(tmp_path, tiny_checkpoint, url, *, trials, epochs=1, remove_checkpoint=True, priors=True):
     """Create (and set up) a study in this process; returns (name, config path).
 
     With ``remove_checkpoint`` the dense checkpoint file is deleted afterwards, so the
-    workers must fetch it from the study's artifact store, as on another machine.
+    workers must fetch it from the study's artifact store, as on another machine. With
+    ``priors`` its first three trials are the enqueued warm starts.
     """
     from autoprune.config import load_config
     from autoprune.workers import connect_storage, create_or_join
@@ -68,7 +70,7 @@ def make_study(tmp_path, tiny_checkpoint, url, *, trials, epochs=1, remove_check
     study = {"name": name, "trials": trials, "out_dir": tmp_path / "out", "storage": url,
              "heartbeat_seconds": HEARTBEAT}
     path = write_study(tmp_path / f"{name}.toml", study=study, model={"checkpoint": ckpt},
-                       constraints={"max_accuracy_drop": 90.0}, finetune={"epochs": epochs})
+                       constraints={"max_accuracy_drop": 90.0}, finetune={"epochs": epochs}, priors={"enabled": priors})
     config = load_config(path)
     storage = connect_storage(url, heartbeat_seconds=HEARTBEAT)
     study, ctx, created = create_or_join(config, storage, url, device="cpu", progress=False)
@@ -134,7 +136,7 @@ def check_exact(study: optuna.Study, total: int) -> list:
 
 
 def test_three_workers_finish_exactly_n_trials(tmp_path, tiny_checkpoint, storage_url):
-    total = 6
+    total = 4  # the 3 enqueued warm starts and one sampled trial
     name, config_path = make_study(tmp_path, tiny_checkpoint, storage_url, trials=total)
     # Two `autoprune worker`s and one `autoprune search` joining the same study, started together.
     procs = [spawn(worker_cmd(storage_url, name), tmp_path, "w1"),
@@ -165,8 +167,8 @@ def test_three_workers_finish_exactly_n_trials(tmp_path, tiny_checkpoint, storag
 
 
 def test_sigkilled_worker_trial_is_retried(tmp_path, tiny_checkpoint, storage_url):
-    total = 4
-    name, _ = make_study(tmp_path, tiny_checkpoint, storage_url, trials=total, epochs=4)
+    total = 2  # one each: the survivor finishes its own, then waits for the dead one's to come back
+    name, _ = make_study(tmp_path, tiny_checkpoint, storage_url, trials=total, epochs=4, priors=False)
     procs = [spawn([a for a in worker_cmd(storage_url, name) if a != "-q"], tmp_path, f"w{i}") for i in range(2)]
     host = socket.gethostname()
     by_id = {f"{host}:{pair[0].pid}": pair for pair in procs}
