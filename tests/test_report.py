@@ -30,7 +30,8 @@ from autoprune.report import redacted_config, uniform_baseline, write_report
 from autoprune.search import run_search
 from autoprune.storage import redact
 
-from conftest import run_cli, write_study
+from conftest import run_cli, run_main, write_study
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -168,7 +169,7 @@ def test_report_never_shows_a_password(fine, tmp_path):
 # --- pick ----------------------------------------------------------------------------
 
 
-def test_pick_highest_accuracy_deployable_trial(fine):
+def test_pick_highest_accuracy_deployable_trial(fine, capsys):
     study, config = open_existing(fine["url"], fine["name"])
     fake = fine["fake"]
     best, runners = pick(study, config)
@@ -184,7 +185,7 @@ def test_pick_highest_accuracy_deployable_trial(fine):
     smallest, _ = pick(study, config, prefer="size")
     assert smallest.user_attrs["size_fraction"] == min(t.user_attrs["size_fraction"] for t in [best, *runners, *real])
 
-    result = run_cli("pick", "--storage", fine["url"], "--study", fine["name"], "--json", "-q")
+    result = run_main(capsys, "pick", "--storage", fine["url"], "--study", fine["name"], "--json", "-q")
     assert result.returncode == 0, result.stderr
     got = json.loads(result.stdout)
     assert got["trial"] == fake["no_weights"] and not got["has_weights"]
@@ -226,7 +227,7 @@ def _artifact_model(study, trial):
     return model.eval()
 
 
-def test_export_fine_grained_reproduces_the_trial(fine, tmp_path):
+def test_export_fine_grained_reproduces_the_trial(fine, tmp_path, capsys):
     study, config = open_existing(fine["url"], fine["name"])
     trial, _ = pick(study, config, require_weights=True)
     out = tmp_path / "export"
@@ -237,7 +238,7 @@ def test_export_fine_grained_reproduces_the_trial(fine, tmp_path):
     assert metrics["sparse_bytes"] == (out / "sparse.npz").stat().st_size
     assert json.loads((out / "plan.json").read_text())["ratios"] == pytest.approx(trial.user_attrs["plan"])
 
-    ev = run_cli("eval", "--checkpoint", out, "--data", "synthetic:600", "--json", "-q")
+    ev = run_main(capsys, "eval", "--checkpoint", out, "--data", "synthetic:600", "--json", "-q")
     assert ev.returncode == 0, ev.stderr
     got = json.loads(ev.stdout)
     assert abs(got["accuracy"] - trial.user_attrs["test_accuracy"]) <= 0.01

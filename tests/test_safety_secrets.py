@@ -21,7 +21,7 @@ from autoprune.pick import is_feasible, named_constraints
 from autoprune.report import trials_frame
 from autoprune.storage import passwords, redact, scrub, with_driver
 
-from conftest import run_cli, write_study
+from conftest import run_cli, run_main, write_study
 from test_workers import assert_one_line_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -144,7 +144,7 @@ def test_the_study_stores_the_storage_redacted(tiny_study):
     assert StudyConfig.from_dict(study.user_attrs["config"]).study.name == "secrets"  # still a readable config
 
 
-def test_postgres_study_never_stores_the_password(tmp_path, tiny_checkpoint, pg_url):
+def test_postgres_study_never_stores_the_password(tmp_path, tiny_checkpoint, pg_url, capsys):
     """A search and a worker on a PostgreSQL URL with a password: not in the study, not in their output."""
     from sqlalchemy.engine import make_url
 
@@ -174,7 +174,7 @@ def test_postgres_study_never_stores_the_password(tmp_path, tiny_checkpoint, pg_
     assert secret not in _everything(study)
     # A refused login on the query-string form names the problem without the password.
     wrong = url.replace(f"password={secret}", "password=wr0ng-pass-xyz")
-    refused = run_cli("worker", "--storage", wrong, "--study", name)
+    refused = run_main(capsys, "worker", "--storage", wrong, "--study", name)  # refused before any log line
     assert_one_line_error(refused, "password authentication failed", secrets=["wr0ng-pass-xyz", secret])
 
 
