@@ -161,8 +161,7 @@ class GraphModel:
         return self.graph.cost(kept)
 
     def prune_channels(self, ratios: dict[str, float], criterion: str, round_to: int = 1) -> nn.Module:
-        _check_names(ratios, self.channel_groups(), "channel group")
-        pruned, kept = prune_graph_channels(self.model, self.example_input(), ratios, criterion, round_to,
+        pruned, kept = prune_graph_channels(  # it checks the group names on its own traceself.model, self.example_input(), ratios, criterion, round_to,
                                             self.exclude)
         widths = {**self.arch.get("widths", {}), **kept}
         setattr(pruned, lab.ARCH_ATTR, {**self.arch, "widths": widths})
@@ -185,8 +184,9 @@ class VGGSource:
     imports_user_code = False
 
     def build(self, name: str, kwargs: dict, num_classes: int | None) -> nn.Module:
-        _check_kwargs(kwargs, {"width"}, "vgg")
-        return lab.build_model("vgg", width=kwargs.get("width", 1.0), num_classes=num_classes or 10)
+        _check_kwargs(kwargs, {"width", "channels"}, "vgg")
+        return lab.build_model("vgg", width=kwargs.get("width", 1.0), num_classes=num_classes or 10,
+                               channels=kwargs.get("channels"))
 
     def prunable(self, model: nn.Module) -> Prunable:
         return LabVGG(model)
