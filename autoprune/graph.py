@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -319,6 +320,19 @@ class ChannelGraph:
                     f"dense with exclude=[{name!r}]")
         raise AutopruneError("Torch-Pruning cannot prune these channel groups together (an op it does not track "
                              "moves channels between them); exclude the layers around that op")
+
+
+def torch_pruning_count(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+    """Torch-Pruning's own count, ``tp.utils.count_ops_and_params``: ``{'params', 'ops'}``.
+
+    Its ops count every op it knows (convs and linear layers with their
+    biases, BatchNorm, activations, pooling), so it is larger than the
+    conv + linear MACs that autoprune's budgets use.
+    """
+    tp = require_torch_pruning("Torch-Pruning's op count")
+    with contextlib.redirect_stdout(io.StringIO()):  # it may print; a --json stdout holds one object only
+        ops, params = tp.utils.count_ops_and_params(model, example_input)
+    return {"params": int(params), "ops": int(ops)}
 
 
 def _is_depthwise(m: nn.Module) -> bool:

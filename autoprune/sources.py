@@ -161,7 +161,8 @@ class GraphModel:
         return self.graph.cost(kept)
 
     def prune_channels(self, ratios: dict[str, float], criterion: str, round_to: int = 1) -> nn.Module:
-        pruned, kept = prune_graph_channels(  # it checks the group names on its own traceself.model, self.example_input(), ratios, criterion, round_to,
+        # prune_graph_channels checks the group names on its own trace
+        pruned, kept = prune_graph_channels(self.model, self.example_input(), ratios, criterion, round_to,
                                             self.exclude)
         widths = {**self.arch.get("widths", {}), **kept}
         setattr(pruned, lab.ARCH_ATTR, {**self.arch, "widths": widths})
