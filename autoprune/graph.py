@@ -396,15 +396,17 @@ def _prunes_exactly(model: nn.Module, example_input: torch.Tensor, names: list[s
 
 
 def prune_channels(model: nn.Module, example_input: torch.Tensor, ratios: dict[str, float],
-                   criterion: str = "l1", round_to: int = 1, exclude: Iterable[str] = ()) -> tuple[nn.Module, dict]:
+                   criterion: str = "l1", round_to: int = 1, exclude: Iterable[str] = (),
+                   check: bool = True) -> tuple[nn.Module, dict]:
     """A pruned copy of ``model`` (``model`` is untouched) and the kept width of every group.
 
     Importances are computed on the dense copy before any group is pruned, so
-    the order in which groups are cut does not matter.
+    the order in which groups are cut does not matter. ``check=False`` skips
+    :meth:`ChannelGraph.check` (for an architecture already checked).
     """
     if criterion not in CRITERIA:
         raise AutopruneError(f"unknown channel criterion {criterion!r}; use one of {', '.join(CRITERIA)}")
-    graph = ChannelGraph(copy.deepcopy(model), example_input, exclude)
+    graph = ChannelGraph(copy.deepcopy(model), example_input, exclude, check)
     unknown = [n for n in ratios if n not in graph.groups]
     if unknown:
         raise AutopruneError(f"unknown channel group {unknown[0]!r}; groups: {', '.join(graph.groups)}")

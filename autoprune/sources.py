@@ -128,6 +128,11 @@ class LabVGG:
         return {"channels": list(self.model.channels)}
 
 
+# architectures (arch + exclude, as JSON) whose groups passed ChannelGraph.check in this process:
+# the check depends on the structure only, so it runs once per architecture
+_CHECKED: set[str] = set()
+
+
 class GraphModel:
     """Any model Torch-Pruning can trace: layers and groups named by module names (:mod:`autoprune.graph`)."""
 
@@ -139,8 +144,15 @@ class GraphModel:
     @property
     def graph(self) -> ChannelGraph:
         if self._graph is None:  # traced on first use: fine-grained pruning needs no graph
-            self._graph = ChannelGraph(self.model, self.example_input(), self.exclude)
+            self._graph = ChannelGraph(self.model, self.example_input(), self.exclude, self._unchecked())
+            _CHECKED.add(self._key())
         return self._graph
+
+    def _key(self) -> str:
+        return json.dumps([self.arch, self.exclude], sort_keys=True)
+
+    def _unchecked(self) -> bool:
+        return self._key() not in _CHECKED
 
     def example_input(self) -> torch.Tensor:
         p = next(self.model.parameters())
@@ -163,7 +175,8 @@ class GraphModel:
     def prune_channels(self, ratios: dict[str, float], criterion: str, round_to: int = 1) -> nn.Module:
         # prune_graph_channels checks the group names on its own trace
         pruned, kept = prune_graph_channels(self.model, self.example_input(), ratios, criterion, round_to,
-                                            self.exclude)
+                                            self.exclude, self._unchecked())
+        _CHECKED.add(self._key())
         widths = {**self.arch.get("widths", {}), **kept}
         setattr(pruned, lab.ARCH_ATTR, {**self.arch, "widths": widths})
         return pruned
