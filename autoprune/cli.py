@@ -302,7 +302,7 @@ def cmd_profile(args) -> int:
     if "macs_torch_pruning" in result:
         human += f"\nMACs (TP)         {result['macs_torch_pruning'] / 1e6:.2f} M by tp.utils.count_ops_and_params"
     human += (f"\nchannels          {result['channels']}" if "channels" in result else
-              f"\nwidths            {', '.join(f'{k}={v}' for k, v in result['widths'].items())}")
+              f"\nwidths            {', '.join(f'{k}={v}' for k, v in result['widths'].items()) or 'dense'}")
     if plan is not None:
         human += f"\npruned            {plan.kind} ({plan.criterion}): " + ", ".join(
             f"{k}={v:g}" for k, v in plan.ratios.items())

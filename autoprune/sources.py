@@ -90,7 +90,7 @@ class Prunable(Protocol):
         """A channel-pruned copy (the model is untouched); its arch records the kept widths."""
 
     def describe(self) -> dict:
-        """JSON-able widths for reports: ``channels`` (VGG) or ``widths`` (group -> width)."""
+        """JSON-able widths for reports: ``channels`` (VGG) or ``widths`` (group -> kept; {} when dense)."""
 
 
 class LabVGG:
@@ -182,7 +182,7 @@ class GraphModel:
         return pruned
 
     def describe(self) -> dict:
-        return {"widths": self.channel_groups()}
+        return {"widths": dict(self.arch.get("widths", {}))}  # as recorded: no trace (nor Torch-Pruning) needed
 
 
 def _check_names(ratios: dict, valid: dict, what: str) -> None:
