@@ -220,16 +220,18 @@ def _profile_model(args):
     """The model ``profile`` measures: a checkpoint, the lab's VGG at --width, or --model SOURCE."""
     from .sources import build_model, load_checkpoint
 
-    source_options = args.cifar_stem or args.model_kwargs is not None or args.num_classes is not None
+    source_options = (args.cifar_stem or args.model_kwargs is not None or args.num_classes is not None
+                      or args.exclude is not None)
     if args.model == "vgg" and source_options:
-        raise AutopruneError("--cifar-stem, --model-kwargs and --num-classes are for --model torchvision:NAME or "
-                             "module:...; the lab's VGG takes --width")
+        raise AutopruneError("--cifar-stem, --model-kwargs, --num-classes and --exclude are for --model "
+                             "torchvision:NAME or module:...; the lab's VGG takes --width")
     if args.model != "vgg" and args.width is not None:
         raise AutopruneError(f"--width is for the lab's VGG; for {args.model} pass its own option, e.g. "
                              "--model-kwargs '{\"width_mult\": 0.5}'")
     if args.checkpoint:
         if source_options:
-            raise AutopruneError("a checkpoint records its model; drop --cifar-stem, --model-kwargs and --num-classes")
+            raise AutopruneError("a checkpoint records its model; drop --cifar-stem, --model-kwargs, --num-classes "
+                                 "and --exclude")
         return load_checkpoint(args.checkpoint, source=None if args.model == "vgg" else args.model)[0]
     if args.model == "vgg":
         return build_model("vgg", width=1.0 if args.width is None else args.width)
@@ -244,7 +246,8 @@ def _profile_model(args):
                                  f"{args.model_kwargs!r}")
     if args.cifar_stem:
         kwargs["cifar_stem"] = True
-    return build_model(args.model, 10 if args.num_classes is None else args.num_classes, **kwargs)
+    exclude = [n.strip() for n in (args.exclude or "").split(",") if n.strip()]
+    return build_model(args.model, 10 if args.num_classes is None else args.num_classes, exclude=exclude, **kwargs)
 
 
 def cmd_profile(args) -> int:
@@ -413,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "others: first conv at stride 1)")
     p.add_argument("--model-kwargs", metavar="JSON", help='options for the source, e.g. \'{"width_mult": 0.5}\'')
     p.add_argument("--num-classes", type=positive_int, metavar="N", help="classes (default 10)")
+    p.add_argument("--exclude", metavar="LAYER[,LAYER...]",
+                   help="layers whose channel groups stay dense (e.g. around a channel shuffle)")
     p.add_argument("--checkpoint", metavar="PATH", help="profile this checkpoint instead")
     p.add_argument("--batch-size", type=batch_sizes, default=[1], metavar="B[,B...]",
                    help="latency batch size(s) (default 1; latency_ms is at the first)")

@@ -317,7 +317,7 @@ class ChannelGraph:
                 raise AutopruneError(
                     f"Torch-Pruning cannot prune channel group {name!r} of this model: an op it does not track "
                     f"(such as a channel shuffle or torch.roll over channels) moves its channels; leave it "
-                    f"dense with exclude=[{name!r}]")
+                    f"dense: build_model(..., exclude=[{name!r}]) (profile: --exclude {name})")
         raise AutopruneError("Torch-Pruning cannot prune these channel groups together (an op it does not track "
                              "moves channels between them); exclude the layers around that op")
 

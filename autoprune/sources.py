@@ -11,7 +11,8 @@ A **source** names where a dense model comes from:
   called with the source's kwargs (and ``num_classes`` when given).
 
 A model's **arch** is a JSON-able dict that rebuilds it: ``source``,
-``kwargs``, ``num_classes``, ``input_size`` (C, H, W of one example) and, once
+``kwargs``, ``num_classes``, ``input_size`` (C, H, W of one example),
+``exclude`` (layers whose groups stay dense; optional) and, once
 channel-pruned, ``widths`` (channel group -> channels kept). A pruned model is
 rebuilt by building the dense model on the meta device, pruning each group to
 its recorded width (the first channels: the weights come next) and loading the
@@ -36,7 +37,7 @@ import json
 import os
 import reprlib
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -136,9 +137,10 @@ _CHECKED: set[str] = set()
 class GraphModel:
     """Any model Torch-Pruning can trace: layers and groups named by module names (:mod:`autoprune.graph`)."""
 
-    def __init__(self, model: nn.Module, exclude: tuple = ()):
-        self.model, self.exclude = model, tuple(exclude)
+    def __init__(self, model: nn.Module):
+        self.model = model
         self.arch = lab.arch_of(model)
+        self.exclude = tuple(self.arch.get("exclude", ()))
         self._graph: ChannelGraph | None = None
 
     @property
@@ -313,9 +315,15 @@ def _check_kwargs(kwargs: dict, allowed: set, source: str) -> None:
 
 
 def build_model(source: str = "vgg", num_classes: int | None = 10, input_size=INPUT_SIZE,
-                **kwargs: Any) -> nn.Module:
-    """A dense, untrained model from ``source`` with its arch attached (kwargs go to the source)."""
+                exclude: Sequence[str] = (), **kwargs: Any) -> nn.Module:
+    """A dense, untrained model from ``source`` with its arch attached (kwargs go to the source).
+
+    ``exclude`` names layers whose channel groups stay dense (e.g. around a
+    channel shuffle, which Torch-Pruning cannot prune); it is kept in the arch.
+    """
     src, name = split_source(source)
+    if exclude and isinstance(src, VGGSource):
+        raise AutopruneError("exclude is for graph models (torchvision:, module:); the lab's VGG prunes conv0-conv6")
     try:
         json.dumps(kwargs)
     except (TypeError, ValueError):
@@ -323,8 +331,16 @@ def build_model(source: str = "vgg", num_classes: int | None = 10, input_size=IN
                              f"{reprlib.repr(kwargs)}") from None
     model = src.build(name, kwargs, num_classes)
     if not isinstance(model, lab.VGG):
-        setattr(model, lab.ARCH_ATTR, {"source": source, "kwargs": dict(kwargs), "num_classes": num_classes,
-                                       "input_size": [int(v) for v in input_size]})
+        arch = {"source": source, "kwargs": dict(kwargs), "num_classes": num_classes,
+                "input_size": [int(v) for v in input_size]}
+        if exclude:
+            modules = dict(model.named_modules())
+            unknown = [n for n in exclude if n not in modules]
+            if unknown:
+                raise AutopruneError(f"exclude names no layer {unknown[0]!r} of this model; use module names such "
+                                     f"as {next(n for n in modules if n)!r}")
+            arch["exclude"] = [str(n) for n in exclude]
+        setattr(model, lab.ARCH_ATTR, arch)
     return model
 
 
@@ -351,6 +367,9 @@ def check_generic_arch(arch: Any, trusted_source: str | None = None) -> dict:
     size = arch.get("input_size", list(INPUT_SIZE))
     if not (isinstance(size, (list, tuple)) and size and all(lab.is_int(v) and 0 < v <= 4096 for v in size)):
         raise AutopruneError(f"arch.input_size must be positive integers (C, H, W), got {reprlib.repr(size)}; {fix}")
+    exclude = arch.get("exclude", [])
+    if not (isinstance(exclude, list) and all(isinstance(n, str) for n in exclude)):
+        raise AutopruneError(f"arch.exclude must be a list of layer names, got {reprlib.repr(exclude)}; {fix}")
     widths = arch.get("widths", {})
     if not (isinstance(widths, dict) and all(isinstance(k, str) and lab.is_int(v) for k, v in widths.items())):
         raise AutopruneError(f"arch.widths must map group names to integers, got {reprlib.repr(widths)}; {fix}")
@@ -369,7 +388,7 @@ def from_arch(arch: dict, trusted_source: str | None = None, device: str = "cpu"
     arch = check_generic_arch(arch, trusted_source)
     with torch.device("meta"):
         model = build_model(arch["source"], arch.get("num_classes"), arch.get("input_size", INPUT_SIZE),
-                            **arch.get("kwargs", {}))
+                            arch.get("exclude", ()), **arch.get("kwargs", {}))
         widths = {k: int(v) for k, v in arch.get("widths", {}).items()}
         if widths:
             graph = ChannelGraph(model, torch.zeros(1, *arch.get("input_size", INPUT_SIZE)), check=False)

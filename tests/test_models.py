@@ -252,8 +252,11 @@ def test_channel_shuffle_is_refused_with_the_fix():
         prunable(model).channel_groups()
     assert str(exc.value) == ("Torch-Pruning cannot prune channel group 'c1' of this model: an op it does not track "
                               "(such as a channel shuffle or torch.roll over channels) moves its channels; leave it "
-                              "dense with exclude=['c1']")
-    assert list(ChannelGraph(model, torch.zeros(1, 3, 32, 32), exclude=["c1"]).groups) == ["c2"]
+                              "dense: build_model(..., exclude=['c1']) (profile: --exclude c1)")
+    model = build_model(f"module:{__name__}:shuffle_net", None, exclude=["c1"])
+    assert list(prunable(model).channel_groups()) == ["c2"]
+    pruned = prune(model, plan_for(model, "channel", {"c2": 0.5})).model
+    assert (pruned.c1.out_channels, pruned.c2.out_channels, pruned.autoprune_arch["exclude"]) == (8, 4, ["c1"])
 
 
 def test_user_code_is_imported_only_when_named(tmp_path):
@@ -310,7 +313,8 @@ def test_profile_of_a_cifar_resnet18_equals_torch_pruning(capsys):
 @pytest.mark.parametrize("args, words", [
     (["--model", "foo:bar"], ["unknown model source 'foo:bar'"]),
     (["--model", "torchvision:resnet18", "--width", "0.5"], ["--width is for the lab's VGG"]),
-    (["--cifar-stem"], ["--cifar-stem, --model-kwargs and --num-classes are for --model torchvision:NAME"]),
+    (["--cifar-stem"], ["--cifar-stem, --model-kwargs, --num-classes and --exclude are for --model"]),
+    (["--model", "torchvision:resnet18", "--exclude", "layer9"], ["exclude names no layer 'layer9' of this model"]),
     (["--model", "torchvision:resnet18", "--model-kwargs", "[1]"], ["--model-kwargs must be a JSON object"]),
     (["--model", "torchvision:resnet18", "--channel-ratios", "nope=0.5"], ["unknown layer 'nope' for channel pruning"]),
 ])
