@@ -99,7 +99,6 @@ class _Term:
     inp: tuple  # the same for the input dim
     out_dense: int
     in_dense: int
-    depthwise: bool
     macs_per_weight: int  # conv / linear: MACs per weight element in one forward (positions x calls); else 0
 
 
@@ -203,7 +202,7 @@ class ChannelGraph:
             shapes = tuple((tuple(p.shape), m in out_of and p.dim() >= 1 and p.shape[0] == out_dense,
                             m in in_of and (conv or linear) and p.dim() >= 2 and not depthwise) for p in params)
             terms.append(_Term(shapes, tuple(out_of.get(m, ())), tuple(in_of.get(m, ())),
-                               out_dense, in_dense, depthwise, macs.get(m, 0)))
+                               out_dense, in_dense, macs.get(m, 0)))
         return terms
 
     def cost(self, kept: dict[str, int] | None = None) -> dict[str, int]:
@@ -213,6 +212,9 @@ class ChannelGraph:
         lab's convention; biases, norms and activations are not counted).
         """
         kept = kept or {}
+        unknown = [n for n in kept if n not in self.groups]
+        if unknown:
+            raise AutopruneError(f"unknown channel group {unknown[0]!r}; groups: {', '.join(self.groups)}")
         removed = {n: g.width - int(kept.get(n, g.width)) for n, g in self.groups.items()}
         params = macs = 0
         for t in self._terms:

@@ -187,6 +187,27 @@ def test_depthwise_convs_follow_their_expansion_group():
     assert dw.in_channels == dw.out_channels == dw.groups == pruned.features[2].conv[0][0].out_channels == 24
 
 
+@pytest.mark.parametrize("criterion", ["l1", "bn_scale", "norm", "none"])
+def test_criteria_keep_the_most_important_channels(criterion):
+    model = dense("user")
+    w, bn, nxt = model.block.conv1.weight, model.block.bn1.weight, model.block.conv2.weight
+    score = {"l1": w.abs().sum((1, 2, 3)), "bn_scale": bn.abs(), "norm": nxt.pow(2).sum((0, 2, 3)).sqrt(),
+             "none": -torch.arange(8.0)}[criterion]
+    keep = sorted(torch.topk(score, 3).indices.tolist())  # Torch-Pruning keeps the survivors in order
+    pruned = prune(model, plan_for(model, "channel", {"block.conv1": 5 / 8}, criterion)).model
+    assert torch.equal(pruned.block.conv1.weight, w[keep]) and torch.equal(pruned.block.conv2.weight, nxt[:, keep])
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0"])
+def test_squeeze_excitation_families_cost_exactly(name):
+    model = build_model(f"torchvision:{name}", 10, cifar_stem=True).eval()
+    view = prunable(model)
+    ratios = {n: 0.5 for n in view.channel_groups()}
+    pruned = prune(model, plan_for(model, "channel", ratios, "tp_lamp", round_to=8)).model.eval()
+    assert view.cost(view.kept(ratios, 8)) == measured(pruned) != view.cost()
+    assert pruned(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
 @pytest.mark.parametrize("round_to", [4, 8, 16])
 def test_round_to_keeps_multiples(round_to):
     model = dense("mobilenet_v2")
