@@ -17,6 +17,17 @@ wrong channels without a word. :class:`ChannelGraph` checks every group once
 (zero the channels to remove, prune them, compare the outputs) and raises a
 one-line error naming the group and the fix (``exclude``).
 
+Criteria (higher is kept; summed over the group's layers, each channel mapped
+to the group's own index through concatenations and flattens):
+
+* ``l1``: L1 norm of the conv / linear filters that produce the channel (a
+  depthwise conv, which only filters it, does not count);
+* ``bn_scale``: |gamma| of its BatchNorm(s) (network slimming);
+* ``norm``: L2 norm of the weights that read it in the next conv / linear
+  layers (the lab's criterion, generalised);
+* ``none``: keep the first channels;
+* ``tp_magnitude``, ``tp_lamp``, ``tp_bn_scale``: Torch-Pruning's group importances.
+
 A channel plan is one ratio (fraction of channels *removed*) per group;
 :func:`kept_width` turns it into a kept width. :meth:`ChannelGraph.cost` is
 the exact params and conv+linear MACs of the pruned graph in closed form (no
@@ -198,7 +209,7 @@ class ChannelGraph:
             conv, linear = isinstance(m, nn.modules.conv._ConvNd), isinstance(m, nn.Linear)
             out_dense = m.out_channels if conv else m.out_features if linear else params[0].shape[0]
             in_dense = m.in_channels if conv else m.in_features if linear else 0
-            depthwise = conv and m.groups > 1 and m.groups == m.in_channels
+            depthwise = _is_depthwise(m)
             shapes = tuple((tuple(p.shape), m in out_of and p.dim() >= 1 and p.shape[0] == out_dense,
                             m in in_of and (conv or linear) and p.dim() >= 2 and not depthwise) for p in params)
             terms.append(_Term(shapes, tuple(out_of.get(m, ())), tuple(in_of.get(m, ())),
