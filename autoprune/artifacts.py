@@ -24,23 +24,18 @@ from typing import BinaryIO
 import optuna
 
 from .errors import AutopruneError
+from .storage import rdb_storage
 
 log = logging.getLogger("autoprune")
 
 TABLE = "autoprune_artifacts"
 
 
-def _rdb(storage) -> "optuna.storages.RDBStorage | None":
-    """The RDBStorage behind ``storage`` (Optuna wraps it in a cache), or None."""
-    storage = getattr(storage, "_backend", storage)
-    return storage if isinstance(storage, optuna.storages.RDBStorage) else None
-
-
 class DatabaseArtifactStore:
     """An Optuna artifact store in a table of an RDB storage's own database."""
 
     def __init__(self, storage) -> None:
-        rdb = _rdb(storage)
+        rdb = rdb_storage(storage)
         if rdb is None:
             raise AutopruneError("artifacts = \"db\" needs a database storage (postgresql://, mysql://, sqlite:///); "
                                  "use a directory for journal storages")

@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from .errors import AutopruneError
 from .model import VGG
 from .plan import prune
 from .space import BUDGET, SearchSpace
+from .storage import worker_id
 from .train import evaluate, fit, recalibrate_bn
 
 log = logging.getLogger("autoprune")
@@ -103,10 +103,6 @@ def cheap_score(dense: VGG, plan, data: Data, config: StudyConfig) -> float:
     model = prune(dense, plan).model
     recalibrate_bn(model, data.train, max(1, fid.bn_recal_batches), fid.bn_recal_batch_size, config.study.seed)
     return evaluate(model, data.val)
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class Objective:

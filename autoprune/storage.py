@@ -133,6 +133,19 @@ def with_driver(url: str) -> str:
     return url
 
 
+def worker_id() -> str:
+    """This process as a study records it (the ``worker`` trial attribute): ``host:pid``."""
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def rdb_storage(storage) -> "RDBStorage | None":
+    """The RDBStorage behind ``storage`` (Optuna wraps it in a cache), or None."""
+    storage = getattr(storage, "_backend", storage)
+    return storage if isinstance(storage, RDBStorage) else None
+
+
 def storage_file(url: str) -> Path | None:
     """The file behind a ``sqlite:///PATH`` or ``journal:PATH`` URL; None for server databases."""
     path = url[len("journal:"):] if url.startswith("journal:") else None

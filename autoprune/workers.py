@@ -38,6 +38,7 @@ import time
 import warnings
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
 from optuna.trial import TrialState
@@ -46,9 +47,13 @@ from .artifacts import descriptor_for, is_server_url, open_store, study_artifact
 from .config import StudyConfig
 from .errors import AutopruneError
 from .files import atomic_path
-from .objective import Objective, TrialContext, worker_id
-from .storage import (_alive, _retry, error_reason, file_lock, open_storage, recover_dead_local_trials, redact,
-                      setup_lock_path, storage_file, with_driver)
+from .storage import (_alive, _retry, error_reason, file_lock, open_storage, rdb_storage, recover_dead_local_trials,
+                      redact, setup_lock_path, storage_file, with_driver, worker_id)
+
+if TYPE_CHECKING:
+    from .objective import TrialContext
+# The trial objective (and torch) is imported where a worker builds it: the coordination layer
+# (run_trials, its locks and counts) imports without torch, so a benchmark can run it in many processes.
 
 log = logging.getLogger("autoprune")
 
@@ -208,12 +213,10 @@ def setup_lock(url: str, storage, name: str):
 
     A file lock beside SQLite and journal files; a PostgreSQL advisory lock; none elsewhere.
     """
-    from .artifacts import _rdb
-
     path = setup_lock_path(url)
     if path is not None:
         return file_lock(path)
-    rdb = _rdb(storage)
+    rdb = rdb_storage(storage)
     if rdb is not None and rdb.engine.dialect.name == "postgresql":
         return _pg_lock(rdb.engine, _lock_key(f"autoprune-setup:{name}"))
     return contextlib.nullcontext()
@@ -376,6 +379,7 @@ def study_config(study: optuna.Study, url: str) -> StudyConfig:
 def worker_context(study: optuna.Study, url: str, device="auto", progress: bool = True) -> TrialContext:
     """A worker's TrialContext, built from what the study records (no dense training, no scan)."""
     from .model import load_checkpoint
+    from .objective import TrialContext
     from .space import SearchSpace
     from .train import resolve_device
 
@@ -426,13 +430,11 @@ def _lock_key(name: str) -> int:
 
 def quota_lock(url: str, study: optuna.Study):
     """A callable returning a context manager that serializes 'count, then ask' across workers."""
-    from .artifacts import _rdb
-
     name = f"autoprune-quota:{study.study_name}"
     path = storage_file(url)
     if path is not None:
         return lambda: file_lock(f"{path}.autoprune-quota.lock")
-    rdb = _rdb(study._storage)
+    rdb = rdb_storage(study._storage)
     if rdb is not None and rdb.engine.dialect.name == "postgresql":
         return lambda: _pg_lock(rdb.engine, _lock_key(name))
     log.warning("no cross-process lock for %s: several workers may finish a few trials more than asked",
@@ -494,19 +496,43 @@ def reclaim(study: optuna.Study, local: bool) -> None:
                 pass
 
 
-def _counts(study: optuna.Study) -> tuple[int, int, int]:
+def trial_counts(study: optuna.Study) -> tuple[int, int, int]:
+    """(complete, running, waiting) trials in ``study``."""
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))
     c = sum(t.state == TrialState.COMPLETE for t in trials)
     r = sum(t.state == TrialState.RUNNING for t in trials)
     return c, r, len(trials) - c - r
 
 
+def claim_trial(study: optuna.Study, total: int, *, local: bool,
+                interval: int | None) -> tuple[optuna.Trial | None, int, int]:
+    """The trial loop's critical section (call under the quota lock): (trial or None, complete, running).
+
+    Fails and queues again the trials of dead workers, counts, and asks for a trial only while
+    ``complete + running < total``; the new trial records its worker and first heartbeat before
+    the lock is released.
+    """
+    reclaim(study, local=local)
+    complete, running, _ = trial_counts(study)
+    if complete >= total or complete + running >= total:
+        return None, complete, running
+    with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": it is, here
+        warnings.simplefilter("ignore", UserWarning)
+        trial = study.ask()  # pops a queued trial (a retry, the prior allocation) first
+    trial.set_user_attr("worker", worker_id())
+    if interval is not None:
+        study._storage.record_heartbeat(trial._trial_id)
+    return trial, complete, running + 1
+
+
 def run_trials(study: optuna.Study, objective, total: int, url: str, on_trial=None,
-               poll_seconds: float | None = None) -> int:
+               poll_seconds: float | None = None, timings=None) -> int:
     """Run trials until the study holds exactly ``total`` complete ones; returns how many ran here.
 
     ``objective(trial)`` returns the value(s); ``on_trial(frozen, done)`` is called after each.
     An exception in ``objective`` fails its trial and is raised (as ``Study.optimize`` does).
+    ``timings(name, seconds)``, if given, hears "lock_wait" and "lock_held" for every round
+    of the critical section (benchmarks/coordination_load.py measures with it).
     """
     lock = quota_lock(url, study)
     interval = _heartbeat_interval(study)
@@ -514,22 +540,17 @@ def run_trials(study: optuna.Study, objective, total: int, url: str, on_trial=No
     # checked at every round. With them, only at start: a quick resume on the same machine.
     local_each_round = interval is None
     poll = poll_seconds or (1.0 if interval is None else min(5.0, max(0.5, interval / 2)))
-    me = worker_id()
-    ran, waiting_since = 0, None
-    with lock():
-        reclaim(study, local=True)
+    ran, waiting_since, first = 0, None, True
     while True:
-        trial = None
+        asked = time.perf_counter()
         with lock():
-            reclaim(study, local=local_each_round)
-            complete, running, waiting = _counts(study)
-            if complete < total and complete + running < total:
-                with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": it is, here
-                    warnings.simplefilter("ignore", UserWarning)
-                    trial = study.ask()  # pops a queued trial (a retry, the prior allocation) first
-                trial.set_user_attr("worker", me)
-                if interval is not None:
-                    study._storage.record_heartbeat(trial._trial_id)
+            got = time.perf_counter()
+            trial, complete, running = claim_trial(study, total, local=first or local_each_round,
+                                                   interval=interval)
+        if timings is not None:
+            timings("lock_wait", got - asked)
+            timings("lock_held", time.perf_counter() - got)
+        first = False
         if trial is None:
             if complete >= total:
                 break
@@ -543,7 +564,7 @@ def run_trials(study: optuna.Study, objective, total: int, url: str, on_trial=No
         frozen = _run_one(study, trial, objective, interval)
         ran += 1
         if on_trial is not None and frozen is not None:
-            on_trial(frozen, _counts(study)[0])
+            on_trial(frozen, trial_counts(study)[0])
     return ran
 
 
@@ -588,6 +609,7 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, objective, interval: int 
 def run_worker(url: str, study_name: str, *, device="auto", trials: int | None = None,
                progress: bool = True) -> dict:
     """``autoprune worker``: join an existing study and run trials until it holds N complete ones."""
+    from .objective import Objective
     from .search import _line, make_sampler, summarize
 
     if trials is not None and trials < 1:
