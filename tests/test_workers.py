@@ -7,6 +7,7 @@ The same tests run on Optuna's journal file storage (one host, no heartbeat).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -457,3 +458,34 @@ def test_worker_bad_trials_and_missing_journal(tmp_path):
     assert not (tmp_path / "none.log").exists()
     assert_one_line_error(run_cli("worker", "--storage", f"journal:{tmp_path}/none.log", "--study", "x",
                                   "--trials", "0"), "--trials must be >= 1")
+
+
+# --- the kill storm (benchmarks/coordination_load.py) ---------------------------------
+
+
+def test_kill_storm_keeps_the_count_exact(tmp_path, pg_url):
+    """Workers SIGKILLed in the middle of trials and restarted: exactly N complete, each killed
+    trial failed and retried once with its parameters, nothing left RUNNING.
+
+    The benchmark's own run (its stub trials, no torch in the workers), small: 4 workers, 2 killed.
+    """
+    import importlib.util
+    import random
+
+    spec = importlib.util.spec_from_file_location("coordination_load", REPO / "benchmarks" / "coordination_load.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    template = bench.tiny_template(tmp_path)
+    result = bench.run_load(pg_url, bench.Server(pg_url), template, tmp_path, workers=4, seconds=0.3,
+                            per_worker=4, rng=random.Random(0), kills=2, mid_trial=True, timeout=120,
+                            poll_seconds=0.5)
+    assert not result["timed_out"] and result["worker_errors"] == {}
+    assert result["problems"] == [], result["problems"]
+    assert result["complete"] == 16 and result["left_running_or_queued"] == 0
+    # Each kill caught a trial mid-run: it failed, and its one retry completed with its parameters.
+    assert len(result["kills"]) == 2
+    assert result["killed_trials"] == result["retried_once"] == result["killed_workers_unfinished_trials"] == 2
+    assert set(result["states"]) == {"COMPLETE", "FAIL"} and result["states"]["FAIL"] == 2
+    secret = _password(pg_url)
+    if secret:
+        assert secret not in json.dumps(result)
