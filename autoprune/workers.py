@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("autoprune")
 
 READY_TIMEOUT_S = 300.0  # how long a joiner waits for the creator to finish setting up
-ORPHAN_S = 600.0  # a RUNNING trial that never got a worker or heartbeat is retried after this
+ORPHAN_S = 600.0  # without a quota lock, a RUNNING trial that never got a worker is retried after this
 CONNECT_TRIES = 3
 
 
@@ -476,52 +476,103 @@ def _heartbeat_interval(study: optuna.Study) -> int | None:
     return storage.get_heartbeat_interval() if is_heartbeat_enabled(storage) else None
 
 
-def reclaim(study: optuna.Study, local: bool) -> None:
-    """Fail and queue again the trials of dead workers (call under the quota lock)."""
+def reclaim(study: optuna.Study, local: bool, orphan_after: float = ORPHAN_S) -> None:
+    """Fail and queue again the trials of dead workers (call under the quota lock).
+
+    ``orphan_after``: a RUNNING trial with no worker recorded is failed once it is that old. A
+    worker records itself in the same critical section as its ask, so one seen under a real
+    quota lock belongs to a worker that died in between: ``run_trials`` passes 0 there.
+    """
     if _heartbeat_interval(study) is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
     if local:
         recover_dead_local_trials(study)
-    # Died between ask and recording who runs it (no worker, no heartbeat): retry after a long wait.
     now = time.time()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if "worker" not in t.user_attrs and t.datetime_start and now - t.datetime_start.timestamp() > ORPHAN_S:
-            try:
-                if study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
-                    _retry()(study, study._storage.get_trial(t._trial_id))
-                    log.info("trial %d never got a worker in %.0fs: failed and queued again", t.number, ORPHAN_S)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                pass
+    for trial_id, number, started in _workerless(study):
+        if started is not None and now - started < orphan_after:
+            continue
+        try:
+            if study._storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                _retry()(study, study._storage.get_trial(trial_id))
+                log.info("trial %d never got a worker (its asker died): failed and queued again", number)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
+
+
+_COUNT_SQL = "SELECT state, COUNT(*) FROM trials WHERE study_id = :study GROUP BY state"
+_WORKERLESS_SQL = ("SELECT t.trial_id, t.number, t.datetime_start FROM trials t WHERE t.study_id = :study AND "
+                   "t.state = 'RUNNING' AND NOT EXISTS (SELECT 1 FROM trial_user_attributes a "
+                   "WHERE a.trial_id = t.trial_id AND a.key = 'worker')")
+
+
+def _study_sql(study: optuna.Study, sql: str, **types) -> list | None:
+    """Rows of ``sql`` on Optuna's own tables for a database storage; None for other storages.
+
+    The loop's critical section asks only counts and the few trials without a worker:
+    Optuna's trial reads load every unfinished trial with its params and attributes, so
+    under the lock they made each ask cost time in proportion to the number of workers.
+    """
+    rdb = rdb_storage(study._storage)
+    if rdb is None:
+        return None
+    import sqlalchemy as sa
+
+    with rdb.engine.connect() as conn:
+        query = sa.text(sql).columns(**types) if types else sa.text(sql)  # types: SQLite returns text
+        return list(conn.execute(query, {"study": study._study_id}))
 
 
 def trial_counts(study: optuna.Study) -> tuple[int, int, int]:
-    """(complete, running, waiting) trials in ``study``."""
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))
-    c = sum(t.state == TrialState.COMPLETE for t in trials)
-    r = sum(t.state == TrialState.RUNNING for t in trials)
-    return c, r, len(trials) - c - r
+    """(complete, running, waiting) trials in ``study``: one COUNT query on a database storage."""
+    rows = _study_sql(study, _COUNT_SQL)
+    if rows is None:
+        trials = study.get_trials(deepcopy=False,
+                                  states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))
+        rows = [(t.state.name, 1) for t in trials]
+    counts = {name: 0 for name in ("COMPLETE", "RUNNING", "WAITING")}
+    for state, n in rows:
+        name = getattr(state, "name", state)  # a TrialState or its name, as the database returns it
+        if name in counts:
+            counts[name] += int(n)
+    return counts["COMPLETE"], counts["RUNNING"], counts["WAITING"]
 
 
-def claim_trial(study: optuna.Study, total: int, *, local: bool,
-                interval: int | None) -> tuple[optuna.Trial | None, int, int]:
+def _workerless(study: optuna.Study) -> list[tuple[int, int, float | None]]:
+    """(trial id, number, start time) of the RUNNING trials that record no worker."""
+    import sqlalchemy as sa
+
+    rows = _study_sql(study, _WORKERLESS_SQL, trial_id=sa.Integer, number=sa.Integer, datetime_start=sa.DateTime)
+    if rows is None:
+        return [(t._trial_id, t.number, t.datetime_start.timestamp() if t.datetime_start else None)
+                for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if "worker" not in t.user_attrs]
+    return [(int(tid), int(number), start.timestamp() if start is not None else None)
+            for tid, number, start in rows]
+
+
+def claim_trial(study: optuna.Study, total: int, *, local: bool, interval: int | None,
+                exclusive: bool = False) -> tuple[optuna.Trial | None, int, int]:
     """The trial loop's critical section (call under the quota lock): (trial or None, complete, running).
 
     Fails and queues again the trials of dead workers, counts, and asks for a trial only while
     ``complete + running < total``; the new trial records its worker and first heartbeat before
-    the lock is released.
+    the lock is released. ``exclusive``: the lock is a real one (see :func:`reclaim`).
     """
-    reclaim(study, local=local)
+    reclaim(study, local=local, orphan_after=0.0 if exclusive else ORPHAN_S)
     complete, running, _ = trial_counts(study)
     if complete >= total or complete + running >= total:
         return None, complete, running
     with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": it is, here
         warnings.simplefilter("ignore", UserWarning)
         trial = study.ask()  # pops a queued trial (a retry, the prior allocation) first
-    trial.set_user_attr("worker", worker_id())
-    if interval is not None:
-        study._storage.record_heartbeat(trial._trial_id)
+    try:
+        trial.set_user_attr("worker", worker_id())
+        if interval is not None:
+            study._storage.record_heartbeat(trial._trial_id)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        # Failed as workerless by another worker: only if this lock was lost (its connection dropped).
+        return None, complete, running + 1
     return trial, complete, running + 1
 
 
@@ -535,6 +586,7 @@ def run_trials(study: optuna.Study, objective, total: int, url: str, on_trial=No
     of the critical section (benchmarks/coordination_load.py measures with it).
     """
     lock = quota_lock(url, study)
+    exclusive = lock is not contextlib.nullcontext
     interval = _heartbeat_interval(study)
     # Heartbeats find dead workers anywhere; without them (journal) dead local processes are
     # checked at every round. With them, only at start: a quick resume on the same machine.
@@ -546,7 +598,7 @@ def run_trials(study: optuna.Study, objective, total: int, url: str, on_trial=No
         with lock():
             got = time.perf_counter()
             trial, complete, running = claim_trial(study, total, local=first or local_each_round,
-                                                   interval=interval)
+                                                   exclusive=exclusive, interval=interval)
         if timings is not None:
             timings("lock_wait", got - asked)
             timings("lock_held", time.perf_counter() - got)

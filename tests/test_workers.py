@@ -17,6 +17,7 @@ import sys
 import textwrap
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import optuna
@@ -382,6 +383,27 @@ def test_local_recovery_spares_live_workers(tmp_path):
     # A retry keeps its parameters and origin, not the dead worker nor the dead run's results.
     assert all(t.user_attrs == {"warm_start": "lamp"} and t.constraints == {} for t in retries)
     assert all(t.params == study.trials[t.system_attrs["failed_trial"]].params for t in retries)
+
+
+def test_trial_of_a_worker_killed_inside_its_ask_is_retried_at_once(storage_url):
+    """Killed between ask and recording itself (both under the quota lock): the next worker to take
+    the lock fails that trial and runs it again, instead of waiting ORPHAN_S (10 minutes)."""
+    from autoprune.storage import open_storage
+    from autoprune.workers import run_trials
+
+    name = f"o-{uuid.uuid4().hex[:10]}"
+    study = optuna.create_study(study_name=name, storage=open_storage(storage_url, heartbeat_seconds=HEARTBEAT),
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize"
+        warnings.simplefilter("ignore", UserWarning)
+        orphan = study.ask()  # no worker, no heartbeat: as a worker SIGKILLed right after its ask leaves it
+    orphan.suggest_float("x", 0, 1)
+    ran = run_trials(study, lambda trial: trial.suggest_float("x", 0, 1), 2, storage_url)
+    trials = load(storage_url, name).get_trials()
+    assert ran == 2 and [t.state for t in trials].count(TrialState.COMPLETE) == 2
+    assert trials[orphan.number].state == TrialState.FAIL
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and retry[0].params == orphan.params
 
 
 # --- bad input ---------------------------------------------------------------
