@@ -916,6 +916,9 @@ def main() -> None:
     parser.add_argument("--no-readme", action="store_true")
     args = parser.parse_args()
     count_round_trips()
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     from autoprune.storage import redact
 
     rng = random.Random(args.seed)

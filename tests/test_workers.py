@@ -406,6 +406,33 @@ def test_trial_of_a_worker_killed_inside_its_ask_is_retried_at_once(storage_url)
     assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and retry[0].params == orphan.params
 
 
+def test_database_artifacts_are_compressed_when_that_pays(tmp_path):
+    """Sparse weights go into the table compressed and come back byte for byte; random bytes, and
+    bodies written before compression, are read as they are."""
+    import io
+
+    import sqlalchemy as sa
+
+    from autoprune.artifacts import PACKED, TABLE, DatabaseArtifactStore
+    from autoprune.storage import open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path}/a.db")
+    store = DatabaseArtifactStore(storage)
+    store.create_table()
+    sparse = (b"\0" * 3000 + os.urandom(1000)) * 600  # like a fine-grained trial's weights: mostly zeros
+    noise = os.urandom(300_000)
+    store.write("sparse", io.BytesIO(sparse))
+    store.write("noise", io.BytesIO(noise))
+    with sa.create_engine(f"sqlite:///{tmp_path}/a.db").begin() as conn:  # as an older autoprune stored it
+        conn.execute(sa.text(f"INSERT INTO {TABLE} (artifact_id, body) VALUES ('old', :body)"), {"body": sparse})
+        bodies = dict(conn.execute(sa.text(f"SELECT artifact_id, body FROM {TABLE}")).all())
+    assert bodies["sparse"].startswith(PACKED) and len(bodies["sparse"]) < len(sparse) / 2
+    assert bytes(bodies["noise"]) == noise
+    for artifact_id, body in (("sparse", sparse), ("noise", noise), ("old", sparse)):
+        with store.open_reader(artifact_id) as reader:
+            assert reader.read() == body
+
+
 # --- bad input ---------------------------------------------------------------
 
 
