@@ -560,20 +560,53 @@ def claim_trial(study: optuna.Study, total: int, *, local: bool, interval: int |
     the lock is released. ``exclusive``: the lock is a real one (see :func:`reclaim`).
     """
     reclaim(study, local=local, orphan_after=0.0 if exclusive else ORPHAN_S)
-    complete, running, _ = trial_counts(study)
+    complete, running, waiting = trial_counts(study)
     if complete >= total or complete + running >= total:
         return None, complete, running
-    with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": it is, here
-        warnings.simplefilter("ignore", UserWarning)
-        trial = study.ask()  # pops a queued trial (a retry, the prior allocation) first
     try:
-        trial.set_user_attr("worker", worker_id())
+        trial = ask(study, worker_id(), queued=waiting > 0)
         if interval is not None:
             study._storage.record_heartbeat(trial._trial_id)
     except optuna.exceptions.UpdateFinishedTrialError:
         # Failed as workerless by another worker: only if this lock was lost (its connection dropped).
         return None, complete, running + 1
     return trial, complete, running + 1
+
+
+def ask(study: optuna.Study, worker: str, queued: bool = True) -> optuna.Trial:
+    """``study.ask()`` recording ``worker`` (a queued trial first: a retry, a warm start).
+
+    On a database storage it reads no other trial: ``Study.ask`` looks for queued trials in
+    Optuna's trial cache, which first reads every unfinished trial with its params and
+    attributes, so under the quota lock each ask cost time in proportion to the number of
+    workers. Here the queue is read only when ``queued`` (from the count), in SQL, and a new
+    trial is created RUNNING with its worker in one transaction.
+    """
+    rdb = rdb_storage(study._storage)
+    local = getattr(study, "_thread_local", None)  # where Study.ask resets the sampler's view of the study
+    if rdb is None or local is None or not hasattr(local, "cached_all_trials"):
+        with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": it is, here
+            warnings.simplefilter("ignore", UserWarning)
+            trial = study.ask()
+        trial.set_user_attr("worker", worker)
+        return trial
+    storage, trial_id = study._storage, None
+    for waiting in (rdb.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,))
+                    if queued else ()):
+        try:
+            if storage.set_trial_state_values(waiting._trial_id, TrialState.RUNNING):
+                trial_id = waiting._trial_id
+                break
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    if trial_id is None:
+        trial_id = storage.create_new_trial(study._study_id, template_trial=optuna.trial.create_trial(
+            state=TrialState.RUNNING, user_attrs={"worker": worker}))
+    local.cached_all_trials = None  # as Study.ask does: the sampler reads the study afresh for this trial
+    trial = optuna.Trial(study, trial_id)
+    if trial.user_attrs.get("worker") != worker:  # a popped trial records its worker now
+        trial.set_user_attr("worker", worker)
+    return trial
 
 
 def run_trials(study: optuna.Study, objective, total: int, url: str, on_trial=None,

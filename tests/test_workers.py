@@ -406,6 +406,36 @@ def test_trial_of_a_worker_killed_inside_its_ask_is_retried_at_once(storage_url)
     assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and retry[0].params == orphan.params
 
 
+class _SeenSampler(optuna.samplers.RandomSampler):
+    """Records how many complete trials the sampler's view of the study (the one TPE reads) holds."""
+
+    def __init__(self):
+        super().__init__(seed=0)
+        self.seen = []
+
+    def sample_independent(self, study, trial, name, distribution):
+        self.seen.append(len(study._get_trials(deepcopy=False, states=(TrialState.COMPLETE,), use_cache=True)))
+        return super().sample_independent(study, trial, name, distribution)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_the_loop_ask_shows_the_sampler_every_finished_trial(tmp_path, kind, request):
+    """The loop's own ask (no read of every unfinished trial) still gives the sampler a fresh view."""
+    from autoprune.storage import open_storage
+    from autoprune.workers import run_trials
+
+    url = request.getfixturevalue("pg_url") if kind == "postgres" else f"sqlite:///{tmp_path}/s.db"
+    sampler = _SeenSampler()
+    study = optuna.create_study(study_name=f"s-{uuid.uuid4().hex[:10]}", sampler=sampler,
+                                storage=open_storage(url, heartbeat_seconds=HEARTBEAT))
+    study.enqueue_trial({"x": 0.5})  # a queued trial runs first, with its parameters
+    assert run_trials(study, lambda trial: trial.suggest_float("x", 0, 1), 4, url) == 4
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4 and trials[0].params == {"x": 0.5}
+    assert sampler.seen == [1, 2, 3]  # the enqueued trial is not sampled
+    assert all(t.user_attrs["worker"] for t in trials)
+
+
 def test_database_artifacts_are_compressed_when_that_pays(tmp_path):
     """Sparse weights go into the table compressed and come back byte for byte; random bytes, and
     bodies written before compression, are read as they are."""
