@@ -664,14 +664,15 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, objective, interval: int 
             state = TrialState.PRUNED
         except (Exception, KeyboardInterrupt) as exc:
             state, error = TrialState.FAIL, exc
-    taken = study._storage.get_trial(trial._trial_id).state.is_finished()
-    if not taken:
-        try:
-            study.tell(trial, values if state is None else None, state=state)
-        except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
-            taken = study._storage.get_trial(trial._trial_id).state.is_finished()
-            if not taken:
-                raise
+    # No read before the tell (tell refuses a trial another worker failed) nor after (it returns the trial):
+    # each trial read is ~8 round trips.
+    taken, frozen = False, None
+    try:
+        frozen = study.tell(trial, values if state is None else None, state=state)
+    except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
+        taken = study._storage.get_trial(trial._trial_id).state.is_finished()
+        if not taken:
+            raise
     if taken:
         log.warning("trial %d was declared dead by another worker (no heartbeat for the grace period) and "
                     "queued again; this run's result is dropped", trial.number)
@@ -685,7 +686,7 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, objective, interval: int 
         log.info("trial %d was interrupted: marked failed and queued again for the next run", trial.number)
     if error is not None:
         raise error
-    return study._storage.get_trial(trial._trial_id)
+    return frozen
 
 
 # --- the worker command ------------------------------------------------------

@@ -406,6 +406,26 @@ def test_trial_of_a_worker_killed_inside_its_ask_is_retried_at_once(storage_url)
     assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and retry[0].params == orphan.params
 
 
+def test_result_of_a_trial_failed_elsewhere_meanwhile_is_dropped(storage_url):
+    """A trial another worker declared dead while it ran (a late heartbeat) is not told; another runs."""
+    from autoprune.storage import open_storage
+    from autoprune.workers import run_trials
+
+    study = optuna.create_study(study_name=f"d-{uuid.uuid4().hex[:10]}", sampler=optuna.samplers.RandomSampler(0),
+                                storage=open_storage(storage_url, heartbeat_seconds=HEARTBEAT))
+    told = []
+
+    def objective(trial):
+        x = trial.suggest_float("x", 0, 1)
+        if trial.number == 0:  # what another worker's reclaim does to it meanwhile
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        return x
+
+    assert run_trials(study, objective, 1, storage_url, on_trial=lambda frozen, done: told.append(frozen.number)) == 2
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE] and told == [1]
+
+
 class _SeenSampler(optuna.samplers.RandomSampler):
     """Records how many complete trials the sampler's view of the study (the one TPE reads) holds."""
 
