@@ -46,7 +46,7 @@ from .errors import AutopruneError
 from .model import VGG
 from .plan import prune
 from .space import BUDGET, SearchSpace
-from .storage import worker_id
+from .storage import set_user_attrs, worker_id
 from .train import evaluate, fit, recalibrate_bn
 
 log = logging.getLogger("autoprune")
@@ -111,16 +111,15 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial):
         ctx, cfg = self.ctx, self.ctx.config
-        trial.set_user_attr("worker", worker_id())
         proposed = ctx.space.suggest(trial)
         ratios, notes = ctx.space.repair(proposed)
         for note in notes:
             log.info("trial %d: %s", trial.number, note)
         ratios = self.screen(trial, proposed, ratios)
         plan = ctx.space.plan(ratios)
-        trial.set_user_attr("proposed", proposed)
-        trial.set_user_attr("plan", dict(plan.ratios))
-        trial.set_user_attr("repaired", bool(notes))
+        # Attributes go in batches (one transaction each on a database): see storage.set_user_attrs.
+        set_user_attrs(trial, {"worker": worker_id(), "proposed": proposed, "plan": dict(plan.ratios),
+                               "repaired": bool(notes)})
 
         pruned = prune(ctx.dense, plan)
         model = pruned.model
@@ -196,11 +195,8 @@ class Objective:
         if plan.kind == "channel":
             attrs["latency_ms"] = metrics.measure_latency_ms(model.cpu(), 1, 10, ctx.latency_repeats)
             model.to(next(ctx.dense.parameters()).device)
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
-
         constraints = self.constraints(attrs)
-        trial.set_user_attr(CONSTRAINT_NAMES_ATTR, list(constraints))
+        set_user_attrs(trial, {**attrs, CONSTRAINT_NAMES_ATTR: list(constraints)})
         # The list format, not trial.set_constraint: optuna-dashboard shows only the list, and both
         # would make Optuna count every constraint twice.
         trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [float(v) for v in constraints.values()])
@@ -242,10 +238,8 @@ class Objective:
             scores.append(seen[key])
         best = int(np.argmax(scores))  # the first maximum: ties go to the proposal
         seconds = time.perf_counter() - start
-        trial.set_user_attr("screen_plans", [{n: round(r, 6) for n, r in p.ratios.items()} for p in plans])
-        trial.set_user_attr("screen_scores", scores)
-        trial.set_user_attr("screen_chosen", best)
-        trial.set_user_attr("screen_seconds", seconds)
+        set_user_attrs(trial, {"screen_plans": [{n: round(r, 6) for n, r in p.ratios.items()} for p in plans],
+                               "screen_scores": scores, "screen_chosen": best, "screen_seconds": seconds})
         log.info("trial %d: screened %d candidates (%d distinct) at one budget by BN-recal val accuracy "
                  "%.2f-%.2f%% in %.1fs; fine-tuning candidate %d (%.2f%%; the proposal scored %.2f%%)",
                  trial.number, len(plans), len(seen), min(scores), max(scores), seconds, best, scores[best],

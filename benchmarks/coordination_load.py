@@ -4,9 +4,9 @@ Each worker process runs the real trial loop (``autoprune.workers.run_trials``: 
 quota lock around count-and-ask, dead-worker reclaiming, heartbeats, the tell)
 around a stub objective that replays one real trial instead of training: it
 suggests the real trial's parameters, waits ``T`` seconds (the training), then
-writes the real trial's attributes and constraints one by one as
-``Objective`` does and uploads its weights artifact (the real trial's file,
-every trial feasible: the worst case) to the study's database artifact store.
+writes the real trial's attributes and constraints as ``Objective`` does and
+uploads its weights artifact (the real trial's file, every trial feasible: the
+worst case) to the study's database artifact store.
 The real trial is run first, here, on the tiny CPU setup of the tests (VGG
 width 0.125, synthetic data, one fine-tune epoch). The workers import no torch.
 
@@ -141,46 +141,65 @@ def suggest(trial, distributions: dict) -> None:
             trial.suggest_categorical(name, d.choices)
 
 
+EARLY = ("worker", "proposed", "plan", "repaired")  # Objective records these before the fine-tune
+DURING = ("val_accuracy_epoch1",)  # and these from the fine-tune's epoch callback
+
+
 class StubObjective:
     """The real trial's writes around a wait of ``seconds`` instead of the training.
 
-    In ``Objective``'s order: the parameters, then (after the fine-tune) each user attribute,
-    the constraints, and the weights artifact of a feasible trial with its id.
+    In ``Objective``'s order and batches: the parameters; the proposal and plan; (the wait);
+    the epoch-1 accuracy; the figures with the constraint names; the constraints; the weights
+    artifact of a feasible trial and its id. Batches go through ``storage.set_user_attrs``
+    where this tree has it (its Objective does), else one attribute at a time, as before it.
     """
 
     def __init__(self, spec: dict, store, events):
+        from autoprune import storage
         from autoprune.storage import worker_id
 
         self.spec, self.store, self.events, self.me = spec, store, events, worker_id()
+        self.batch = getattr(storage, "set_user_attrs", None)
         self.pending: dict = {}
         self.last = None
 
     def timings(self, name: str, seconds: float) -> None:
         self.pending[name] = self.pending.get(name, 0.0) + seconds
 
+    def write(self, trial, attrs: dict) -> None:
+        if self.batch is not None:
+            self.batch(trial, attrs)
+        else:
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
+
     def __call__(self, trial):
         from optuna.artifacts import upload_artifact
 
         spec = self.spec
+        attrs = {k: (self.me if k == "worker" else v) for k, v in spec["user_attrs"].items()}
+        early = {k: attrs.pop(k) for k in EARLY if k in attrs}
+        during = {k: attrs.pop(k) for k in DURING if k in attrs}
+        weights = attrs.pop(WEIGHTS_KEY, None)
         start = snapshot()
         suggest(trial, spec["distributions"])
         suggested = time.time()
         self.events.write(json.dumps({"ev": "start", "number": trial.number, "t": suggested}) + "\n")
+        self.write(trial, early)
         slept = time.monotonic()
         time.sleep(spec["seconds"])
         slept = time.monotonic() - slept
         woke = snapshot()
-        for key, value in spec["user_attrs"].items():
-            if key == "worker":
-                value = self.me
-            if key == WEIGHTS_KEY:
-                t0 = time.time()
-                value = upload_artifact(artifact_store=self.store, file_path=spec["weights_file"],
-                                        study_or_trial=trial)
-                self.pending["upload"] = time.time() - t0
+        for key, value in during.items():
             trial.set_user_attr(key, value)
-            if key == "constraint_names":  # Objective writes the constraint list right after their names
-                trial.storage.set_trial_system_attr(trial._trial_id, "constraints", spec["constraints"])
+        self.write(trial, attrs)
+        trial.storage.set_trial_system_attr(trial._trial_id, "constraints", spec["constraints"])
+        if weights is not None:
+            t0 = time.time()
+            artifact_id = upload_artifact(artifact_store=self.store, file_path=spec["weights_file"],
+                                          study_or_trial=trial)
+            self.pending["upload"] = time.time() - t0
+            trial.set_user_attr(WEIGHTS_KEY, artifact_id)
         end = snapshot()
         self.events.write(json.dumps({"ev": "end", "number": trial.number, "t": end["t"]}) + "\n")
         self.last = {"ev": "trial", "number": trial.number, "start": start, "suggested": suggested,

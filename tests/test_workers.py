@@ -456,6 +456,31 @@ def test_the_loop_ask_shows_the_sampler_every_finished_trial(tmp_path, kind, req
     assert all(t.user_attrs["worker"] for t in trials)
 
 
+def test_a_pooled_connection_dropped_while_idle_is_replaced(pg_url, monkeypatch):
+    """A worker's pooled connection killed by the server (a restart, a firewall's idle timeout) while
+    the worker trains: its next write reconnects instead of failing."""
+    import psycopg2
+    import sqlalchemy as sa
+
+    import autoprune.storage as storage_module
+    from autoprune.storage import open_storage, rdb_storage
+
+    storage = open_storage(pg_url)
+    study = optuna.create_study(study_name=f"p-{uuid.uuid4().hex[:10]}", storage=storage)
+    with rdb_storage(storage).engine.connect() as conn:  # the pool's one idle connection, afterwards
+        pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+    admin = psycopg2.connect(pg_url)
+    try:
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    finally:
+        admin.close()
+    monkeypatch.setattr(storage_module, "IDLE_PING_S", 0.0)  # every pooled connection counts as idle now
+    study.set_user_attr("after", 1)
+    assert study.user_attrs["after"] == 1
+
+
 def test_database_artifacts_are_compressed_when_that_pays(tmp_path):
     """Sparse weights go into the table compressed and come back byte for byte; random bytes, and
     bodies written before compression, are read as they are."""
