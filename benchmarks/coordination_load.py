@@ -935,6 +935,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/coordination_load.json"))
     parser.add_argument("--no-readme", action="store_true")
+    parser.add_argument("--label", default="", help="a note stored with the results (e.g. which code ran)")
     args = parser.parse_args()
     count_round_trips()
     import optuna
@@ -996,6 +997,7 @@ def run_all(args, url: str, where: str, workdir: Path, rng: random.Random) -> di
         print(f"  {row['trial_minutes']}-minute trials: {row['max_workers']:,} workers (limit: {row['limit']})")
     return {
         "benchmark": "coordination_load",
+        "label": args.label,
         "command": " ".join(["python", "benchmarks/coordination_load.py",
                              *[a if not a.startswith("postgresql") else "URL" for a in sys.argv[1:]]]),
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
