@@ -71,7 +71,7 @@ WEIGHTS_KEY = "weights_artifact_id"
 
 # --- round trips, counted in the driver ------------------------------------------
 
-COUNTS = {"round_trips": 0, "bytes_sent": 0}
+COUNTS = {"round_trips": 0, "bytes_sent": 0, "commits": 0}
 
 
 def count_round_trips() -> None:
@@ -107,7 +107,9 @@ def count_round_trips() -> None:
             return super().cursor(*args, **kwargs)
 
         def commit(self):
-            COUNTS["round_trips"] += int(self.status != ext.STATUS_READY)
+            open_transaction = int(self.status != ext.STATUS_READY)
+            COUNTS["round_trips"] += open_transaction
+            COUNTS["commits"] += open_transaction
             return super().commit()
 
         def rollback(self):
@@ -121,7 +123,8 @@ def count_round_trips() -> None:
 
 
 def snapshot() -> dict:
-    return {"t": time.time(), "rt": COUNTS["round_trips"], "sent": COUNTS["bytes_sent"], "cpu": time.process_time()}
+    return {"t": time.time(), "rt": COUNTS["round_trips"], "sent": COUNTS["bytes_sent"], "commits": COUNTS["commits"],
+            "cpu": time.process_time()}
 
 
 # --- a worker process ------------------------------------------------------------
@@ -590,7 +593,7 @@ def _ms(x):
 def measure(events_dir: Path, go: float, before: dict, after: dict, total: int) -> dict:
     """Coordination per trial and per worker, from the events the workers wrote."""
     windows, work, first_waits, startups, counted = [], [], [], [], 0
-    gap, held, wait, in_trial, tell, upload, rt, sent, cpu, rt_claim = ([] for _ in range(10))
+    gap, held, wait, in_trial, tell, upload, rt, sent, cpu, rt_claim, commits = ([] for _ in range(11))
     last_told = go
     for path in sorted(events_dir.glob("*.jsonl")):
         events = []
@@ -624,6 +627,8 @@ def measure(events_dir: Path, go: float, before: dict, after: dict, total: int) 
             sent.append(e["told"]["sent"] - prev["told"]["sent"])
             cpu.append(e["told"]["cpu"] - prev["told"]["cpu"])
             rt_claim.append(e["start"]["rt"] - prev["told"]["rt"])
+            if "commits" in e["told"]:
+                commits.append(e["told"]["commits"] - prev["told"]["commits"])
     span = last_told - go
     window = sum(windows)
     coordination = window - sum(work)
@@ -641,6 +646,7 @@ def measure(events_dir: Path, go: float, before: dict, after: dict, total: int) 
         "round_trips": {"mean": round(statistics.fmean(rt), 1) if rt else None, "median": _q(rt, 0.5)},
         "round_trips_between_trials": {"mean": round(statistics.fmean(rt_claim), 1) if rt_claim else None},
         "bytes_sent": {"mean": round(statistics.fmean(sent)) if sent else None},
+        "commits": {"mean": round(statistics.fmean(commits), 1) if commits else None},
         "worker_cpu_ms": {"mean": _ms(statistics.fmean(cpu) if cpu else None)},
     }
     return {
@@ -699,23 +705,24 @@ def profile_claims(url: str, server: Server, template: dict, running=(0, 64, 256
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             study._storage.record_heartbeat(t._trial_id)
         lock = quota_lock(url, study)
-        held, rts, cpu = [], [], []
+        held, rts, cpu, commits = [], [], [], []
         for i in range(repeats + 3):
-            rt0, s0 = COUNTS["round_trips"], server.cpu()
+            rt0, c0, s0 = COUNTS["round_trips"], COUNTS["commits"], server.cpu()
             t0 = time.perf_counter()
             with lock():
                 trial, _, _ = claim_trial(study, complete + r + 10 * repeats, local=False, interval=HEARTBEAT)
             t1 = time.perf_counter()
-            rt1, s1 = COUNTS["round_trips"], server.cpu()
+            rt1, c1, s1 = COUNTS["round_trips"], COUNTS["commits"], server.cpu()
             study.tell(trial, template["values"])
             if i >= 3:  # the first claims fill this process's trial cache, as a worker's first ask does
                 held.append(t1 - t0)
                 rts.append(rt1 - rt0)
+                commits.append(c1 - c0)
                 if s0 is not None and s1 is not None:
                     cpu.append(s1 - s0)
         out.append({"running": r, "complete": complete, "held_ms": {"median": _ms(_q(held, 0.5)),
                                                                     "p95": _ms(_q(held, 0.95))},
-                    "round_trips": _q(rts, 0.5), "server_cpu_ms": _ms(statistics.fmean(cpu)) if cpu else None})
+                    "round_trips": _q(rts, 0.5), "commits": _q(commits, 0.5), "server_cpu_ms": _ms(statistics.fmean(cpu)) if cpu else None})
         print(f"  critical section with {r} running trials: {out[-1]['held_ms']['median']} ms, "
               f"{out[-1]['round_trips']} round trips", flush=True)
     return out
@@ -771,14 +778,16 @@ def _line(points: list[tuple[float, float]]):
 
 
 def project(runs: list[dict], claims: list[dict], artifacts: dict, load_weights_bytes: int, rtt_ms: float,
-            server_cores: float, minutes=(1, 5, 30), goal: float = 0.05, max_utilisation: float = 0.7) -> dict:
+            commit_ms: float, server_cores: float, minutes=(1, 5, 30), goal: float = 0.05,
+            max_utilisation: float = 0.7) -> dict:
     """Workers one study serves at each trial length before coordination passes ``goal``, and why.
 
     Per trial: the work a worker does outside the lock (measured with the fewest workers, its
-    weights upload swapped for the full-width one, plus ``rtt_ms`` per round trip for a LAN),
-    the lock's hold with R = N running trials (the profile, plus ``rtt_ms`` per round trip in
-    it), and the wait for the lock as an M/D/1 queue of asks. The database server must stay
-    below ``max_utilisation`` of ``server_cores``.
+    weights upload swapped for the full-width one, plus ``rtt_ms`` per round trip for a LAN and
+    ``commit_ms`` per commit for a server that flushes its WAL, where this one runs with fsync
+    off), the lock's hold with R = N running trials (the profile, with the same additions), and
+    the wait for the lock as an M/D/1 queue of asks. The database server must stay below
+    ``max_utilisation`` of ``server_cores``.
     """
     base = min((r for r in runs if not r["storm"] and r.get("coordination_ms_per_trial") is not None),
                key=lambda r: (r["workers"], -r["trial_seconds"]))
@@ -787,8 +796,12 @@ def project(runs: list[dict], claims: list[dict], artifacts: dict, load_weights_
     outside_s = (base["coordination_ms_per_trial"] - wait_ms - pt["lock_held_ms"]["mean"]
                  - (pt["upload_ms"]["mean"] or 0.0)) / 1000 + artifacts["upload_s"]
     rt_lock = _line([(c["running"], c["round_trips"]) for c in claims])(base["workers"])
+    commits_lock = _line([(c["running"], c.get("commits") or 0) for c in claims])(base["workers"])
     rt_outside = max(0.0, pt["round_trips"]["mean"] - rt_lock)
-    hold = _line([(c["running"], c["held_ms"]["median"] / 1000 + c["round_trips"] * rtt_ms / 1000) for c in claims])
+    commits_outside = max(0.0, (pt.get("commits", {}).get("mean") or 0.0) - commits_lock)
+    outside_s += (rt_outside * rtt_ms + commits_outside * commit_ms) / 1000
+    hold = _line([(c["running"], (c["held_ms"]["median"] + c["round_trips"] * rtt_ms
+                                  + (c.get("commits") or 0) * commit_ms) / 1000) for c in claims])
     claim_cpu = _line([(c["running"], (c["server_cpu_ms"] or 0.0) / 1000) for c in claims])
     load_art_cpu = (artifacts["server_cpu_s"] or 0.0) * load_weights_bytes / artifacts["bytes"]
     base_cpu = (base["server"]["cpu_ms_per_trial"] or 0.0) / 1000
@@ -797,7 +810,7 @@ def project(runs: list[dict], claims: list[dict], artifacts: dict, load_weights_
 
     def at(n: int, trial_s: float) -> dict:
         h = max(0.0, hold(n))
-        coord = outside_s + rt_outside * rtt_ms / 1000 + h
+        coord = outside_s + h
         rate = n / (trial_s + coord)
         rho = rate * h
         wait = math.inf if rho >= 1 else rho * h / (2 * (1 - rho))
@@ -807,7 +820,8 @@ def project(runs: list[dict], claims: list[dict], artifacts: dict, load_weights_
         return {"workers": n, "coordination_s": coord, "fraction": coord / (trial_s + coord), "lock_rho": rho,
                 "lock_s": h + wait, "outside_lock_s": coord - h - wait, "server_utilisation": util,
                 "artifact_share_of_server": art_cpu / db_cpu if db_cpu else 0.0,
-                "artifact_mb_per_s": rate * artifacts["bytes"] / 2 ** 20}
+                "artifact_wal_mib_per_s": rate * artifacts["wal_bytes"] / 2 ** 20,
+                "artifact_tib_per_day": rate * artifacts["wal_bytes"] * 86400 / 2 ** 40}
 
     def ok(p: dict) -> bool:
         return p["fraction"] <= goal and p["lock_rho"] < 1 and p["server_utilisation"] <= max_utilisation
@@ -834,11 +848,14 @@ def project(runs: list[dict], claims: list[dict], artifacts: dict, load_weights_
                      "just_past": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in limit.items()}})
     return {"rows": rows, "assumptions": {
         "goal": f"coordination <= {goal:.0%} of a worker's time", "lan_round_trip_ms": rtt_ms,
+        "commit_flush_ms": commit_ms,
         "server_cores": server_cores, "server_max_utilisation": max_utilisation,
         "weights_per_trial_bytes": artifacts["bytes"],
         "weights": "every trial feasible, uploading the lab's full-width VGG weights (fine-grained, size 0.25)",
         "base_run": f"{base['workers']} workers, {base['trial_seconds']:g}-second trials",
         "outside_lock_s_per_trial": round(outside_s, 4), "round_trips_outside_lock": round(rt_outside, 1),
+        "commits_outside_lock": round(commits_outside, 1), "round_trips_in_lock": round(rt_lock, 1),
+        "commits_in_lock": round(commits_lock, 1),
         "lock_hold": "claim_trial profile: a least-squares line in the running trials (slope >= 0)",
         "lock_wait": "M/D/1 queue of asks at rate workers / (trial + coordination)",
         "server_cpu_s_per_trial_excluding_claims_and_artifacts": round(rest_cpu, 4),
@@ -851,48 +868,83 @@ MARK_START = "<!-- coordination-load:start -->"
 MARK_END = "<!-- coordination-load:end -->"
 
 
-def readme_block(result: dict) -> str:
+def _f(x, spec: str = ".1f", unit: str = "") -> str:
+    return "-" if x is None else f"{x:{spec}}{unit}"
+
+
+def _cell(r: dict | None) -> str:
+    """A run's coordination share, or why it has none."""
+    if r is None:
+        return "-"
+    if r["timed_out"]:
+        return f"timed out ({r['complete']} of {r['trials']} trials in {r['seconds']:.0f} s)"
+    return _f(None if r["coordination_fraction"] is None else 100 * r["coordination_fraction"], ".1f", "%")
+
+
+def readme_block(result: dict, before: dict | None = None) -> str:
+    def key(r):
+        return r["workers"], r["trial_seconds"], r["storm"]
+
+    earlier = {key(r): r for r in (before or {}).get("runs", [])}
+    head = "| workers | trial | coordination | lock held (median) | lock wait (median / p95) | round trips / trial " \
+           "| bytes sent / trial | server CPU / trial | exactly N |"
+    if before:
+        head += " before: coordination, round trips / trial |"
     lines = [f"Measured by `{result['command']}` on {result['machine']} ({result['date'][:10]}); "
              f"PostgreSQL {result['server']['version'].split()[1]} on the same host "
              f"(fsync {result['server']['fsync']}). Each trial replays a real trial's writes and uploads "
              f"its weights ({result['template']['weights_bytes'] / 2 ** 20:.2f} MiB); coordination is a "
-             f"worker's time outside the stub's wait, after its first ask.", "",
-             "| workers | trial | coordination | lock held (median) | lock wait (median / p95) | round trips / trial "
-             "| bytes sent / trial | server CPU / trial | exactly N |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"worker's time outside the stub's wait, after its first ask."
+             + (f" *Before*: {before['label']}, same command." if before else ""), "", head,
+             "|" + " --- |" * (head.count("|") - 1)]
     for r in result["runs"]:
         pt = r["per_trial"]
-        lines.append(
-            f"| {r['workers']}{' (kill storm)' if r['storm'] else ''} | {r['trial_seconds']:g} s "
-            f"| {100 * r['coordination_fraction']:.1f}% | {pt['lock_held_ms']['median']:.1f} ms "
-            f"| {pt['lock_wait_ms']['median']:.1f} / {pt['lock_wait_ms']['p95']:.1f} ms "
-            f"| {pt['round_trips']['mean']:.0f} | {pt['bytes_sent']['mean'] / 1024:.0f} KiB "
-            f"| {r['server']['cpu_ms_per_trial'] or 0:.0f} ms "
-            f"| {'yes' if r['exact'] else 'NO: ' + '; '.join(r['problems'])[:80]}"
-            + (f" ({len(r['kills'])} killed, {r['killed_trials']} trials failed and retried once)"
-               if r["storm"] else "") + " |")
+        row = (f"| {r['workers']}{' (kill storm)' if r['storm'] else ''} | {r['trial_seconds']:g} s "
+               f"| {_cell(r)} | {_f(pt['lock_held_ms']['median'], '.1f', ' ms')} "
+               f"| {_f(pt['lock_wait_ms']['median'])} / {_f(pt['lock_wait_ms']['p95'], '.1f', ' ms')} "
+               f"| {_f(pt['round_trips']['mean'], '.0f')} "
+               f"| {_f(None if pt['bytes_sent']['mean'] is None else pt['bytes_sent']['mean'] / 1024, '.0f', ' KiB')} "
+               f"| {_f(r['server']['cpu_ms_per_trial'], '.0f', ' ms')} "
+               f"| {'yes' if r['exact'] else 'NO: ' + '; '.join(r['problems'])[:80]}"
+               + (f" ({len(r['kills'])} killed, {r['killed_trials']} trials failed and retried once)"
+                  if r["storm"] else "") + " |")
+        if before:
+            b = earlier.get(key(r))
+            row += f" {_cell(b)}, {_f(b and b['per_trial']['round_trips']['mean'], '.0f')} |"
+        lines.append(row)
     claims = result["claims"]
     lines += ["", "The locked count-and-ask (`claim_trial`), alone, with R trials running: "
               + ", ".join(f"R = {c['running']}: {c['held_ms']['median']:.1f} ms ({c['round_trips']} round trips)"
-                          for c in claims) + ".",
+                          for c in claims) + "."
+              + (" Before: " + ", ".join(f"{c['held_ms']['median']:.0f} ms ({c['round_trips']})"
+                                        for c in before["claims"]) + "." if before else ""),
               f"The lab's full-width weights ({result['artifacts']['bytes'] / 2 ** 20:.1f} MiB) in the database: "
               f"{result['artifacts']['upload_s']:.2f} s to upload, {result['artifacts']['fetch_s']:.2f} s to fetch, "
               f"{result['artifacts']['wal_bytes'] / 2 ** 20:.1f} MiB of WAL"
               + (f", {result['artifacts']['server_cpu_s']:.2f} s of server CPU" if result['artifacts']['server_cpu_s']
-                 is not None else "") + " per upload.", ""]
+                 is not None else "") + " per upload"
+              + (f" (before: {before['artifacts']['upload_s']:.1f} s, {before['artifacts']['server_cpu_s']:.1f} s "
+                 f"of server CPU)" if before and before["artifacts"].get("server_cpu_s") is not None else "")
+              + ".", ""]
     p = result["projection"]
     a = p["assumptions"]
     lines += ["**Projection** (written by the benchmark): workers one study serves before coordination passes 5% "
               f"of a worker's time, every trial uploading the full-width weights, a {a['lan_round_trip_ms']:g} ms "
-              f"round trip to the server, a server of {a['server_cores']:g} cores kept below "
-              f"{a['server_max_utilisation']:.0%} busy:", "",
-              "| trial length | workers | limit | at that many: lock (hold + wait) | server busy | weights into the database |",
-              "| --- | --- | --- | --- | --- | --- |"]
+              f"round trip to the server, {a['commit_flush_ms']:g} ms per commit, a server of "
+              f"{a['server_cores']:g} cores kept below {a['server_max_utilisation']:.0%} busy:", "",
+              "| trial length | workers | limit | at that many: lock (hold + wait) | server busy | weights written "
+              "to the database |" + (" before: workers, limit |" if before else ""),
+              "| --- | --- | --- | --- | --- | --- |" + (" --- |" if before else "")]
+    old = {row["trial_minutes"]: row for row in (before or {}).get("projection", {}).get("rows", [])}
     for row in p["rows"]:
         m = row["at_max"]
-        lines.append(f"| {row['trial_minutes']} min | {row['max_workers']:,} | {row['limit']} "
-                     f"| {1000 * m['lock_s']:.0f} ms | {100 * m['server_utilisation']:.0f}% "
-                     f"| {m['artifact_mb_per_s']:.0f} MiB/s |")
+        line = (f"| {row['trial_minutes']} min | {row['max_workers']:,} | {row['limit']} "
+                f"| {1000 * m['lock_s']:.0f} ms | {100 * m['server_utilisation']:.0f}% "
+                f"| {m['artifact_wal_mib_per_s']:.0f} MiB/s of WAL ({m['artifact_tib_per_day']:.1f} TiB a day) |")
+        if before:
+            b = old.get(row["trial_minutes"])
+            line += f" {b['max_workers']:,}, {b['limit']} |" if b else " - |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -930,11 +982,14 @@ def main() -> None:
     parser.add_argument("--profile-running", default="0,64,256,1024",
                         help="running trials in the critical-section profile (default 0,64,256,1024)")
     parser.add_argument("--rtt-ms", type=float, default=0.5, help="projection: a LAN round trip (default 0.5)")
+    parser.add_argument("--commit-ms", type=float, default=1.0,
+                        help="projection: a commit's WAL flush on a durable server (default 1; this one has fsync off)")
     parser.add_argument("--server-cores", type=float, default=float(os.cpu_count() or 1),
                         help="projection: the database server's cores (default: this machine's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/coordination_load.json"))
     parser.add_argument("--no-readme", action="store_true")
+    parser.add_argument("--compare", help="an earlier results file, shown beside these in README's table")
     parser.add_argument("--label", default="", help="a note stored with the results (e.g. which code ran)")
     args = parser.parse_args()
     count_round_trips()
@@ -944,6 +999,7 @@ def main() -> None:
     from autoprune.storage import redact
 
     rng = random.Random(args.seed)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server it started on the way out
     with tempfile.TemporaryDirectory(prefix="autoprune-coord-") as tmp:
         workdir = Path(tmp)
         pg_env = None
@@ -963,7 +1019,16 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
-    if not args.no_readme and update_readme(readme_block(result)):
+    before = json.loads(Path(args.compare).read_text()) if args.compare else None
+    if before is not None:
+        # Its projection anew, by this code and these assumptions, so that the two compare.
+        before["projection"] = project(before["runs"], before["claims"], before["artifacts"],
+                                       before["template"]["weights_bytes"], args.rtt_ms, args.commit_ms,
+                                       args.server_cores)
+        result["compared_with"] = {"file": args.compare, "label": before.get("label", ""),
+                                   "projection": before["projection"]}
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    if not args.no_readme and update_readme(readme_block(result, before)):
         print("README.md scaling figures updated")
 
 
@@ -992,7 +1057,8 @@ def run_all(args, url: str, where: str, workdir: Path, rng: random.Random) -> di
     full = workdir / "full-width.pt"
     full_width_weights(full)
     artifacts = profile_artifacts(url, server, full)
-    projection = project(runs, claims, artifacts, template["weights_bytes"], args.rtt_ms, args.server_cores)
+    projection = project(runs, claims, artifacts, template["weights_bytes"], args.rtt_ms, args.commit_ms,
+                         args.server_cores)
     for row in projection["rows"]:
         print(f"  {row['trial_minutes']}-minute trials: {row['max_workers']:,} workers (limit: {row['limit']})")
     return {
@@ -1017,7 +1083,7 @@ def run_all(args, url: str, where: str, workdir: Path, rng: random.Random) -> di
 
 def report_run(r: dict) -> None:
     pt = r["per_trial"]
-    print(f"  coordination {100 * (r['coordination_fraction'] or 0):.1f}% ({r['coordination_ms_per_trial']} ms/trial), "
+    print(f"  coordination {_cell(r)} ({r['coordination_ms_per_trial']} ms/trial), "
           f"lock held {pt['lock_held_ms']['median']} ms, wait {pt['lock_wait_ms']['median']} / "
           f"{pt['lock_wait_ms']['p95']} ms, {pt['round_trips']['mean']} round trips, "
           f"{pt['bytes_sent']['mean']} bytes/trial, server {r['server']['cpu_ms_per_trial']} ms CPU/trial; "
