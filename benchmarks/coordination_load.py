@@ -720,9 +720,10 @@ def profile_claims(url: str, server: Server, template: dict, running=(0, 64, 256
                 commits.append(c1 - c0)
                 if s0 is not None and s1 is not None:
                     cpu.append(s1 - s0)
-        out.append({"running": r, "complete": complete, "held_ms": {"median": _ms(_q(held, 0.5)),
-                                                                    "p95": _ms(_q(held, 0.95))},
-                    "round_trips": _q(rts, 0.5), "commits": _q(commits, 0.5), "server_cpu_ms": _ms(statistics.fmean(cpu)) if cpu else None})
+        out.append({"running": r, "complete": complete,
+                    "held_ms": {"median": _ms(_q(held, 0.5)), "p95": _ms(_q(held, 0.95))},
+                    "round_trips": _q(rts, 0.5), "commits": _q(commits, 0.5),
+                    "server_cpu_ms": _ms(statistics.fmean(cpu)) if cpu else None})
         print(f"  critical section with {r} running trials: {out[-1]['held_ms']['median']} ms, "
               f"{out[-1]['round_trips']} round trips", flush=True)
     return out
