@@ -63,6 +63,25 @@ def seed_int(text: str) -> int:
     return _number(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]")(text)
 
 
+def batch_sizes(text: str) -> list[int]:
+    """argparse type: one batch size or several, comma-separated (1 or 1,8)."""
+    check = _number(int, lambda v: 1 <= v <= 4096, "in [1, 4096] (one batch size, or several comma-separated: 1,8)")
+    return [check(part.strip()) for part in text.split(",")]
+
+
+def runtime_name(text: str) -> str:
+    """argparse type: a registered latency runtime whose modules are installed (autoprune.latency)."""
+    from .latency import RUNTIMES
+
+    if text not in RUNTIMES:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(RUNTIMES)}, got {text!r}")
+    try:
+        RUNTIMES[text].check()
+    except AutopruneError as exc:
+        raise argparse.ArgumentTypeError(f"must be installed: {exc}") from None
+    return text
+
+
 positive_float = _number(float, lambda v: v > 0, "> 0 (a finite number)")
 nonneg_float = _number(float, lambda v: v >= 0, ">= 0 (a finite number)")
 finite_float = _number(float, lambda v: True, "a finite number")
@@ -139,7 +158,14 @@ def _fmt_profile(d: dict) -> str:
         f"MACs              {d['macs'] / 1e6:.2f} M conv+linear, {d['macs_torchprofile'] / 1e6:.2f} M torchprofile",
     ]
     if "latency_ms" in d:
-        lines.append(f"latency           {d['latency_ms']:.2f} ms (median, batch {d['latency_batch_size']})")
+        lat = d.get("latency", {})
+        for size, row in (lat.get("batches") or {str(d["latency_batch_size"]): {"median_ms": d["latency_ms"]}}).items():
+            spread = f", IQR {row['iqr_ms']:.2f} ms" if "iqr_ms" in row else ""
+            lines.append(f"latency           {row['median_ms']:.2f} ms (median of {lat.get('repeats', '?')}{spread}; "
+                         f"batch {size}, {lat.get('runtime', 'torch')}, {lat.get('threads', '?')} thread(s))")
+        if "latency_predicted_ms" in d:
+            lines.append(f"predicted         {d['latency_predicted_ms']:.2f} ms by the per-layer table "
+                         f"({100 * d['latency_prediction_error']:+.1f}% vs measured)")
     if "accuracy" in d:
         lines.insert(0, f"accuracy          {d['accuracy']:.2f}% ({d['split']} split, {d['images']} images)")
     return "\n".join(lines)
@@ -212,8 +238,19 @@ def cmd_profile(args) -> int:
     if plan is not None:
         plan = plan.for_model(model)
         model = prune(model, plan).model
+    if args.no_latency and (args.predict or args.runtime != "torch"):
+        raise AutopruneError("--no-latency skips the latency measurement; drop --predict / --runtime, or drop "
+                             "--no-latency")
     result = metrics.profile(model.eval(), latency=not args.no_latency, batch_size=args.batch_size,
-                             repeats=args.repeats)
+                             warmup=args.warmup, repeats=args.repeats, runtime=args.runtime,
+                             threads=args.threads or 1, predict=args.predict, cache_dir=args.latency_cache)
+    if args.onnx:
+        from .files import atomic_write
+        from .latency import onnx_export
+
+        data, result["onnx"] = onnx_export(model)
+        atomic_write(args.onnx, data)
+        result["onnx"]["path"] = str(args.onnx)
     result["channels"] = list(model.channels)
     if plan is not None:
         result["plan"] = plan.to_dict()
@@ -230,6 +267,9 @@ def cmd_profile(args) -> int:
             f"{k}={v:g}" for k, v in plan.ratios.items())
     if args.plots:
         human += f"\nplots             {result['plots']['weights']}, {result['plots']['param_share']}"
+    if args.onnx:
+        human += (f"\nonnx              {args.onnx} (ONNX Runtime matches torch within "
+                  f"{result['onnx']['max_abs_difference']:.1e})")
     _emit(args, result, human)
     return 0
 
@@ -325,9 +365,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="parameters, size, MACs and latency of a (pruned) VGG")
     p.add_argument("--width", type=positive_float, default=1.0, help="width multiplier (default 1.0)")
     p.add_argument("--checkpoint", metavar="PATH", help="profile this checkpoint instead")
-    p.add_argument("--batch-size", type=positive_int, default=1, help="latency batch size (default 1)")
-    p.add_argument("--repeats", type=positive_int, default=100, help="timed runs after 20 warm-up runs (default 100)")
+    p.add_argument("--batch-size", type=batch_sizes, default=[1], metavar="B[,B...]",
+                   help="latency batch size(s) (default 1; latency_ms is at the first)")
+    p.add_argument("--runtime", type=runtime_name, default="torch",
+                   help="latency runtime: torch (eager, default) or onnxruntime (pip install 'autoprune[onnx]'); "
+                        "timed at --threads (default 1)")
+    p.add_argument("--warmup", type=nonneg_int, default=20, help="untimed runs before timing (default 20)")
+    p.add_argument("--repeats", type=positive_int, default=100, help="timed runs, median reported (default 100)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--predict", action="store_true",
+                   help="also predict the latency from the per-layer lookup table (timed once per layer shape)")
+    p.add_argument("--latency-cache", metavar="DIR", default="reports/cache/latency",
+                   help="where the lookup tables are cached (default reports/cache/latency, as a study's)")
+    p.add_argument("--onnx", type=out_file, metavar="FILE",
+                   help="write the (pruned) model as ONNX, checked against torch (pip install 'autoprune[onnx]')")
     p.add_argument("--sparsity", metavar="SPEC",
                    help="fine-grained prune first: one sparsity for all layers (0.8) or layer=value,...")
     p.add_argument("--channel-ratios", metavar="SPEC",

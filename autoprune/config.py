@@ -167,6 +167,23 @@ class SelectSection:
 
 
 @dataclass
+class LatencySection:
+    """How channel trials' latency is measured and predicted (see autoprune/latency.py)."""
+
+    runtime: str = "torch"  # torch (eager) | onnxruntime (the exported ONNX model; the 'onnx' extra)
+    # Intra-op threads, fixed for every measurement (a latency is only comparable at one count);
+    # 0: one per CPU core this process may use.
+    threads: int = 1
+    batch_sizes: list[int] = field(default_factory=lambda: [1])  # latency_ms is at the first
+    warmup: int = 10  # untimed runs per model before timing
+    repeats: int = 50  # timed runs per model (the median is recorded, and the interquartile range)
+    device: str = "cpu"  # cpu | cuda
+    # Predict from a per-layer lookup table too (latency_predicted_ms, latency_prediction_error),
+    # cached per machine, runtime, threads and batch in the dense-model cache folder.
+    predict: bool = True
+
+
+@dataclass
 class StudyConfig:
     study: StudySection = field(default_factory=StudySection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -176,6 +193,7 @@ class StudyConfig:
     priors: PriorsSection = field(default_factory=PriorsSection)
     fidelity: FidelitySection = field(default_factory=FidelitySection)
     select: SelectSection = field(default_factory=SelectSection)
+    latency: LatencySection = field(default_factory=LatencySection)
     source: str = ""  # the TOML file it came from
 
     # --- derived values -------------------------------------------------------
@@ -192,8 +210,25 @@ class StudyConfig:
         return f"{cost}_fraction"
 
     @property
+    def budget_metric(self) -> str:
+        """What trials are repaired onto: "macs" (channel studies with a MACs cap) or "params" (nonzero size)."""
+        c = self.constraints
+        return "macs" if self.study.kind == "channel" and c.max_macs_fraction is not None else "params"
+
+    @property
+    def budget_cap(self) -> float:
+        """The cap of ``budget_metric``, a fraction of dense."""
+        c = self.constraints
+        return c.max_macs_fraction if self.budget_metric == "macs" else c.max_size_fraction
+
+    @property
     def out_dir(self) -> Path:
         return Path(self.study.out_dir or f"reports/{self.study.name}")
+
+    @property
+    def latency_cache_dir(self) -> Path:
+        """Per-layer latency tables, beside the dense-model cache (shared by studies; keyed per machine)."""
+        return self.out_dir.parent / "cache" / "latency"
 
     @property
     def storage_url(self) -> str:
@@ -314,6 +349,11 @@ class StudyConfig:
             ("select", "seeds", 1 <= self.select.seeds <= 100, "in [1, 100]"),
             ("fidelity", "screen", fi.screen >= 0, ">= 0 (0 or 1: off)"),
             ("fidelity", "screen_spread", 0 < fi.screen_spread <= 2, "in (0, 2]"),
+            ("latency", "threads", 0 <= self.latency.threads <= 1024, "in [0, 1024] (0: one per CPU core)"),
+            ("latency", "warmup", 0 <= self.latency.warmup <= 10_000, "in [0, 10000]"),
+            ("latency", "repeats", 1 <= self.latency.repeats <= 100_000, "in [1, 100000]"),
+            ("latency", "batch_sizes", bool(self.latency.batch_sizes) and all(
+                1 <= b <= 4096 for b in self.latency.batch_sizes), "a non-empty list of integers in [1, 4096]"),
         ]
         for table, key, ok, rule in ranges:
             if not ok:
@@ -334,6 +374,7 @@ class StudyConfig:
             raise AutopruneError("[fidelity] screen scores candidates by BN recalibration: set bn_recal_batches >= 1")
         if self.priors.grid is not None and not (self.priors.grid and all(0 < g < 1 for g in self.priors.grid)):
             raise AutopruneError(f"[priors] grid must be ratios in (0, 1), got {self.priors.grid}")
+        self.check_latency()
         from .priors import ONE_SHOT_RULES, one_shot_rule
 
         rules = ONE_SHOT_RULES[s.kind]
@@ -348,6 +389,23 @@ class StudyConfig:
         except AutopruneError as exc:
             raise AutopruneError(f"[priors] warm_start: {exc}") from None
         return self
+
+    def check_latency(self) -> None:
+        """[latency]: a known runtime and device; for a channel study (the one that measures) installed."""
+        from .latency import DEVICES, get_runtime
+
+        lat = self.latency
+        try:
+            get_runtime(lat.runtime, check=self.study.kind == "channel")
+        except AutopruneError as exc:
+            raise AutopruneError(f"[latency] runtime: {exc}") from None
+        if lat.device not in DEVICES:
+            raise AutopruneError(f"[latency] device must be one of {', '.join(DEVICES)}, got {lat.device!r}")
+        if lat.device == "cuda" and self.study.kind == "channel":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise AutopruneError("[latency] device cuda: this machine has no CUDA device; set device = \"cpu\"")
 
 
 # A study name becomes the folder reports/<name>/ and its sqlite:///reports/<name>/study.db.
@@ -376,7 +434,7 @@ def _fits(value, hint) -> bool:
 
 def _wanted(hint) -> str:
     if typing.get_origin(hint) is list:
-        return "a list of " + ("finite numbers" if typing.get_args(hint)[0] is float else "strings")
+        return "a list of " + {float: "finite numbers", int: "integers"}.get(typing.get_args(hint)[0], "strings")
     if isinstance(hint, types.UnionType):  # X | None: TOML has no null, so just X
         return " or ".join(_wanted(h) for h in typing.get_args(hint) if h is not type(None))
     return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}[hint]

@@ -11,7 +11,10 @@
   dense, zip-compressed; its size on disk reflects the sparsity
   (:func:`load_sparse` reads it back into a state dict);
 * channel: ``model.ts``: the physically smaller network as TorchScript
-  (``torch.jit.load`` in a Python with torch alone).
+  (``torch.jit.load`` in a Python with torch alone), and ``model.onnx`` (input
+  ``input``, float32 [batch, 3, 32, 32]; output ``output``), checked: ONNX
+  Runtime's outputs within 1e-4 of torch's. Written when the ``onnx`` extra is
+  installed; otherwise metrics.json's ``onnx`` says why it was skipped.
 
 The weights come from the trial's Optuna artifact (``weights_artifact_id``),
 loaded with ``weights_only=True`` (read into memory: a read failure and a write
@@ -39,7 +42,7 @@ import numpy as np
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from . import metrics
+from . import latency, metrics
 from .errors import AutopruneError
 from .model import build_model, load_state_dict_strict, save_checkpoint
 from .pick import WEIGHTS_ATTR, has_weights, is_feasible, not_deployable_reason, open_existing, pick, trial_summary
@@ -50,7 +53,7 @@ SPARSE_FORMAT = "autoprune-sparse-v1"
 # --- the output directory ------------------------------------------------------
 
 # What an export writes, model.pt first (see _move_into_place).
-EXPORT_FILES = ("model.pt", "sparse.npz", "model.ts", "plan.json", "metrics.json")
+EXPORT_FILES = ("model.pt", "sparse.npz", "model.ts", "model.onnx", "plan.json", "metrics.json")
 MADE_BY = "autoprune export"
 
 
@@ -335,6 +338,9 @@ def export(storage_url: str, study_name: str, out_dir, trial: int | None = None,
     if "latency_ms" in a:
         result["latency_ms"] = a["latency_ms"]
     script = _torchscript(model) if config.study.kind == "channel" else None
+    onnx_bytes = None
+    if script is not None:
+        onnx_bytes, result["onnx"] = _onnx(model)
 
     # Everything above only read; from here on a failure is a write failure and says so.
     staging, created = _staging_dir(out)
@@ -350,6 +356,9 @@ def export(storage_url: str, study_name: str, out_dir, trial: int | None = None,
         else:
             files["model.ts"] = len(script)
             (staging / "model.ts").write_bytes(script)
+            if onnx_bytes is not None:
+                files["model.onnx"] = len(onnx_bytes)
+                (staging / "model.onnx").write_bytes(onnx_bytes)
         (staging / "plan.json").write_text(json.dumps(result["plan"], indent=2) + "\n")
         files["plan.json"] = (staging / "plan.json").stat().st_size
         result["files"] = files
@@ -407,6 +416,15 @@ def _torchscript(model) -> bytes:
     return buf.getvalue()
 
 
+def _onnx(model) -> tuple[bytes | None, dict]:
+    """model.onnx's bytes and what metrics.json says of it; without the extra, None and why it was skipped."""
+    try:
+        latency.need_onnx("model.onnx")
+    except AutopruneError as exc:
+        return None, {"written": False, "reason": str(exc)}
+    return latency.onnx_export(model)
+
+
 def format_export(r: dict) -> str:
     lines = [f"exported trial {r['trial']} of study {r['study']} ({r['kind']}) to {r['out']}",
              f"  size_fraction {r['size_fraction']:.4f}  macs_fraction {r['macs_fraction']:.4f}  "
@@ -417,6 +435,13 @@ def format_export(r: dict) -> str:
         lines.append(f"  sparse.npz {r['sparse_bytes']:,} bytes vs dense model.pt {r['dense_bytes']:,} bytes "
                      f"({100 * r['sparse_vs_dense']:.1f}%)")
     lines.append("  files: " + ", ".join(f"{k} ({v:,} B)" for k, v in r["files"].items()))
+    onnx = r.get("onnx") or {}
+    if onnx.get("written"):
+        lines.append(f"  model.onnx: opset {onnx['opset']}, ONNX Runtime matches torch within "
+                     f"{onnx['max_abs_difference']:.1e} (tolerance {onnx['tolerance']:g})")
+    elif onnx:
+        lines.append(f"  model.onnx skipped: {onnx['reason']}")
     lines.append(f"  load with: autoprune.load({r['out']!r})" + (
-        f" or torch.jit.load('{r['out']}/model.ts')" if "model.ts" in r["files"] else ""))
+        f" or torch.jit.load('{r['out']}/model.ts')" if "model.ts" in r["files"] else "") + (
+        f" or onnxruntime.InferenceSession('{r['out']}/model.onnx')" if "model.onnx" in r["files"] else ""))
     return "\n".join(lines)

@@ -12,12 +12,12 @@
   only (PyTorch's ``FlopCounterMode`` FLOPs / 2; the lab's 605.75 M), and
   ``macs_torchprofile`` is torchprofile's ``profile_macs`` total (adds
   BatchNorm and the pooling mean; the lab's 606.16 M and its pruned-model check).
+* Latency: :mod:`autoprune.latency` (a runtime at a fixed thread count, the
+  median and interquartile range of timed runs after warm-up).
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 import warnings
 
 import torch
@@ -82,37 +82,24 @@ def count_macs_torchprofile(model: nn.Module) -> int:
     return macs
 
 
-@torch.no_grad()
-def measure_latency_ms(
-    model: nn.Module, batch_size: int = 1, warmup: int = 20, repeats: int = 100
-) -> float:
-    """Median wall time of one forward pass in milliseconds, after warm-up runs."""
-    was_training = model.training
-    model.eval()
-    x = _example_input(model, batch_size)
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-    times = []
-    with torch.inference_mode():
-        for i in range(warmup + repeats):
-            sync()
-            start = time.perf_counter()
-            model(x)
-            sync()
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    model.train(was_training)
-    return 1000.0 * statistics.median(times)
-
-
 def profile(
     model: nn.Module,
     *,
     latency: bool = True,
-    batch_size: int = 1,
+    batch_size: int | list[int] = 1,
     warmup: int = 20,
     repeats: int = 100,
+    runtime: str = "torch",
+    threads: int = 1,
+    predict: bool = False,
+    cache_dir=None,
 ) -> dict:
-    """The figures that ``autoprune profile --json`` prints, as a dict."""
+    """The figures that ``autoprune profile --json`` prints, as a dict.
+
+    Latency is measured by :class:`autoprune.latency.Meter` (``runtime``, a fixed
+    ``threads`` count, one or more batch sizes; ``latency_ms`` at the first) and,
+    with ``predict``, predicted by its lookup table cached in ``cache_dir``.
+    """
     params = count_params(model)
     nonzero = count_nonzero_params(model)
     out = {
@@ -125,8 +112,10 @@ def profile(
         "macs_torchprofile": count_macs_torchprofile(model),
     }
     if latency:
-        out["latency_ms"] = measure_latency_ms(model, batch_size, warmup, repeats)
-        out["latency_batch_size"] = batch_size
+        from .latency import Meter
+
+        sizes = batch_size if isinstance(batch_size, (list, tuple)) else [batch_size]
+        out.update(Meter(runtime, threads, sizes, warmup, repeats, predict=predict, cache_dir=cache_dir).figures(model))
     return out
 
 

@@ -5,7 +5,11 @@ Each trial stores its figures as user attributes (names that scripts read):
 ``macs_fraction``, ``val_accuracy``, ``val_accuracy_before_finetune``,
 ``test_accuracy`` (for reports only; never used to choose), ``finetune_seconds``,
 ``plan`` (layer -> ratio that ran), ``proposed`` (what the sampler asked for),
-``finetune_epochs_done``, for channel trials ``latency_ms`` and, for screened
+``finetune_epochs_done``, for channel trials ``latency_ms`` with the figures
+of :meth:`autoprune.latency.Meter.figures` (``[latency]``: runtime, threads,
+batch, spread, the dense model's latency measured in the same run and
+``latency_fraction``, the lookup table's ``latency_predicted_ms`` and
+``latency_prediction_error``) and, for screened
 trials (``[fidelity] screen``), ``screen_plans``, ``screen_scores`` (BN-recal
 validation accuracy; index 0 is the proposal), ``screen_chosen`` (the index
 that ran as ``plan``) and ``screen_seconds``.
@@ -43,6 +47,7 @@ from . import metrics
 from .config import StudyConfig
 from .data import Data
 from .errors import AutopruneError
+from .latency import Meter
 from .model import VGG
 from .plan import prune
 from .space import BUDGET, SearchSpace
@@ -69,8 +74,13 @@ class TrialContext:
     dense_figures: dict  # params, macs, latency_ms of the dense model
     artifact_store: object | None = None
     progress: bool = True
-    latency_repeats: int = 50
+    latency: Meter | None = None  # made from [latency] at the first channel trial
     extras: dict = field(default_factory=dict)
+
+    def latency_meter(self) -> Meter:
+        if self.latency is None:
+            self.latency = Meter.from_config(self.config.latency, self.config.latency_cache_dir)
+        return self.latency
 
 
 def finetune(pruned, dense: VGG, data: Data, config: StudyConfig, seed: int, *, on_epoch=None,
@@ -192,9 +202,8 @@ class Objective:
             "fidelity": stage,
             "channels": list(model.channels),
         })
-        if plan.kind == "channel":
-            attrs["latency_ms"] = metrics.measure_latency_ms(model.cpu(), 1, 10, ctx.latency_repeats)
-            model.to(next(ctx.dense.parameters()).device)
+        if plan.kind == "channel":  # the dense model in the same run: a latency ratio from one load level
+            attrs.update(ctx.latency_meter().figures(model, ctx.dense))
         constraints = self.constraints(attrs)
         set_user_attrs(trial, {**attrs, CONSTRAINT_NAMES_ATTR: list(constraints)})
         # The list format, not trial.set_constraint: optuna-dashboard shows only the list, and both

@@ -196,10 +196,15 @@ def study_scores(study: optuna.Study) -> dict[int, Score]:
     return scores(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), rescores(study))
 
 
+def qualified(study: optuna.Study, config: StudyConfig) -> list[FrozenTrial]:
+    """The COMPLETE trials that meet the study's constraints and can be exported: what a search may pick."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if is_feasible(t) and is_deployable(t, config)]
+
+
 def leaders(study: optuna.Study, config: StudyConfig, k: int) -> list[FrozenTrial]:
     """The ``k`` feasible, deployable trials with the highest first validation scores (ties: smaller cost)."""
-    ok = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-          if is_feasible(t) and is_deployable(t, config)]
+    ok = qualified(study, config)
     cost = config.cost_attr
     return sorted(ok, key=lambda t: (-t.user_attrs["val_accuracy"], t.user_attrs.get(cost, 0.0), t.number))[:k]
 

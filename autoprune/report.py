@@ -30,6 +30,7 @@ at all (:func:`autoprune.files.atomic_path`).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import html
 import json
@@ -38,6 +39,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 import tempfile
 import time
 import warnings
@@ -136,7 +138,8 @@ def trials_frame(study: optuna.Study, config: StudyConfig) -> pd.DataFrame:
         for layer in layers:
             row[f"plan_{layer}"] = plan.get(layer, 0.0) if "plan" in a else None
         for key in ("size_fraction", "nonzero_size_mib", "params", "nonzero_params", "macs", "macs_fraction",
-                    "latency_ms", "val_accuracy", "val_accuracy_before_finetune", "test_accuracy",
+                    "latency_ms", "latency_iqr_ms", "latency_fraction", "latency_predicted_ms",
+                    "latency_prediction_error", "val_accuracy", "val_accuracy_before_finetune", "test_accuracy",
                     "finetune_seconds", "finetune_epochs_done", "fidelity", "repaired"):
             row[key] = a.get(key)
         complete = t.state == TrialState.COMPLETE
@@ -203,6 +206,7 @@ def uniform_baseline(study: optuna.Study, config: StudyConfig, out_dir: Path, de
                      progress: bool = False) -> dict:
     """Prune the dense checkpoint uniformly at the cap, fine-tune by the study's recipe, measure (cached)."""
     from . import metrics
+    from .latency import Meter
     from .model import load_checkpoint
     from .objective import finetune
     from .plan import prune
@@ -262,8 +266,10 @@ def uniform_baseline(study: optuna.Study, config: StudyConfig, out_dir: Path, de
         "params": figures["params"], "nonzero_params": figures["nonzero_params"],
         "finetune_seconds": seconds, "finetune_epochs": len(history), "checkpoint_sha256": sha, "key": key,
     }
-    if config.study.kind == "channel":
-        result["latency_ms"] = metrics.measure_latency_ms(net.cpu(), 1, 10, 50)
+    if config.study.kind == "channel":  # as the trials measure it: [latency], beside the dense model
+        meter = Meter.from_config(dataclasses.replace(config.latency, predict=False))
+        lat = meter.figures(net, model)
+        result.update({k: lat[k] for k in ("latency_ms", "latency_runtime", "latency_threads", "latency_fraction")})
     cache[key] = result
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_text(cache_path, json.dumps(cache, indent=2))
@@ -375,7 +381,9 @@ def plot_channel_extra(study, config, out: Path, pick_trial, baseline, floor) ->
     specs = [("accuracy_vs_macs.png", lambda t: t.user_attrs.get("macs", 0) / 1e6, "macs", 1e6,
               "MACs per image, millions (conv + linear only)", "MACs"),
              ("accuracy_vs_latency.png", lambda t: t.user_attrs.get("latency_ms"), "latency_ms", 1.0,
-              "latency, ms (median, batch 1, CPU of the search machine)", "latency")]
+              f"latency, ms (median, batch {config.latency.batch_sizes[0]}, {config.latency.runtime}, "
+              f"{config.latency.threads or 'all'} thread(s), {config.latency.device} of the search machine)",
+              "latency")]
     for name, x_of, key, scale, xlabel, what in specs:
         fig, ax = plt.subplots(figsize=(8.5, 5.8), dpi=110)
         dx = dense.get(key)
@@ -559,6 +567,14 @@ def build_sections(study, config, storage_url, pick_trial, pick_note, runners, b
                         f"latency {dense['latency_ms']:.2f} ms" if 'latency_ms' in dense else ""] if x) + "."),
         ("p", "**Which split:** " + ACCURACY_NOTE),
     ]
+    errors = [abs(t.user_attrs["latency_prediction_error"]) for t in complete
+              if "latency_prediction_error" in t.user_attrs]
+    if errors:
+        a = next(t.user_attrs for t in complete if "latency_prediction_error" in t.user_attrs)
+        overview.append(("p", f"Latency: {a.get('latency_runtime', 'torch')}, {a.get('latency_threads', '?')} "
+                              f"thread(s), batch {a.get('latency_batch_size', 1)}; the per-layer lookup table "
+                              f"predicted it with median error {100 * statistics.median(errors):.1f}% "
+                              f"(largest {100 * max(errors):.1f}%) over {len(errors)} complete trials."))
     sections.append(("Overview", overview))
 
     blocks = []
@@ -625,8 +641,10 @@ def build_sections(study, config, storage_url, pick_trial, pick_note, runners, b
                                     "picked config.")]
     if config.study.kind == "channel":
         blocks += [("img", "accuracy_vs_macs.png", "MACs (conv + linear) vs validation accuracy."),
-                   ("img", "accuracy_vs_latency.png", "Latency (median of batch-1 CPU runs on the search machine) "
-                                                      "vs validation accuracy.")]
+                   ("img", "accuracy_vs_latency.png",
+                    f"Latency (median of batch-{config.latency.batch_sizes[0]} {config.latency.runtime} runs at "
+                    f"{config.latency.threads or 'all'} thread(s), {config.latency.device} of the search machine) "
+                    f"vs validation accuracy.")]
     sections.append(("Pareto front", blocks))
 
     blocks = []

@@ -25,10 +25,11 @@ from optuna.trial import TrialState
 from . import metrics
 from .config import StudyConfig
 from .errors import AutopruneError
+from .latency import Meter
 from .model import build_model, load_checkpoint, save_checkpoint, vgg_channels
 from .objective import Objective, TrialContext
 from .plan import PruningPlan
-from .pick import format_score, is_deployable, is_feasible, leaders, study_scores
+from .pick import format_score, is_feasible, leaders, qualified, study_scores
 from .rescore import rescore_trials, rescores
 from .space import SearchSpace
 from .storage import redact, redacted_config, storage_file
@@ -179,14 +180,25 @@ def check_setup(config: StudyConfig) -> dict:
             "trials": config.study.trials, "storage": redact(url), "out_dir": str(out),
             "artifacts": artifacts.get("path", "in the study's database"), "data": data_text, "dense": dense,
             "priors": (f"sensitivity scan over {scan_grid(config)} (cached in the out_dir)"
-                       if config.priors.enabled else "off")}
+                       if config.priors.enabled else "off"),
+            "latency": _latency_setup(config)}
+
+
+def _latency_setup(config: StudyConfig) -> str:
+    lat = config.latency
+    if config.study.kind != "channel":
+        return "not measured (fine-grained trials run dense-shaped)"
+    return (f"{lat.runtime} on {lat.device}, {lat.threads or 'all'} thread(s), batch {lat.batch_sizes}, "
+            f"{lat.repeats} repeats beside the dense model" + (
+                f"; per-layer tables cached in {config.latency_cache_dir}" if lat.predict else ""))
 
 
 def format_setup(s: dict) -> str:
     rows = [("study", f"{s['study']} ({s['kind']}, objectives {', '.join(s['objectives'])}): "
                       f"{s['trials']} complete trials wanted"),
             ("storage", s["storage"]), ("out dir", s["out_dir"]), ("artifacts", s["artifacts"]),
-            ("data", s["data"]), ("dense model", s["dense"]), ("priors", s["priors"])]
+            ("data", s["data"]), ("dense model", s["dense"]), ("priors", s["priors"]),
+            ("latency", s.get("latency", ""))]
     return "\n".join(["dry run: the setup checks passed; nothing was written"]
                      + [f"{k:<13}{v}" for k, v in rows])
 
@@ -201,9 +213,13 @@ def prepare(config: StudyConfig, device="auto", progress: bool = True) -> tuple[
     floor = config.accuracy_floor(dense_val)
     figures = {"params": metrics.count_params(dense), "macs": metrics.count_macs(dense),
                "val_accuracy": dense_val, "test_accuracy": evaluate(dense, data.test)}
+    meter = None
     if config.study.kind == "channel":
-        figures["latency_ms"] = metrics.measure_latency_ms(dense.cpu(), 1, 10, 50)
-        dense.to(device)
+        meter = Meter.from_config(config.latency, config.latency_cache_dir)
+        lat = meter.figures(dense)
+        figures.update({k: lat[k] for k in ("latency_ms", "latency_iqr_ms", "latency_batch_size", "latency_runtime",
+                                            "latency_threads", "latency_device", "latency_predicted_ms",
+                                            "latency_prediction_error") if k in lat})
     log.info("dense model %s: val %.2f%% on %d images; accuracy floor %.2f%%", checkpoint, dense_val,
              len(data.val), floor)
     upper, allocation, prior_info, warm, centre = None, None, {}, {}, None
@@ -226,18 +242,8 @@ def prepare(config: StudyConfig, device="auto", progress: bool = True) -> tuple[
             "checkpoint_sha256": file_digest(checkpoint), "data": data.describe(),
             "prior_allocation": allocation, "warm_starts": warm, **prior_info}
     ctx = TrialContext(config=config, space=space, dense=dense, data=data, floor=floor, dense_figures=figures,
-                       progress=progress)
+                       progress=progress, latency=meter)
     return ctx, info
-
-
-def _budget_metric(config) -> str:
-    c = config.constraints
-    return "macs" if config.study.kind == "channel" and c.max_macs_fraction is not None else "params"
-
-
-def _cap(config) -> float:
-    c = config.constraints
-    return c.max_macs_fraction if _budget_metric(config) == "macs" else c.max_size_fraction
 
 
 def _budget_low(config) -> float:
@@ -247,7 +253,7 @@ def _budget_low(config) -> float:
 
 def scan_grid(config) -> list[float]:
     """The sensitivity scan's ratios: the configured grid, or one that reaches the lowest sampled budget."""
-    return config.priors.scan_grid(config.study.kind, _cap(config) * _budget_low(config))
+    return config.priors.scan_grid(config.study.kind, config.budget_cap * _budget_low(config))
 
 
 def widen_for_starts(upper: dict[str, float], starts: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -278,8 +284,9 @@ def choose_centre(config, dense, data, starts: dict[str, dict]) -> tuple[str, di
         rules = [n for n in starts if n != "prior allocation"] or list(starts)
         log.info("space: centred on the %s allocation (the cheap score does not rank channel configs)", rules[0])
         return rules[0], {}
-    scores = {name: cheap_score(dense, PruningPlan(kind, {n: r for n, r in ratios.items() if r > 0}, "",
-                                                   tuple(dense.channels)), data, config)
+    # scored as its warm-start trial will run: the study's criterion, zero ratios left out
+    scores = {name: cheap_score(dense, PruningPlan(kind, {n: r for n, r in ratios.items() if r > 0},
+                                                   config.study.criterion, tuple(dense.channels)), data, config)
               for name, ratios in starts.items()}
     best = max(scores, key=lambda n: (scores[n], -list(starts).index(n)))
     log.info("space: centred on the %s allocation, the best cheap score (BatchNorm-recalibrated val: %s)", best,
@@ -292,7 +299,7 @@ def warm_starts(config, dense) -> dict[str, dict[str, float]]:
     from .priors import one_shot_allocation
 
     kind = config.study.kind
-    return {rule: one_shot_allocation(rule, dense, kind, _cap(config), _budget_metric(config))
+    return {rule: one_shot_allocation(rule, dense, kind, config.budget_cap, config.budget_metric)
             for rule in config.priors.warm_start_rules(kind)}
 
 
@@ -311,7 +318,7 @@ def compute_study_priors(config, dense, checkpoint, data, progress):
     df, dense_acc, cached = scan_cached(checkpoint, data, kind, scan_grid(config), config.study.criterion,
                                         config.out_dir, progress)
     low = _budget_low(config)
-    metric, cap = _budget_metric(config), _cap(config)
+    metric, cap = config.budget_metric, config.budget_cap
 
     def at(target):
         log.info("priors at %s fraction %.4f (%s):", "size" if metric == "params" else metric, target,
@@ -344,8 +351,7 @@ def _line(study: optuna.Study, trial: optuna.trial.FrozenTrial, done: int, total
 def best_feasible(study: optuna.Study):
     """The deployable feasible trial with the highest (re-scored) validation accuracy, or None."""
     config = StudyConfig.from_dict(study.user_attrs.get("config", {}))
-    feasible = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if is_feasible(t) and is_deployable(t, config)]
+    feasible = qualified(study, config)
     score = study_scores(study)
     cost = config.cost_attr  # ties in accuracy go to the smaller model
     return max(feasible, key=lambda t: (score[t.number].estimate, -t.user_attrs.get(cost, 0.0), -t.number),

@@ -21,6 +21,8 @@ the one fine-tune every config gets. Per (kind, target, seed):
 * selection gap: the reported gap (first validation score - re-scored mean)
   against the gap seen on test, (first val - test) minus the rules' mean
   (val - test) at that seed (unselected configs give the split's offset);
+  and its seed part, first test - the re-scores' mean test: re-scoring on the
+  same validation images sees the fine-tune seeds' luck, not the images';
 * equal compute (fine-grained, ``--screen-target``): the same study with
   ``[fidelity] screen`` and as many trials as fit in the shipped study's trial
   seconds.
@@ -162,7 +164,7 @@ def study_record(config: StudyConfig, wall_seconds: float) -> dict:
     from optuna.trial import TrialState
 
     from autoprune.errors import NothingQualifies
-    from autoprune.pick import is_deployable, is_feasible, pick
+    from autoprune.pick import is_deployable, is_feasible, pick, qualified
     from autoprune.rescore import rescores
 
     study = optuna.load_study(study_name=config.study.name, storage=config.storage_url)
@@ -173,8 +175,7 @@ def study_record(config: StudyConfig, wall_seconds: float) -> dict:
     except NothingQualifies:
         picked = None
     # Picking by the first score alone, as before re-scoring: what re-scoring is measured against.
-    ok = [t for t in trials if is_deployable(t, config) and is_feasible(t)]
-    first = max(ok, key=lambda t: (t.user_attrs["val_accuracy"], -t.user_attrs[config.cost_attr]), default=None)
+    first = max(qualified(study, config), key=lambda t: (t.user_attrs["val_accuracy"], -t.user_attrs[config.cost_attr]), default=None)
 
     def brief(t):
         if t is None:
@@ -182,7 +183,8 @@ def study_record(config: StudyConfig, wall_seconds: float) -> dict:
         a, r = t.user_attrs, scores.get(t.number, {})
         return {"trial": t.number, "val_accuracy": r.get("first", a["val_accuracy"]),
                 "test_accuracy": a["test_accuracy"], "rescore_n": r.get("n", 0), "rescore_mean": r.get("mean"),
-                "gap": r.get("gap"), "size_fraction": a["size_fraction"], "macs_fraction": a["macs_fraction"]}
+                "gap": r.get("gap"), "rescore_test_mean": r.get("test_mean"), "size_fraction": a["size_fraction"],
+                "macs_fraction": a["macs_fraction"]}
 
     return {"trials": len(trials), "pick": brief(picked), "first_score_pick": brief(first),
             "trial_seconds": sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials),
@@ -192,6 +194,22 @@ def study_record(config: StudyConfig, wall_seconds: float) -> dict:
                       "macs_fraction": t.user_attrs["macs_fraction"], "deployable": is_deployable(t, config),
                       "feasible": is_feasible(t), "rescore_n": scores.get(t.number, {}).get("n", 0),
                       "rescore_mean": scores.get(t.number, {}).get("mean")} for t in trials]}
+
+
+def with_rescore_test(args, result: dict) -> dict:
+    """A job kept before its final pick recorded the re-scores' mean test: read it from the study file."""
+    if "stages" not in result:
+        return result
+    pick = result["stages"][max(result["stages"], key=int)]["pick"]
+    if not pick or "rescore_test_mean" in pick:
+        return result
+    import optuna
+
+    j = result["job"]
+    storage = f"sqlite:///{args.work / j['kind'] / (Job(**j).name + '.db')}"
+    attrs = optuna.load_study(study_name=Job(**j).name, storage=storage).user_attrs
+    pick["rescore_test_mean"] = attrs.get(f"rescore:{pick['trial']}", {}).get("test_mean")
+    return result
 
 
 def screen_trials(ship: dict, screen: int, candidate_seconds: float) -> int:
@@ -387,7 +405,8 @@ def tables(results: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
             stage_rows.append({**key, "trials": int(n), "pick_trial": p.get("trial"),
                                "pick_val": p.get("val_accuracy"), "pick_test": p.get("test_accuracy"),
                                "rescore_mean": p.get("rescore_mean"), "rescore_n": p.get("rescore_n"),
-                               "gap": p.get("gap"), "first_test": f.get("test_accuracy"),
+                               "gap": p.get("gap"), "rescore_test": p.get("rescore_test_mean"),
+                               "first_test": f.get("test_accuracy"),
                                "trial_seconds": st["trial_seconds"], "wall_seconds": st["wall_seconds"],
                                "final": n == last})
         picked = (res["stages"][last]["pick"] or {}).get("trial")
@@ -396,7 +415,7 @@ def tables(results: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
     cols = ["kind", "target", "seed", "method"]
     return (pd.DataFrame(rule_rows, columns=cols + ["val_accuracy", "test_accuracy", "seconds"]),
             pd.DataFrame(stage_rows, columns=cols + ["trials", "pick_trial", "pick_val", "pick_test", "rescore_mean",
-                                                     "rescore_n", "gap", "first_test", "trial_seconds",
+                                                     "rescore_n", "gap", "rescore_test", "first_test", "trial_seconds",
                                                      "wall_seconds", "final"]),
             pd.DataFrame(configs).convert_dtypes())
 
@@ -414,8 +433,12 @@ def by_seed(df: pd.DataFrame, col: str) -> pd.Series:
     return df.set_index("seed")[col].astype(float)
 
 
-def verdict(rule_rows: pd.DataFrame, stages: pd.DataFrame) -> list[dict]:
-    """Per (kind, target), one line per method: mean test and the paired difference pick - method."""
+def verdict(rule_rows: pd.DataFrame, stages: pd.DataFrame, configs: pd.DataFrame) -> list[dict]:
+    """Per (kind, target), one line per method: mean test and the paired difference pick - method.
+
+    Also the headroom: the study's best feasible trial chosen on *test*, an upper bound that no
+    selection among those trials can pass (not a method).
+    """
     out = []
     best = best_rule(rule_rows) if len(rule_rows) else rule_rows
     search = stages[stages["method"] == "search"]
@@ -433,6 +456,9 @@ def verdict(rule_rows: pd.DataFrame, stages: pd.DataFrame) -> list[dict]:
             lines.append((f"search, pick after {n} trials", by_seed(h, "pick_test"), h["wall_seconds"].mean()))
         lines.append((f"search, first score alone after {n_final} trials (no re-score)", by_seed(final, "first_test"),
                       math.nan))
+        trials = at(configs[(configs["method"] == "search") & configs["feasible"].astype(bool)], kind, target)
+        lines.append(("headroom: the study's best trial chosen on test (an upper bound, not a method)",
+                      trials.groupby("seed")["test_accuracy"].max().astype(float), math.nan))
         for label, test, seconds in lines:
             out.append({"kind": kind, "target": target, "method": label, "seeds": int(test.notna().sum()),
                         "test_mean": float(test.mean()), "test_sd": float(test.std(ddof=1)), "seconds": seconds,
@@ -452,7 +478,9 @@ def selection_gaps(rule_rows: pd.DataFrame, stages: pd.DataFrame) -> pd.DataFram
     g["reported_gap"] = g["gap"].astype(float)
     g["test_gap"] = g["pick_val"] - g["pick_test"] - g["o"]
     g["difference"] = g["reported_gap"] - g["test_gap"]
-    return g[["kind", "target", "seed", "reported_gap", "test_gap", "difference"]]
+    g["seed_gap"] = g["pick_test"] - g["rescore_test"].astype(float)
+    g["seed_difference"] = g["reported_gap"] - g["seed_gap"]
+    return g[["kind", "target", "seed", "reported_gap", "test_gap", "difference", "seed_gap", "seed_difference"]]
 
 
 def equal_compute(stages: pd.DataFrame) -> list[dict]:
@@ -501,6 +529,10 @@ def goals(lines: list[dict], gaps: pd.DataFrame, stages: pd.DataFrame, compute: 
         out.append({"goal": "selection gap: reported (first - re-scored) minus seen on test, all targets pooled; "
                             "met when the 95% interval holds 0", "measured": ci_text(d),
                     "met": decided(d, d["lo"] <= 0 <= d["hi"])})
+        d = paired(gaps["seed_difference"])
+        out.append({"goal": "selection gap, seed part: reported minus (first test - the re-scores' mean test), "
+                            "all targets pooled (explains the above; met when the 95% interval holds 0)",
+                    "measured": ci_text(d), "met": decided(d, d["lo"] <= 0 <= d["hi"])})
     for c in compute:
         d = c["screen_minus_full"]
         out.append({"goal": f"equal compute at size {c['target']:g}: screened - fully fine-tuned study (reported)",
@@ -548,13 +580,18 @@ def markdown(s: dict) -> str:
     gaps = s["gaps"]
     if len(gaps):
         lines += ["", "Selection gap of the pick (points): reported = first validation score - re-scored mean; on "
-                  "test = (first validation score - test) - the rules' mean (validation - test) at that seed.", "",
-                  "| pruning | target | reported gap | gap on test | reported - on test |", "|---|---|---|---|---|"]
+                  "test = (first validation score - test) - the rules' mean (validation - test) at that seed; seed "
+                  "part on test = first test - the re-scores' mean test (re-scoring on the same validation images "
+                  "sees the fine-tune seeds' luck, not the luck of the images).", "",
+                  "| pruning | target | reported gap | gap on test | reported - on test | seed part on test | "
+                  "reported - seed part |", "|---|---|---|---|---|---|---|"]
         for (kind, target), g in sorted(gaps.groupby(["kind", "target"]), key=lambda x: order(x[0])):
             lines.append(f"| {kind.replace('_', '-')} | {target:g} | {g['reported_gap'].mean():+.2f} | "
-                         f"{g['test_gap'].mean():+.2f} | {ci_text(paired(g['difference']))} |")
+                         f"{g['test_gap'].mean():+.2f} | {ci_text(paired(g['difference']))} | "
+                         f"{g['seed_gap'].mean():+.2f} | {ci_text(paired(g['seed_difference']))} |")
         lines.append(f"| all | | {gaps['reported_gap'].mean():+.2f} | {gaps['test_gap'].mean():+.2f} | "
-                     f"{ci_text(paired(gaps['difference']))} |")
+                     f"{ci_text(paired(gaps['difference']))} | {gaps['seed_gap'].mean():+.2f} | "
+                     f"{ci_text(paired(gaps['seed_difference']))} |")
     for c in s["equal_compute"]:
         a = c["arms"]
         lines += ["", f"Equal compute, fine-grained size {c['target']:g}: the shipped study against the same with "
@@ -566,7 +603,8 @@ def markdown(s: dict) -> str:
     lines += ["", "| goal | measured | met |", "|---|---|---|"]
     for g in s["goals"]:
         lines.append(f"| {g['goal']} | {g['measured']} | {yes_no(g['met'])} |")
-    lines += ["", f"`{s['command']}` (run started {s['date']}; summarized {s['summarized']}); {s['machine']}; "
+    runs = "; ".join(f"`{c}`" for c in s["commands"])
+    lines += ["", f"Jobs run by {runs} (last run started {s['date']}; summarized {s['summarized']}); {s['machine']}; "
               f"torch {s['torch']}.", "",
               "![search vs baselines](benchmarks/results/search-vs-baselines.png)"]
     return "\n".join(lines) + "\n"
@@ -617,7 +655,7 @@ def update_readme(table_md: str) -> bool:
 
 def summarize(args, results: list[dict], dense: dict) -> dict:
     rule_rows, stages, configs = tables(results)
-    lines = verdict(rule_rows, stages)
+    lines = verdict(rule_rows, stages, configs)
     gaps = selection_gaps(rule_rows, stages)
     compute = equal_compute(stages)
     return {"dense": dense, "rules": rule_rows, "stages": stages, "configs": configs, "verdict": lines,
@@ -625,7 +663,7 @@ def summarize(args, results: list[dict], dense: dict) -> dict:
             "settings": {"seeds": args.seeds, "trials": args.trials, "anytime": args.anytime,
                          "finetune_epochs": dense["finetune_epochs"], "max_drop": args.max_drop,
                          "screen": args.screen, "width": args.width, "threads": args.threads},
-            "command": dense["command"], "machine": dense["machine"], "torch": dense["torch"],
+            "commands": dense.get("commands", [dense["command"]]), "machine": dense["machine"], "torch": dense["torch"],
             "date": dense["date"], "summarized": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -635,7 +673,7 @@ def write_outputs(args, s: dict) -> str:
     s["configs"].to_csv(args.out / "search-vs-baselines-rows.csv", index=False)
     figure(s, args.out / "search-vs-baselines.png")
     (args.out / "search-vs-baselines.md").write_text(table_md)
-    keep = {k: s[k] for k in ("command", "date", "summarized", "machine", "torch", "dense", "settings", "verdict",
+    keep = {k: s[k] for k in ("commands", "date", "summarized", "machine", "torch", "dense", "settings", "verdict",
                               "goals", "equal_compute")}
     keep["selection_gaps"] = s["gaps"].to_dict(orient="records")
     keep["stages"] = s["stages"].to_dict(orient="records")
@@ -799,6 +837,10 @@ def main() -> None:
                          "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                                     f"{args.workers} processes x {args.threads} torch threads",
                          "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        # every run that added jobs, in order (the parts of one table may come from several --only runs)
+        before = json.loads(dense_file.read_text()) if dense_file.is_file() else {}
+        commands = before.get("commands", [before["command"]] if "command" in before else [])
+        dense_figures["commands"] = [c for c in commands if c != dense_figures["command"]] + [dense_figures["command"]]
         atomic_write(dense_file, json.dumps(dense_figures, indent=2))
         print(f"dense: val {dense_figures['val_accuracy']:.2f}% test {dense_figures['test_accuracy']:.2f}% "
               f"({checkpoint})", file=sys.stderr, flush=True)
@@ -812,7 +854,7 @@ def main() -> None:
             print(f"{failed} job(s) failed; rerun the same command to retry them", file=sys.stderr)
     if not dense_file.is_file():
         sys.exit(f"search_vs_baselines: no {dense_file}; run without --summarize first")
-    results = [json.loads((jobs_dir / f"{j.name}.json").read_text()) for j in jobs
+    results = [with_rescore_test(args, json.loads((jobs_dir / f"{j.name}.json").read_text())) for j in jobs
                if (jobs_dir / f"{j.name}.json").is_file()]
     if not any("stages" in r and r["job"]["method"] == "search" for r in results):
         sys.exit(f"search_vs_baselines: no finished search in {jobs_dir}; nothing to compare yet")

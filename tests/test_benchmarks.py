@@ -29,11 +29,16 @@ def rule(method, seed, val, test, kind="fine_grained", target=0.1):
 
 
 def search(seed, stages, kind="fine_grained", target=0.1, method="search"):
-    """stages: {trials: (pick val, pick test, reported gap, first-score pick test)}"""
+    """stages: {trials: (pick val, pick test, reported gap, first-score pick test)}, the re-scores testing
+    0.5 below the pick; its trials: the pick,
+    one feasible trial testing 2 points above it and an infeasible one 9 above"""
+    def rows(v, t):
+        return [{"trial": i, "val_accuracy": v - i, "test_accuracy": t + up, "feasible": ok, "deployable": True}
+                for i, up, ok in ((0, 0.0, True), (1, 2.0, True), (2, 9.0, False))]
     return {"job": {"kind": kind, "target": target, "seed": seed, "method": method}, "seconds": 300.0,
-            "stages": {str(n): {"trials": n, "trial_seconds": 10.0 * n, "wall_seconds": 12.0 * n, "rows": [],
+            "stages": {str(n): {"trials": n, "trial_seconds": 10.0 * n, "wall_seconds": 12.0 * n, "rows": rows(v, t),
                                 "pick": {"trial": 0, "val_accuracy": v, "test_accuracy": t, "rescore_n": 2,
-                                         "rescore_mean": v - g, "gap": g},
+                                         "rescore_mean": v - g, "gap": g, "rescore_test_mean": t - 0.5},
                                 "first_score_pick": {"trial": 1, "test_accuracy": f}}
                        for n, (v, t, g, f) in stages.items()}}
 
@@ -72,8 +77,8 @@ def test_verdict_pairs_the_pick_with_the_best_rule_per_seed(bench):
     # the pick after 12 trials is 1.5, 2, 2.5 points above LAMP; after 10 trials 0, 2, 4
     results += [search(s, {10: (72.0, t10, 1.0, 59.0), 12: (72.0, t12, 1.0, 60.0)})
                 for s, (t10, t12) in enumerate([(60.0, 61.5), (63.0, 63.0), (66.0, 64.5)])]
-    rules, stages, _ = bench.tables(results)
-    lines = bench.verdict(rules, stages)
+    rules, stages, configs = bench.tables(results)
+    lines = bench.verdict(rules, stages, configs)
     best = line(lines, "best rule")
     half = 4.303 * 0.5 / math.sqrt(3)  # t(0.975, 2 df) x sd / sqrt(n)
     assert best["method"] == "best rule, chosen on validation (LAMP x3)"
@@ -83,6 +88,7 @@ def test_verdict_pairs_the_pick_with_the_best_rule_per_seed(bench):
     assert line(lines, "after 10 trials")["pick_minus"]["mean"] == 0.0  # +1.5, 0, -1.5
     assert line(lines, "first score")["pick_minus"]["mean"] == pytest.approx(63.0 - 60.0)
     assert line(lines, "the pick after 12")["test_mean"] == 63.0
+    assert line(lines, "headroom")["pick_minus"]["mean"] == -2.0  # the best feasible trial on test, not the 9
     goals = bench.goals(lines, bench.selection_gaps(rules, stages), stages, [])
     assert next(g for g in goals if g.get("kind") == "fine_grained")["met"] is True  # +2.0, interval above 0
     assert next(g for g in goals if g["goal"].startswith("anytime"))["met"] is True
@@ -91,12 +97,13 @@ def test_verdict_pairs_the_pick_with_the_best_rule_per_seed(bench):
 def test_goal_needs_the_interval_above_zero_and_two_seeds(bench):
     results = [rule("lamp", s, 70.0, 60.0) for s in range(3)]
     results += [search(s, {12: (72.0, t, 1.0, 60.0)}) for s, t in enumerate([56.0, 66.0, 64.0])]  # mean +2, wide
-    rules, stages, _ = bench.tables(results)
-    goals = bench.goals(bench.verdict(rules, stages), bench.selection_gaps(rules, stages), stages, [])
+    rules, stages, configs = bench.tables(results)
+    goals = bench.goals(bench.verdict(rules, stages, configs), bench.selection_gaps(rules, stages), stages, [])
     fine = next(g for g in goals if g.get("kind") == "fine_grained")
     assert fine["met"] is False  # mean 2.0 >= 1.0, but the interval reaches below 0
-    rules1, stages1, _ = bench.tables(results[:1] + results[3:4])
-    goals1 = bench.goals(bench.verdict(rules1, stages1), bench.selection_gaps(rules1, stages1), stages1, [])
+    rules1, stages1, configs1 = bench.tables(results[:1] + results[3:4])
+    goals1 = bench.goals(bench.verdict(rules1, stages1, configs1), bench.selection_gaps(rules1, stages1), stages1,
+                         [])
     assert next(g for g in goals1 if g.get("kind") == "fine_grained")["met"] is None  # one seed: undecided
 
 
@@ -106,6 +113,7 @@ def test_selection_gap_against_the_gap_seen_on_test(bench):
     rules, stages, _ = bench.tables(results)
     g = bench.selection_gaps(rules, stages).iloc[0]
     assert (g["reported_gap"], g["test_gap"], g["difference"]) == (1.5, 5.0, -3.5)
+    assert (g["seed_gap"], g["seed_difference"]) == (0.5, 1.0)  # first test 64 - the re-scores' 63.5
 
 
 def test_screened_study_is_sized_to_the_shipped_trial_seconds(bench):
@@ -142,6 +150,7 @@ def test_outputs_from_kept_jobs(bench, tmp_path, monkeypatch):
     table = bench.write_outputs(args, bench.summarize(args, results, dense))
     assert "| fine-grained | size 0.1 | best rule, chosen on validation (LAMP x2) | 2 | 60.50 ± 0.71 | +2.00" in table
     assert "screened - full -1.00" in table
+    assert "Jobs run by `python benchmarks/search_vs_baselines.py` (last run started today" in table
     assert table in (tmp_path / "README.md").read_text()
     assert {p.name for p in args.out.iterdir()} == {"search-vs-baselines.json", "search-vs-baselines.md",
                                                      "search-vs-baselines.png", "search-vs-baselines-rows.csv"}

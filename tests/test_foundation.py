@@ -135,14 +135,14 @@ def test_state_dict_names_are_the_labs():
 # =============================================================================
 
 
-def _profile_json(*args) -> dict:
-    result = run_cli("profile", "--json", *args)
+def _profile_json(run, *args) -> dict:
+    result = run("profile", "--json", *args)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
 
-def test_cli_profile_dense():
-    out = _profile_json("--no-latency")
+def test_cli_profile_dense(capsys):
+    out = _profile_json(partial(run_main, capsys), "--no-latency")
     assert out["params"] == DENSE_PARAMS
     assert round(out["size_mib"], 2) == 35.20
     assert abs(out["macs"] - 605.75e6) <= 0.001 * 605.75e6
@@ -151,15 +151,15 @@ def test_cli_profile_dense():
     assert "latency_ms" not in out
 
 
-def test_cli_profile_half_width():
-    out = _profile_json("--no-latency", "--width", "0.5")
+def test_cli_profile_half_width(capsys):
+    out = _profile_json(partial(run_main, capsys), "--no-latency", "--width", "0.5")
     assert out["params"] == HALF_PARAMS
     assert out["macs"] == HALF_MACS
     assert out["size_mib"] == HALF_PARAMS * 32 / (8 * 1024 * 1024)
 
 
 def test_cli_profile_reports_latency():
-    out = _profile_json("--repeats", "3")
+    out = _profile_json(run_cli, "--repeats", "3")  # the real process
     assert out["params"] == DENSE_PARAMS
     assert out["latency_ms"] > 0
     assert out["latency_batch_size"] == 1
@@ -177,13 +177,13 @@ def test_cli_profile_checkpoint(tiny_checkpoint, capsys):
 # =============================================================================
 
 
-def _eval_json(checkpoint, *args) -> dict:
-    result = run_cli("eval", "--checkpoint", checkpoint, "--data", TINY_DATA, "--json", "-q", *args)
+def _eval_json(run, checkpoint, *args) -> dict:
+    result = run("eval", "--checkpoint", checkpoint, "--data", TINY_DATA, "--json", "-q", *args)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
 
-def test_lab_format_and_bare_state_dict_load_and_eval(tiny_checkpoint, tmp_path):
+def test_lab_format_and_bare_state_dict_load_and_eval(tiny_checkpoint, tmp_path, capsys):
     trained, _ = load_checkpoint(tiny_checkpoint)
     sd = trained.state_dict()
     lab = tmp_path / "lab.pt"
@@ -202,7 +202,7 @@ def test_lab_format_and_bare_state_dict_load_and_eval(tiny_checkpoint, tmp_path)
         assert list(loaded) == list(sd)
         assert all(torch.equal(loaded[k], sd[k]) for k in sd)
         assert evaluate(model, data.test) == expected
-        out = _eval_json(path)
+        out = _eval_json(run_cli if path == lab else partial(run_main, capsys), path)  # one real process
         assert out["accuracy"] == expected
         assert out["split"] == "test" and out["images"] == len(data.test) == 120
         assert out["params"] == lab_counts(vgg_channels(TINY_WIDTH))[0]

@@ -23,7 +23,7 @@ import torch
 
 from autoprune.model import build_model, save_checkpoint
 
-from conftest import TINY_DATA, TINY_WIDTH, run_main
+from conftest import TINY_WIDTH, run_main, write_study
 
 SEED = 20261129
 
@@ -153,35 +153,9 @@ def mutated_npz(rng: random.Random) -> dict:
     return arrays
 
 
-TOML = """\
-[study]
-name = "fz"
-kind = "{kind}"
-trials = 2
-seed = 0
-
-[model]
-width = {width}
-checkpoint = "{checkpoint}"
-
-[data]
-spec = "{data}"
-
-[constraints]
-max_size_fraction = 0.5
-max_accuracy_drop = 40.0
-
-[select]
-top_k = 0  # re-scoring has its own tests (tests/test_rescore.py)
-
-[finetune]
-epochs = 1
-batch_size = 64
-
-[priors]
-grid = [0.5, 0.9]
-tolerance = 10.0
-"""
+# The tiny study (conftest.TINY_STUDY) with these tables, and a [model] checkpoint.
+FUZZ_STUDY = dict(study={"name": "fz", "trials": 2}, constraints={"max_size_fraction": 0.5},
+                  finetune={"batch_size": 64}, priors={"tolerance": 10.0})
 
 
 def toml_value(rng: random.Random) -> str:
@@ -274,8 +248,7 @@ def test_fuzz_npz_data_to_eval(scratch, base_checkpoint, capsys):
 
 def test_fuzz_study_configs_to_search_dry_run(scratch, base_checkpoint, capsys):
     rng = random.Random(SEED + 2)
-    base = TOML.format(kind="fine_grained", width=TINY_WIDTH, checkpoint=base_checkpoint, data=TINY_DATA)
-    (scratch / "study.toml").write_text(base)
+    base = write_study(scratch / "study.toml", model={"checkpoint": base_checkpoint}, **FUZZ_STUDY).read_text()
     rc, out, err = run(["search", "study.toml", "--dry-run", "-q"], capsys)
     assert rc == 0, err  # the unmutated config passes, and writes nothing
     assert not (scratch / "reports").exists()
@@ -302,11 +275,9 @@ def study(tmp_path_factory, base_checkpoint):
     from autoprune.search import run_search
 
     root = tmp_path_factory.mktemp("fuzz-study")
-    toml = root / "s.toml"
-    toml.write_text(TOML.format(kind="fine_grained", width=TINY_WIDTH, checkpoint=base_checkpoint,
-                                data=TINY_DATA).replace("trials = 2", "trials = 1")
-                    .replace("max_accuracy_drop = 40.0", "min_accuracy = 0.0")
-                    + '\n[fidelity]\nbn_recal_batches = 0\n')
+    tables = {**FUZZ_STUDY, "study": {"name": "fz", "trials": 1}, "fidelity": {"bn_recal_batches": 0},
+              "constraints": {"max_size_fraction": 0.5, "max_accuracy_drop": None, "min_accuracy": 0.0}}
+    toml = write_study(root / "s.toml", model={"checkpoint": base_checkpoint}, **tables)
     config = load_config(toml)
     config.study.out_dir = str(root / "out")
     config.study.storage = f"sqlite:///{root / 'out' / 'study.db'}"

@@ -30,52 +30,23 @@ from autoprune.report import redacted_config, uniform_baseline, write_report
 from autoprune.search import run_search
 from autoprune.storage import redact
 
-from conftest import run_cli
-
-TINY = """
-[study]
-name = "{name}"
-kind = "{kind}"
-trials = 3
-seed = 0
-out_dir = "{out}"
-
-[model]
-width = 0.125
-checkpoint = "{checkpoint}"
-
-[data]
-spec = "synthetic:600"
-
-[constraints]
-max_size_fraction = {cap}
-max_accuracy_drop = 40.0
-
-[select]
-top_k = 0  # re-scoring has its own tests (tests/test_rescore.py)
-
-[finetune]
-epochs = 1
-batch_size = 128
-
-[priors]
-enabled = {priors}
-grid = [0.5, 0.9]
-tolerance = 30.0
-"""
-
+from conftest import run_cli, run_main, write_study
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def study_toml(root: Path, checkpoint: Path, kind: str, cap: float, priors: bool, name=None, trials=3) -> Path:
+    name = name or f"tiny-{kind}"
+    return write_study(root / f"{name}.toml", study={"name": name, "kind": kind, "trials": trials,
+                                                     "out_dir": root / "reports" / name},
+                       model={"checkpoint": checkpoint}, constraints={"max_size_fraction": cap},
+                       priors={"enabled": priors})
+
+
 def make_study(root: Path, checkpoint: Path, kind: str, cap: float, priors: bool):
-    name = f"tiny-{kind}"
-    path = root / f"{name}.toml"
-    path.write_text(TINY.format(name=name, kind=kind, out=root / "reports" / name, checkpoint=checkpoint,
-                                cap=cap, priors=str(priors).lower()))
-    config = load_config(path)
+    config = load_config(study_toml(root, checkpoint, kind, cap, priors))
     run_search(config, progress=False)
-    return config.storage_url, name
+    return config.storage_url, config.study.name
 
 
 def fabricate(study: optuna.Study, like: optuna.trial.FrozenTrial, state=TrialState.COMPLETE, drop=(),
@@ -198,7 +169,7 @@ def test_report_never_shows_a_password(fine, tmp_path):
 # --- pick ----------------------------------------------------------------------------
 
 
-def test_pick_highest_accuracy_deployable_trial(fine):
+def test_pick_highest_accuracy_deployable_trial(fine, capsys):
     study, config = open_existing(fine["url"], fine["name"])
     fake = fine["fake"]
     best, runners = pick(study, config)
@@ -214,7 +185,7 @@ def test_pick_highest_accuracy_deployable_trial(fine):
     smallest, _ = pick(study, config, prefer="size")
     assert smallest.user_attrs["size_fraction"] == min(t.user_attrs["size_fraction"] for t in [best, *runners, *real])
 
-    result = run_cli("pick", "--storage", fine["url"], "--study", fine["name"], "--json", "-q")
+    result = run_main(capsys, "pick", "--storage", fine["url"], "--study", fine["name"], "--json", "-q")
     assert result.returncode == 0, result.stderr
     got = json.loads(result.stdout)
     assert got["trial"] == fake["no_weights"] and not got["has_weights"]
@@ -256,7 +227,7 @@ def _artifact_model(study, trial):
     return model.eval()
 
 
-def test_export_fine_grained_reproduces_the_trial(fine, tmp_path):
+def test_export_fine_grained_reproduces_the_trial(fine, tmp_path, capsys):
     study, config = open_existing(fine["url"], fine["name"])
     trial, _ = pick(study, config, require_weights=True)
     out = tmp_path / "export"
@@ -267,7 +238,7 @@ def test_export_fine_grained_reproduces_the_trial(fine, tmp_path):
     assert metrics["sparse_bytes"] == (out / "sparse.npz").stat().st_size
     assert json.loads((out / "plan.json").read_text())["ratios"] == pytest.approx(trial.user_attrs["plan"])
 
-    ev = run_cli("eval", "--checkpoint", out, "--data", "synthetic:600", "--json", "-q")
+    ev = run_main(capsys, "eval", "--checkpoint", out, "--data", "synthetic:600", "--json", "-q")
     assert ev.returncode == 0, ev.stderr
     got = json.loads(ev.stdout)
     assert abs(got["accuracy"] - trial.user_attrs["test_accuracy"]) <= 0.01
@@ -291,7 +262,8 @@ def test_export_channel_is_the_small_network(channel, tmp_path):
     exported = export(channel["url"], channel["name"], out, pick_kwargs={})  # what `export --pick` does
     trial = study.trials[exported["trial"]]
     assert trial.number == pick(study, config, require_weights=True)[0].number
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.pt", "model.ts", "plan.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.onnx", "model.pt", "model.ts",
+                                                     "plan.json"]
     model = autoprune.load(out)
     assert metrics.count_params(model) == trial.user_attrs["params"]
     assert metrics.count_macs(model) == trial.user_attrs["macs"]
@@ -306,6 +278,14 @@ def test_export_channel_is_the_small_network(channel, tmp_path):
     assert run.returncode == 0, run.stderr
     with torch.no_grad():
         assert (torch.load(tmp_path / "y.pt") - model(x)).abs().max().item() <= 1e-6
+    # model.onnx: ONNX Runtime's outputs equal torch's to 1e-4, and metrics.json says it was checked.
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        assert abs(session.run(None, {"input": x.numpy()})[0] - model(x).numpy()).max() <= 1e-4
+    onnx = json.loads((out / "metrics.json").read_text())["onnx"]
+    assert onnx["written"] and onnx["max_abs_difference"] <= onnx["tolerance"] == 1e-4
 
 
 def test_export_refuses_a_non_empty_dir_and_leaves_it_alone(fine, tmp_path):

@@ -83,28 +83,16 @@ def test_t_quantiles():
     assert rescore_seed(2**32 - 1, 1) == 7918  # stays a 32-bit seed
 
 
-def select_config(tmp_path, select: str, **kw):
-    """The tests' tiny study TOML with its [select] table replaced."""
-    path = write_config(tmp_path, **kw)
-    text = path.read_text()
-    assert TEMPLATE_SELECT in text
-    path.write_text(text.replace(TEMPLATE_SELECT, select))
-    return path
-
-
-TEMPLATE_SELECT = "top_k = 0  # re-scoring has its own tests (tests/test_rescore.py)"
-
-
 def test_select_keys_are_checked(tmp_path):
     with pytest.raises(AutopruneError, match=r"^\[select\] seeds must be in \[1, 100\], got 0$"):
-        load_config(select_config(tmp_path, "seeds = 0"))
+        load_config(write_config(tmp_path, select={"top_k": None, "seeds": 0}))
     with pytest.raises(AutopruneError, match=r"^\[select\] top_k must be an integer, got 2.5"):
-        load_config(select_config(tmp_path, "top_k = 2.5", name="b"))
+        load_config(write_config(tmp_path, select={"top_k": 2.5}, name="b"))
 
 
-def test_search_rescores_its_leaders_and_everyone_agrees(tmp_path):
-    config = load_config(select_config(tmp_path, "top_k = 2\nseeds = 2", trials=4, cap=0.4))
-    summary = run_search(config, progress=False)
+def test_search_rescores_its_leaders_and_everyone_agrees(tmp_path, dense_cache):
+    config = load_config(write_config(tmp_path, select={"top_k": 2, "seeds": 2}, trials=3, cap=0.4))
+    summary = run_search(dense_cache(config), progress=False)
     study = optuna.load_study(study_name="tiny", storage=config.storage_url)
     records = rescores(study)
     assert len(records) >= 2  # the two leaders, and any trial that then led on its shrunk first score
@@ -129,10 +117,10 @@ def test_search_rescores_its_leaders_and_everyone_agrees(tmp_path):
     assert history[-1]["val_accuracy"] == records[best.number]["scores"][1]
 
     # The report shows the re-scored figures; a resumed search re-scores nothing again.
-    out = write_report(config.storage_url, "tiny", tmp_path / "report")
+    out = write_report(config.storage_url, "tiny", tmp_path / "report", baseline=False)
     md = (tmp_path / "report" / "report.md").read_text()
     assert f"re-scored {records[best.number]['mean']:.2f}%" in md and "selection gap" in md
     assert out is not None
     run_search(config, progress=False)
     assert rescores(optuna.load_study(study_name="tiny", storage=config.storage_url)) == records
-    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 4
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3

@@ -18,30 +18,12 @@ from autoprune.config import StudyConfig, load_config
 from autoprune.errors import AutopruneError
 
 from conftest import TINY_DATA, TINY_WIDTH, run_cli
-from conftest import assert_cli_error, run_main
-
-BASE = {  # a tiny study: TOML values as written
-    "study": {"name": '"safe"', "trials": "1"},
-    "model": {"width": "0.125", "train_epochs": "1"},
-    "data": {"spec": '"synthetic:600"'},
-    "constraints": {"max_size_fraction": "0.5", "max_accuracy_drop": "40.0"},
-    "finetune": {"epochs": "1", "batch_size": "128"},
-    "priors": {"grid": "[0.5, 0.9]"},
-}
+from conftest import assert_cli_error, run_main, write_study
 
 
 def write_toml(folder: Path, name: str = "study.toml", **tables: str) -> Path:
-    """A tiny study TOML in ``folder``; ``tables`` sets keys: study='trials = "5"\nseed = 1' and so on."""
-    content = {table: dict(keys) for table, keys in BASE.items()}
-    for table, lines in tables.items():
-        for line in lines.splitlines():
-            key, _, value = line.partition("=")
-            content.setdefault(table, {})[key.strip()] = value.strip()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_text("".join(f"[{table}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()) + "\n"
-                            for table, keys in content.items()))
-    return path
+    """The tiny study (conftest.TINY_STUDY) in ``folder``; ``tables`` sets keys: study='trials = "5"\nseed = 1'."""
+    return write_study(folder / name, **tables)
 
 
 def files_under(folder: Path) -> set[Path]:
@@ -66,8 +48,11 @@ FLAG_CASES = [
     (["train", "--data", TINY_DATA, "--val-size", "0"], "--val-size must be >= 1 (an integer), got '0'"),
     (["train", "--data", TINY_DATA, "--val-size", "-5"], "--val-size must be >= 1 (an integer), got '-5'"),
     (["profile", "--repeats", "0"], "--repeats must be >= 1 (an integer), got '0'"),
-    (["profile", "--batch-size", "-1"], "--batch-size must be >= 1 (an integer), got '-1'"),
-    (["profile", "--batch-size", "0"], "--batch-size must be >= 1 (an integer), got '0'"),
+    (["profile", "--batch-size", "-1"], "--batch-size must be in [1, 4096] (one batch size, or several "
+                                        "comma-separated: 1,8), got '-1'"),
+    (["profile", "--batch-size", "1,0"], "--batch-size must be in [1, 4096] (one batch size, or several "
+                                         "comma-separated: 1,8), got '0'"),
+    (["profile", "--threads", "0"], "--threads must be >= 1 (an integer), got '0'"),
     (["train", "--data", TINY_DATA, "--weight-decay", "-1"], "--weight-decay must be >= 0 (a finite number), got '-1'"),
     (["train", "--data", TINY_DATA, "--lr", "inf"], "--lr must be > 0 (a finite number), got 'inf'"),
     (["train", "--data", TINY_DATA, "--lr", "nan"], "--lr must be > 0 (a finite number), got 'nan'"),

@@ -32,7 +32,7 @@ from autoprune.search import run_search
 from autoprune.storage import redact
 
 from conftest import run_cli
-from test_report import TINY, fabricate
+from test_report import fabricate, study_toml
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,11 +42,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def study(tmp_path_factory, tiny_checkpoint):
     root = tmp_path_factory.mktemp("safety")
     name = "tiny-safety"
-    path = root / f"{name}.toml"
-    text = TINY.format(name=name, kind="fine_grained", out=root / "reports" / name, checkpoint=tiny_checkpoint,
-                       cap=0.3, priors="false")
-    path.write_text(text.replace("trials = 3", "trials = 1"))
-    config = load_config(path)
+    config = load_config(study_toml(root, tiny_checkpoint, "fine_grained", 0.3, False, name=name, trials=1))
     run_search(config, progress=False)
     s, _ = open_existing(config.storage_url, name)
     trial, _ = pick(s, config, require_weights=True)

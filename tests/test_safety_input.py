@@ -24,7 +24,7 @@ from autoprune.model import build_model, load_checkpoint
 from autoprune.train import TrainConfig, fit
 
 from conftest import TINY_WIDTH
-from conftest import assert_cli_error, run_main
+from conftest import assert_cli_error, run_main, write_study
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -387,45 +387,13 @@ def test_cli_train_divergence_writes_no_checkpoint(tmp_path, capsys):
     assert not out.exists()
 
 
-STUDY = """
-[study]
-name = "diverge"
-kind = "fine_grained"
-trials = 2
-seed = 0
-out_dir = "{out}"
-
-[model]
-width = {width}
-checkpoint = "{checkpoint}"
-
-[data]
-spec = "{data}"
-
-[constraints]
-max_size_fraction = 0.5
-max_accuracy_drop = 40.0
-
-[select]
-top_k = 0  # re-scoring has its own tests (tests/test_rescore.py)
-
-[finetune]
-epochs = 1
-batch_size = 128
-lr = {lr}
-
-[priors]
-enabled = false
-"""
-
-
 @pytest.mark.parametrize("lr,needle", [("1e30", "trial 0 fine-tune: training diverged: loss became nan in epoch 1 "
                                                   "of 1; lower the learning rate (lr 1e+30)"),
                                        ("inf", "lr")])
 def test_diverging_study_fails_its_trial_and_stops(tiny_checkpoint, tmp_path, capsys, lr, needle):
-    toml = tmp_path / "diverge.toml"
-    toml.write_text(STUDY.format(out=tmp_path / "out", width=TINY_WIDTH, checkpoint=tiny_checkpoint,
-                                 data="synthetic:200", lr=lr))
+    toml = write_study(tmp_path / "diverge.toml", study={"name": "diverge", "trials": 2, "out_dir": tmp_path / "out"},
+                       model={"checkpoint": tiny_checkpoint}, data={"spec": "synthetic:200"},
+                       constraints={"max_size_fraction": 0.5}, finetune=f"lr = {lr}", priors={"enabled": False})
     assert_cli_error(run_main(capsys, "search", toml, "-q"), needle)
     db = tmp_path / "out" / "study.db"  # absent when the config is refused before the study is made
     trials = optuna.load_study(study_name="diverge", storage=f"sqlite:///{db}").trials if db.exists() else []

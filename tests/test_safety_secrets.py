@@ -21,49 +21,17 @@ from autoprune.pick import is_feasible, named_constraints
 from autoprune.report import trials_frame
 from autoprune.storage import passwords, redact, scrub, with_driver
 
-from conftest import run_cli
-from test_workers import assert_one_line_error, pg_url  # noqa: F401 (pg_url is a fixture)
-
-TINY = """
-[study]
-name = "{name}"
-kind = "fine_grained"
-trials = {trials}
-seed = 0
-out_dir = "{out}"
-storage = "{storage}"
-
-[model]
-width = 0.125
-checkpoint = "{checkpoint}"
-
-[data]
-spec = "synthetic:600"
-
-[constraints]
-max_size_fraction = 0.3
-{accuracy}
-
-[select]
-top_k = 0  # re-scoring has its own tests (tests/test_rescore.py)
-
-[finetune]
-epochs = 1
-batch_size = 128
-
-[priors]
-enabled = false
-"""
-
+from conftest import run_cli, run_main, write_study
+from test_workers import assert_one_line_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_config(tmp_path, checkpoint, storage, name="secrets", trials=1, accuracy="max_accuracy_drop = 90.0"):
-    path = tmp_path / f"{name}.toml"
-    path.write_text(TINY.format(name=name, trials=trials, out=tmp_path / "reports" / name, storage=storage,
-                                checkpoint=checkpoint, accuracy=accuracy))
-    return path
+def tiny_config(tmp_path, checkpoint, storage, name="secrets", trials=1, accuracy=None):
+    """The tiny study without priors; ``accuracy`` replaces the floor (default: max_accuracy_drop 90)."""
+    study = {"name": name, "trials": trials, "out_dir": tmp_path / "reports" / name, "storage": storage}
+    return write_study(tmp_path / f"{name}.toml", study=study, model={"checkpoint": checkpoint},
+                       constraints=accuracy or {"max_accuracy_drop": 90.0}, priors={"enabled": False})
 
 
 def free_port() -> int:
@@ -148,7 +116,8 @@ def tiny_study(tmp_path_factory, tiny_checkpoint):
     from autoprune.workers import create_or_join, run_trials
 
     root = tmp_path_factory.mktemp("secrets")
-    config = load_config(tiny_config(root, tiny_checkpoint, PASSWORD_URL, trials=3, accuracy="min_accuracy = 100.0"))
+    config = load_config(tiny_config(root, tiny_checkpoint, PASSWORD_URL, trials=3,
+                                     accuracy={"max_accuracy_drop": None, "min_accuracy": 100.0}))
     assert config.storage_url == PASSWORD_URL  # what this process would connect with
     url = f"sqlite:///{root}/study.db"
     study, ctx, created = create_or_join(config, open_storage(url), url, device="cpu", progress=False)
@@ -175,7 +144,7 @@ def test_the_study_stores_the_storage_redacted(tiny_study):
     assert StudyConfig.from_dict(study.user_attrs["config"]).study.name == "secrets"  # still a readable config
 
 
-def test_postgres_study_never_stores_the_password(tmp_path, tiny_checkpoint, pg_url):  # noqa: F811
+def test_postgres_study_never_stores_the_password(tmp_path, tiny_checkpoint, pg_url, capsys):
     """A search and a worker on a PostgreSQL URL with a password: not in the study, not in their output."""
     from sqlalchemy.engine import make_url
 
@@ -205,7 +174,7 @@ def test_postgres_study_never_stores_the_password(tmp_path, tiny_checkpoint, pg_
     assert secret not in _everything(study)
     # A refused login on the query-string form names the problem without the password.
     wrong = url.replace(f"password={secret}", "password=wr0ng-pass-xyz")
-    refused = run_cli("worker", "--storage", wrong, "--study", name)
+    refused = run_main(capsys, "worker", "--storage", wrong, "--study", name)  # refused before any log line
     assert_one_line_error(refused, "password authentication failed", secrets=["wr0ng-pass-xyz", secret])
 
 

@@ -20,53 +20,21 @@ from autoprune.errors import AutopruneError
 from autoprune.pick import named_constraints
 from autoprune.search import run_search
 
+from conftest import run_cli, run_main, write_study
+
 REPO = Path(__file__).resolve().parents[1]
 
 ATTRS = ["size_fraction", "nonzero_size_mib", "params", "macs", "macs_fraction", "val_accuracy",
          "val_accuracy_before_finetune", "test_accuracy", "finetune_seconds", "plan", "proposed"]
 
-TINY = """
-[study]
-name = "{name}"
-kind = "{kind}"
-trials = {trials}
-seed = {seed}
-out_dir = "{out}"
-{storage}
 
-[model]
-width = 0.125
-train_epochs = 2
-
-[data]
-spec = "synthetic:600"
-
-[constraints]
-max_size_fraction = {cap}
-max_accuracy_drop = 30.0
-
-[select]
-top_k = 0  # re-scoring has its own tests (tests/test_rescore.py)
-
-[finetune]
-epochs = 1
-batch_size = 128
-
-[priors]
-grid = [0.5, 0.9]
-tolerance = 30.0
-"""
-
-
-def write_config(tmp_path: Path, name="tiny", kind="fine_grained", trials=3, seed=0, cap=0.3,
-                 storage="", extra="") -> Path:
-    out = tmp_path / "reports" / name
-    text = TINY.format(name=name, kind=kind, trials=trials, seed=seed, cap=cap, out=out,
-                       storage=f'storage = "{storage}"' if storage else "")
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / f"{name}.toml"
-    path.write_text(text + extra)
-    return path
+def write_config(tmp_path: Path, name="tiny", kind="fine_grained", trials=3, seed=0, cap=0.3, storage=None,
+                 **tables) -> Path:
+    """The tiny study (conftest.TINY_STUDY) as ``tmp_path/NAME.toml``, its out_dir ``tmp_path/reports/NAME``."""
+    study = {"name": name, "kind": kind, "trials": trials, "seed": seed, "out_dir": tmp_path / "reports" / name,
+             "storage": storage, **tables.pop("study", {})}
+    constraints = {"max_size_fraction": cap, "max_accuracy_drop": 30.0, **tables.pop("constraints", {})}
+    return write_study(tmp_path / f"{name}.toml", study=study, constraints=constraints, **tables)
 
 
 def complete_trials(url: str, name: str):
@@ -77,10 +45,10 @@ def complete_trials(url: str, name: str):
 
 
 @pytest.mark.parametrize("storage_kind", ["sqlite", "journal"])
-def test_tiny_study_counts_constraints_and_attributes(tmp_path, storage_kind):
+def test_tiny_study_counts_constraints_and_attributes(tmp_path, storage_kind, dense_cache):
     url = (f"sqlite:///{tmp_path}/s.db" if storage_kind == "sqlite" else f"journal:{tmp_path}/s.log")
     config = load_config(write_config(tmp_path, trials=3, storage=url))
-    summary = run_search(config, progress=False)
+    summary = run_search(dense_cache(config), progress=False)
     assert summary["finished_trials"] == 3
     study, trials = complete_trials(url, "tiny")
     assert len(trials) == 3
@@ -119,40 +87,42 @@ def test_tiny_study_counts_constraints_and_attributes(tmp_path, storage_kind):
     assert again["ran_this_session"] == 0 and again["finished_trials"] == 3
 
 
-def test_channel_study_records_macs_and_latency(tmp_path):
-    config = load_config(write_config(tmp_path, name="ch", kind="channel", trials=2, cap=0.6,
-                                      extra="\n"))
-    run_search(config, progress=False)
+def test_channel_study_records_macs_and_latency(tmp_path, dense_cache):
+    config = load_config(write_config(tmp_path, name="ch", kind="channel", trials=2, cap=0.6))
+    run_search(dense_cache(config), progress=False)
     _, trials = complete_trials(config.storage_url, "ch")
     assert len(trials) == 2
     for t in trials:
         assert t.user_attrs["latency_ms"] > 0
+        # [latency] defaults: torch at 1 thread, batch 1, the dense model timed in the same run, predicted too.
+        a = t.user_attrs
+        assert (a["latency_runtime"], a["latency_threads"], a["latency_batch_size"]) == ("torch", 1, 1)
+        assert a["latency_fraction"] == a["latency_ms"] / a["latency_dense_ms"]
+        assert a["latency_prediction_error"] == a["latency_predicted_ms"] / a["latency_ms"] - 1
         assert t.user_attrs["macs"] < t.user_attrs["macs"] / t.user_attrs["macs_fraction"] + 1
         assert t.user_attrs["size_fraction"] <= 0.6 + 1e-9
         assert t.user_attrs["channels"][-1] == 64  # the last conv is never cut
 
 
-def test_same_seed_proposes_same_parameters(tmp_path):
+def test_same_seed_proposes_same_parameters(tmp_path, dense_cache):
     params = []
     for run in ("a", "b"):
-        config = load_config(write_config(tmp_path / run, name="seeded", trials=3, seed=7))
+        config = load_config(write_config(tmp_path / run, name="seeded", trials=2, seed=7))
         config.priors.enqueue_allocation = False
         config.priors.warm_start = []  # every trial sampled
-        run_search(config, progress=False)
+        run_search(dense_cache(config), progress=False)
         _, trials = complete_trials(config.storage_url, "seeded")
         params.append([t.params for t in trials])
     assert params[0] == params[1]
 
 
-def test_sigkill_mid_trial_then_resume(tmp_path):
-    path = write_config(tmp_path, name="killed", trials=3)
+def test_sigkill_mid_trial_then_resume(tmp_path, tiny_checkpoint):
+    # Fine-tunes of a few epochs: a trial is caught fine-tuning, even on a loaded machine.
+    path = write_config(tmp_path, name="killed", trials=2, model={"checkpoint": tiny_checkpoint},
+                        constraints={"max_accuracy_drop": 90.0}, finetune={"epochs": 4}, priors={"enabled": False})
     url = load_config(path).storage_url
-    cmd = [sys.executable, "-m", "autoprune", "search", str(path), "-q"]
-    # Make each fine-tune slow enough (a few seconds) to be caught running, even on a loaded machine.
-    text = path.read_text().replace("epochs = 1\n", "epochs = 12\n").replace("max_accuracy_drop = 30.0",
-                                                                             "max_accuracy_drop = 90.0")
-    path.write_text(text)
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "autoprune", "search", str(path), "-q"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     killed_number = None
     study = None
@@ -165,25 +135,21 @@ def test_sigkill_mid_trial_then_resume(tmp_path):
                 continue
         done = study.get_trials(states=(TrialState.COMPLETE,))
         running = study.get_trials(states=(TrialState.RUNNING,))
-        if done and running:
+        # Mid-trial: fine-tuning ("plan" is recorded just before), after a trial has finished.
+        if done and running and "plan" in running[0].user_attrs:
             killed_number = running[0].number
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait()
     assert killed_number is not None, "the search finished before it could be killed"
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    # The same command again (in this process: the resume is library code) finishes the study.
+    assert run_search(load_config(path), progress=False)["ran_this_session"] == 1
     study = optuna.load_study(study_name="killed", storage=url)
     states = {t.number: t.state for t in study.get_trials()}
     assert states[killed_number] == TrialState.FAIL
-    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
     retried = [t for t in study.get_trials() if t.system_attrs.get("failed_trial") == killed_number]
     assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "autoprune", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
 
 
 def assert_one_line_error(result, *fragments):
@@ -195,55 +161,51 @@ def assert_one_line_error(result, *fragments):
         assert fragment in lines[-1], lines[-1]
 
 
-def test_unknown_toml_key_names_it_and_valid_keys(tmp_path):
-    path = write_config(tmp_path, extra="\n[finetune2]\nx = 1\n")
-    assert_one_line_error(run_cli("search", path), "unknown table [finetune2]", "finetune")
-    path = write_config(tmp_path)
-    path.write_text(path.read_text().replace("[finetune]\n", "[finetune]\nepoch = 3\n"))
-    assert_one_line_error(run_cli("search", path), "unknown key 'epoch' in [finetune]", "epochs")
+def test_unknown_toml_key_names_it_and_valid_keys(tmp_path, capsys):
+    path = write_config(tmp_path, finetune2={"x": 1})
+    assert_one_line_error(run_main(capsys, "search", path), "unknown table [finetune2]", "finetune")
+    path = write_config(tmp_path, finetune={"epoch": 3})
+    assert_one_line_error(run_main(capsys, "search", path), "unknown key 'epoch' in [finetune]", "epochs")
 
 
-@pytest.mark.parametrize("line,fragment", [
-    ("max_size_fraction = 1.5", "max_size_fraction must be in (0, 1]"),
-    ("max_size_fraction = 0", "max_size_fraction must be in (0, 1]"),
+@pytest.mark.parametrize("cap,fragment", [
+    (1.5, "max_size_fraction must be in (0, 1]"),
+    (0, "max_size_fraction must be in (0, 1]"),
 ])
-def test_constraint_out_of_range(tmp_path, line, fragment):
-    path = write_config(tmp_path)
-    path.write_text(path.read_text().replace("max_size_fraction = 0.3", line))
-    assert_one_line_error(run_cli("search", path), fragment)
+def test_constraint_out_of_range(tmp_path, capsys, cap, fragment):
+    assert_one_line_error(run_main(capsys, "search", write_config(tmp_path, cap=cap)), fragment)
 
 
-def test_existing_study_with_another_space_is_refused_and_untouched(tmp_path):
+def test_existing_study_with_another_space_is_refused_and_untouched(tmp_path, capsys, dense_cache):
     url = f"sqlite:///{tmp_path}/shared.db"
-    run_search(load_config(write_config(tmp_path, name="same", trials=1, storage=url)), progress=False)
+    run_search(dense_cache(load_config(write_config(tmp_path, name="same", trials=1, storage=url))), progress=False)
     before = Path(f"{tmp_path}/shared.db").read_bytes()
     other = write_config(tmp_path, name="same", kind="channel", trials=1, storage=url, cap=0.6)
-    assert_one_line_error(run_cli("search", other), "already exists with another search space")
+    assert_one_line_error(run_main(capsys, "search", other), "already exists with another search space")
     assert Path(f"{tmp_path}/shared.db").read_bytes() == before
 
 
-def test_storage_that_cannot_be_opened(tmp_path):
+def test_storage_that_cannot_be_opened(tmp_path, capsys):
     bad = tmp_path / "not-a-db.db"
     bad.write_bytes(b"this is not sqlite" * 100)
     path = write_config(tmp_path, storage=f"sqlite:///{bad}")
-    assert_one_line_error(run_cli("search", path), "cannot open storage")
+    assert_one_line_error(run_main(capsys, "search", path), "cannot open storage")
     path = write_config(tmp_path, storage="postgresql://user:s3cret@127.0.0.1:1/nodb")
-    result = run_cli("search", path)
+    result = run_cli("search", path)  # a real process: its log lines (the retries) are in stderr too
     assert_one_line_error(result, "cannot open storage", "127.0.0.1")
     assert "s3cret" not in result.stderr + result.stdout
 
 
-def test_checkpoint_of_another_width(tmp_path):
+def test_checkpoint_of_another_width(tmp_path, capsys):
     from autoprune.model import build_model, save_checkpoint
 
     ckpt = save_checkpoint(build_model("vgg", width=0.25), tmp_path / "w025.pt")
-    path = write_config(tmp_path)
-    path.write_text(path.read_text().replace("train_epochs = 2", f'checkpoint = "{ckpt}"'))
-    assert_one_line_error(run_cli("search", path), "width 0.125")
+    path = write_config(tmp_path, model={"checkpoint": ckpt})
+    assert_one_line_error(run_main(capsys, "search", path), "width 0.125")
 
 
 def test_unknown_warm_start_rule_is_refused(tmp_path):
-    path = write_config(tmp_path, kind="channel", extra='warm_start = ["lamp"]\n')
+    path = write_config(tmp_path, kind="channel", priors={"warm_start": ["lamp"]})
     with pytest.raises(AutopruneError, match="warm_start: unknown rule 'lamp' for channel pruning; use some of uniform"):
         load_config(path)
 
@@ -251,8 +213,7 @@ def test_unknown_warm_start_rule_is_refused(tmp_path):
 def test_bad_config_values_raise_library_errors(tmp_path):
     with pytest.raises(AutopruneError, match="not found"):
         load_config(tmp_path / "missing.toml")
-    path = write_config(tmp_path)
-    path.write_text(path.read_text().replace('kind = "fine_grained"', 'kind = "weights"'))
+    path = write_config(tmp_path, kind="weights")
     with pytest.raises(AutopruneError, match="kind must be fine_grained or channel"):
         load_config(path)
 
@@ -278,12 +239,10 @@ def test_shipped_studies_load(name):
         assert config.accuracy_floor(95.0) == 92.5
 
 
-def test_fidelity_ladder_never_presents_partial_trials_as_fine_tuned(tmp_path):
-    extra = "\n[fidelity]\nladder = true\nwarmup_trials = 2\npromote_top = 0.3\nfull_top = 0.5\n"
-    path = write_config(tmp_path, name="ladder", trials=8, extra=extra)
-    path.write_text(path.read_text().replace("[finetune]\nepochs = 1\n", "[finetune]\nepochs = 2\n"))
-    config = load_config(path)
-    run_search(config, progress=False)
+def test_fidelity_ladder_never_presents_partial_trials_as_fine_tuned(tmp_path, dense_cache):
+    fidelity = {"ladder": True, "warmup_trials": 2, "promote_top": 0.3, "full_top": 0.5}
+    config = load_config(write_config(tmp_path, name="ladder", trials=8, fidelity=fidelity, finetune={"epochs": 2}))
+    run_search(dense_cache(config), progress=False)
     study, trials = complete_trials(config.storage_url, "ladder")
     assert len(trials) == 8
     assert all("val_accuracy_bn_recal" in t.user_attrs for t in trials)  # the cheap score, on every trial
@@ -300,12 +259,13 @@ def test_fidelity_ladder_never_presents_partial_trials_as_fine_tuned(tmp_path):
         assert "weights_artifact_id" not in t.user_attrs
 
 
-def test_channel_studies_fall_back_from_the_ladder_to_early_stop(tmp_path):
-    extra = "\n[fidelity]\nladder = true\nwarmup_trials = 0\npromote_top = 0.01\nfull_top = 0.01\n"
-    config = load_config(write_config(tmp_path, name="chl", kind="channel", trials=6, cap=0.6, extra=extra))
-    run_search(config, progress=False)
+def test_channel_studies_fall_back_from_the_ladder_to_early_stop(tmp_path, dense_cache):
+    fidelity = {"ladder": True, "warmup_trials": 0, "promote_top": 0.01, "full_top": 0.01}
+    # Three trials: the third is the first a fine-grained ladder would stop (it needs two earlier scores).
+    config = load_config(write_config(tmp_path, name="chl", kind="channel", trials=3, cap=0.6, fidelity=fidelity))
+    run_search(dense_cache(config), progress=False)
     _, trials = complete_trials(config.storage_url, "chl")
-    assert len(trials) == 6
+    assert len(trials) == 3
     # With promote_top 0.01 a fine-grained study would stop nearly every trial at bn_recal.
     assert {t.user_attrs["fidelity"] for t in trials} <= {"full", "stopped_early"}
     assert all("val_accuracy_bn_recal" in t.user_attrs for t in trials)
@@ -314,10 +274,9 @@ def test_channel_studies_fall_back_from_the_ladder_to_early_stop(tmp_path):
 def screened_study(tmp_path: Path, checkpoint: Path, screen: int | None, trials: int = 3, **kwargs):
     """A tiny study (fine-grained unless ``kind`` says) from one dense checkpoint, every trial sampled
     (no priors, so no warm starts), optionally screened."""
-    extra = "" if screen is None else f"\n[fidelity]\nscreen = {screen}\n"
-    path = write_config(tmp_path, name="screen", trials=trials, extra=extra, **kwargs)
-    path.write_text(path.read_text().replace("train_epochs = 2", f'checkpoint = "{checkpoint}"'))
-    config = load_config(path)
+    fidelity = {} if screen is None else {"screen": screen}
+    config = load_config(write_config(tmp_path, name="screen", trials=trials, fidelity=fidelity,
+                                      model={"checkpoint": checkpoint}, **kwargs))
     config.priors.enabled = False
     run_search(config, progress=False)
     return complete_trials(config.storage_url, "screen")[1]
@@ -330,8 +289,8 @@ def test_screen_fine_tunes_the_best_of_m_candidates_on_one_budget(tmp_path, capl
     channels = vgg_channels(0.125)
     total = vgg_cost(channels)["params"]
     with caplog.at_level("INFO", logger="autoprune"):
-        trials = screened_study(tmp_path / "a", tiny_checkpoint, screen=4)
-    assert len(trials) == 3
+        trials = screened_study(tmp_path / "a", tiny_checkpoint, screen=4, trials=2)
+    assert len(trials) == 2
     for t in trials:
         a = t.user_attrs
         plans, scores = a["screen_plans"], a["screen_scores"]
@@ -345,9 +304,9 @@ def test_screen_fine_tunes_the_best_of_m_candidates_on_one_budget(tmp_path, capl
         assert a["val_accuracy_bn_recal"] == scores[a["screen_chosen"]]  # the trial's own cheap score
         assert a["size_fraction"] == target
         assert a["screen_seconds"] > 0
-    assert sum("screened 4 candidates" in r.getMessage() for r in caplog.records) == 3
+    assert sum("screened 4 candidates" in r.getMessage() for r in caplog.records) == 2
     # Determinism: the candidates follow from the study seed and the trial number alone.
-    again = screened_study(tmp_path / "b", tiny_checkpoint, screen=4)
+    again = screened_study(tmp_path / "b", tiny_checkpoint, screen=4, trials=2)
     for key in ("screen_plans", "screen_scores", "screen_chosen", "plan"):
         assert [t.user_attrs[key] for t in again] == [t.user_attrs[key] for t in trials]
 
@@ -355,10 +314,10 @@ def test_screen_fine_tunes_the_best_of_m_candidates_on_one_budget(tmp_path, capl
 def test_screen_off_runs_the_repaired_proposal_as_before(tmp_path, monkeypatch, tiny_checkpoint):
     from autoprune.objective import Objective
 
-    runs = {screen: screened_study(tmp_path / f"s{screen}", tiny_checkpoint, screen, trials=2) for screen in (0, 1)}
+    runs = {screen: screened_study(tmp_path / f"s{screen}", tiny_checkpoint, screen, trials=1) for screen in (0, 1)}
     # Before screening existed: the repaired proposal ran as it was.
     monkeypatch.setattr(Objective, "screen", lambda self, trial, proposed, ratios: ratios)
-    runs["before"] = screened_study(tmp_path / "before", tiny_checkpoint, None, trials=2)
+    runs["before"] = screened_study(tmp_path / "before", tiny_checkpoint, None, trials=1)
     seen = {k: [(t.params, t.user_attrs["plan"], t.values) for t in trials] for k, trials in runs.items()}
     assert seen[0] == seen[1] == seen["before"]
     assert not any(k.startswith("screen") for trials in runs.values() for t in trials for k in t.user_attrs)
@@ -407,13 +366,13 @@ def test_perturb_keeps_bounds_and_follows_its_generator():
 ])
 def test_bad_screen_settings_are_refused(tmp_path, extra, message):
     with pytest.raises(AutopruneError) as exc:
-        load_config(write_config(tmp_path, extra=f"\n[fidelity]\n{extra}\n"))
+        load_config(write_config(tmp_path, fidelity=extra))
     assert str(exc.value) == message
 
 
-def test_warm_starts_run_as_enqueued_and_sampled_trials_are_screened(tmp_path):
-    config = load_config(write_config(tmp_path, name="warm", trials=4, extra="\n[fidelity]\nscreen = 3\n"))
-    run_search(config, progress=False)
+def test_warm_starts_run_as_enqueued_and_sampled_trials_are_screened(tmp_path, dense_cache):
+    config = load_config(write_config(tmp_path, name="warm", trials=4, fidelity={"screen": 3}))
+    run_search(dense_cache(config), progress=False)
     _, trials = complete_trials(config.storage_url, "warm")
     assert [t.user_attrs.get("warm_start") for t in trials] == ["prior allocation", "lamp", "global", None]
     assert ["screen_plans" in t.user_attrs for t in trials] == [False, False, False, True]

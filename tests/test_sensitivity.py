@@ -23,7 +23,7 @@ from autoprune.model import CONV_NAMES, PRUNABLE_LAYERS, load_checkpoint, vgg_ch
 from autoprune.priors import Priors, by_hand_rule, compute_priors
 from autoprune.sensitivity import DEFAULT_GRID, curves, parse_grid, scan, scan_cached
 
-from conftest import TINY_DATA, run_cli
+from conftest import TINY_DATA, run_cli, run_main
 
 GRID = (0.5, 0.9)
 CHANNEL_LAYERS = CONV_NAMES[:-1]
@@ -104,10 +104,10 @@ def test_grid_parsing_and_checks(tiny_checkpoint, tiny_data):
         scan(model, tiny_data.val, "channel", grid=[1.0], progress=False)
 
 
-def test_cli_writes_csv_and_png_and_reuses_the_cache(tiny_checkpoint, tmp_path):
+def test_cli_writes_csv_and_png_and_reuses_the_cache(tiny_checkpoint, tmp_path, capsys):
     args = ["sensitivity", "--checkpoint", tiny_checkpoint, "--data", TINY_DATA, "--grid", "0.5,0.9",
             "--out", tmp_path, "--json", "-q"]
-    first = run_cli(*args)
+    first = run_main(capsys, *args)
     assert first.returncode == 0, first.stderr
     d = json.loads(first.stdout)
     assert set(d) >= {"kind", "dense_accuracy", "from_cache", "csv", "png", "curves"}
@@ -117,7 +117,7 @@ def test_cli_writes_csv_and_png_and_reuses_the_cache(tiny_checkpoint, tmp_path):
     assert (tmp_path / "sensitivity-fine_grained.csv").is_file()
     png = tmp_path / "sensitivity-fine_grained.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    second = run_cli(*args[:-1])  # without -q: the cache message is logged
+    second = run_cli(*args[:-1])  # a real process, without -q: the cache message is logged to stderr
     assert second.returncode == 0, second.stderr
     assert json.loads(second.stdout)["from_cache"] is True
     assert "reusing cached scan" in second.stderr

@@ -24,77 +24,14 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from autoprune.storage import redact
+from conftest import write_study
 
 REPO = Path(__file__).resolve().parents[1]
-PG_ENV = "AUTOPRUNE_TEST_POSTGRES_URL"
 HEARTBEAT = 2  # seconds; a trial silent for 3x this is failed and retried
 
 ATTRS = ["size_fraction", "nonzero_size_mib", "params", "macs", "macs_fraction", "val_accuracy",
          "val_accuracy_before_finetune", "test_accuracy", "finetune_seconds", "plan", "proposed", "worker",
          "weights_artifact_id"]
-
-CONFIG = """
-[study]
-name = "{name}"
-kind = "fine_grained"
-trials = {trials}
-seed = 0
-out_dir = "{out}"
-storage = "{storage}"
-heartbeat_seconds = {heartbeat}
-
-[model]
-width = 0.125
-checkpoint = "{checkpoint}"
-
-[data]
-spec = "synthetic:600"
-
-[constraints]
-max_size_fraction = 0.3
-max_accuracy_drop = 90.0  # every trial feasible: every trial uploads its weights
-
-[select]
-top_k = 0  # re-scoring has its own tests (tests/test_rescore.py)
-
-[finetune]
-epochs = {epochs}
-batch_size = 128
-
-[priors]
-grid = [0.5, 0.9]
-tolerance = 30.0
-"""
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-class SecretURL(str):
-    """A URL whose repr (in pytest's reports) hides its password."""
-
-    def __repr__(self) -> str:
-        return repr(redact(str(self)))
-
-
-@pytest.fixture(scope="session")
-def pg_url() -> str:
-    url = os.environ.get(PG_ENV, "")
-    if not url:
-        message = (f"{PG_ENV} is not set; start a throwaway PostgreSQL with "
-                   f'export {PG_ENV}="$(.ci/postgres.sh start)"')
-        if _in_ci():
-            pytest.fail(f"{message} (CI is set, so the PostgreSQL tests must run: .ci/run starts the server)")
-        pytest.skip(message)
-    import psycopg2
-
-    try:
-        psycopg2.connect(url, connect_timeout=5).close()
-    except Exception as exc:
-        pytest.fail(f"{PG_ENV} is set ({redact(url)}) but the server cannot be used: {str(exc).splitlines()[0]}")
-    return SecretURL(url)
 
 
 @pytest.fixture(params=["postgres", "journal"])
@@ -118,11 +55,12 @@ def _env(tmp_path: Path) -> dict:
     return env
 
 
-def make_study(tmp_path, tiny_checkpoint, url, *, trials, epochs=1, remove_checkpoint=True):
+def make_study(tmp_path, tiny_checkpoint, url, *, trials, epochs=1, remove_checkpoint=True, priors=True):
     """Create (and set up) a study in this process; returns (name, config path).
 
     With ``remove_checkpoint`` the dense checkpoint file is deleted afterwards, so the
-    workers must fetch it from the study's artifact store, as on another machine.
+    workers must fetch it from the study's artifact store, as on another machine. With
+    ``priors`` its first three trials are the enqueued warm starts.
     """
     from autoprune.config import load_config
     from autoprune.workers import connect_storage, create_or_join
@@ -130,9 +68,11 @@ def make_study(tmp_path, tiny_checkpoint, url, *, trials, epochs=1, remove_check
     name = f"w-{uuid.uuid4().hex[:10]}"
     ckpt = tmp_path / "dense.pt"
     shutil.copy(tiny_checkpoint, ckpt)
-    path = tmp_path / f"{name}.toml"
-    path.write_text(CONFIG.format(name=name, trials=trials, out=tmp_path / "out", storage=url, heartbeat=HEARTBEAT,
-                                  checkpoint=ckpt, epochs=epochs))
+    # Every trial feasible: every trial uploads its weights.
+    study = {"name": name, "trials": trials, "out_dir": tmp_path / "out", "storage": url,
+             "heartbeat_seconds": HEARTBEAT}
+    path = write_study(tmp_path / f"{name}.toml", study=study, model={"checkpoint": ckpt},
+                       constraints={"max_accuracy_drop": 90.0}, finetune={"epochs": epochs}, priors={"enabled": priors})
     config = load_config(path)
     storage = connect_storage(url, heartbeat_seconds=HEARTBEAT)
     study, ctx, created = create_or_join(config, storage, url, device="cpu", progress=False)
@@ -198,7 +138,7 @@ def check_exact(study: optuna.Study, total: int) -> list:
 
 
 def test_three_workers_finish_exactly_n_trials(tmp_path, tiny_checkpoint, storage_url):
-    total = 6
+    total = 4  # the 3 enqueued warm starts and one sampled trial
     name, config_path = make_study(tmp_path, tiny_checkpoint, storage_url, trials=total)
     # Two `autoprune worker`s and one `autoprune search` joining the same study, started together.
     procs = [spawn(worker_cmd(storage_url, name), tmp_path, "w1"),
@@ -229,8 +169,8 @@ def test_three_workers_finish_exactly_n_trials(tmp_path, tiny_checkpoint, storag
 
 
 def test_sigkilled_worker_trial_is_retried(tmp_path, tiny_checkpoint, storage_url):
-    total = 4
-    name, _ = make_study(tmp_path, tiny_checkpoint, storage_url, trials=total, epochs=4)
+    total = 2  # one each: the survivor finishes its own, then waits for the dead one's to come back
+    name, _ = make_study(tmp_path, tiny_checkpoint, storage_url, trials=total, epochs=4, priors=False)
     procs = [spawn([a for a in worker_cmd(storage_url, name) if a != "-q"], tmp_path, f"w{i}") for i in range(2)]
     host = socket.gethostname()
     by_id = {f"{host}:{pair[0].pid}": pair for pair in procs}

@@ -1,0 +1,513 @@
+"""Deployment latency: runtimes, measurement, ONNX export and a per-layer lookup-table predictor.
+
+* Runtimes are a registry (:data:`RUNTIMES`, :func:`register`): ``torch``
+  (eager) and ``onnxruntime`` (the model exported to ONNX, run by ONNX
+  Runtime; the ``onnx`` extra). A runtime turns a model and an input shape into
+  a session whose ``run()`` does one forward pass at a fixed thread count; a
+  new runtime is one class and one :func:`register` call.
+* :func:`measure` times several models in one run: warm-up, then repeats
+  interleaved model by model, so load that drifts during the run hits each of
+  them alike; per batch size the median and the interquartile range.
+  :class:`Meter` does this for a channel trial with the dense model beside it,
+  so every trial records the latency ratio measured side by side.
+* :class:`LatencyTable` predicts a config's latency from its layers, the
+  NetAdapt / HALP way: each layer shape (conv + BatchNorm + ReLU (+ max pool),
+  or the pooled linear head) is timed once alone on the target runtime and
+  cached in a JSON file keyed by machine, runtime (and version), threads, batch
+  size and device; a config's prediction is the per-call overhead (a
+  near-empty model on the same runtime) plus each layer's time less that
+  overhead. Layers come from the architecture dict (``model.arch()``), so a
+  plan can be predicted without building the pruned model.
+* :func:`onnx_export` writes the ONNX file an export ships, checked against
+  torch's outputs with ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import importlib.util
+import io
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import AutopruneError
+from .files import atomic_write
+
+log = logging.getLogger("autoprune")
+
+ONNX_EXTRA = "pip install 'autoprune[onnx]'"
+ONNX_MODULES = ("onnx", "onnxruntime")
+ONNX_OPSET = 17
+ONNX_TOLERANCE = 1e-4  # largest |ONNX Runtime - torch| output difference an export accepts
+INPUT_SHAPE = (3, 32, 32)  # one CIFAR image
+DEVICES = ("cpu", "cuda")
+TABLE_FORMAT = 1
+
+
+def missing_modules(modules: tuple[str, ...]) -> list[str]:
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def need_onnx(what: str) -> None:
+    """Refuse ``what`` in one line when the ``onnx`` extra is not installed."""
+    missing = missing_modules(ONNX_MODULES)
+    if missing:
+        raise AutopruneError(f"{what} needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+                             f"not installed; {ONNX_EXTRA}")
+
+
+def resolve_threads(threads: int) -> int:
+    """``threads``, or for 0 one per CPU core this process may use."""
+    if threads:
+        return int(threads)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# --- ONNX ----------------------------------------------------------------------
+
+
+def to_onnx(model: nn.Module, input_shape: tuple[int, ...]) -> bytes:
+    """``model`` (eval mode, on the CPU) as ONNX bytes with a dynamic batch axis; weights inline."""
+    need_onnx("ONNX export")
+    model = copy.deepcopy(model).cpu().eval()
+    x = torch.zeros(2, *input_shape[1:])
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's deprecation notices are not the user's concern
+        try:
+            # The TorchScript-based exporter: ~0.1 s a layer where the dynamo one takes seconds, which
+            # matters when a lookup table exports every new layer shape.
+            torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=ONNX_OPSET, input_names=["input"],
+                              output_names=["output"],
+                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+            return buf.getvalue()
+        except Exception as exc:  # a torch whose legacy exporter is gone or fails on this model
+            log.debug("TorchScript-based ONNX export failed (%s); trying the dynamo exporter", exc)
+        try:
+            program = torch.onnx.export(model, (x,), dynamo=True, verbose=False, opset_version=ONNX_OPSET,
+                                        input_names=["input"], output_names=["output"],
+                                        dynamic_shapes=({0: torch.export.Dim("batch")},))
+            return program.model_proto.SerializeToString()
+        except Exception as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise AutopruneError(f"torch cannot export this model to ONNX: {reason[:160]}; please report "
+                                 f"this") from None
+
+
+def onnx_session(data: bytes, threads: int = 1, device: str = "cpu"):
+    """An ONNX Runtime inference session at a fixed thread count, fully optimised, errors only logged."""
+    need_onnx("the onnxruntime runtime")
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = resolve_threads(threads)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise AutopruneError("ONNX Runtime here has no CUDA provider; pip install onnxruntime-gpu, or measure on "
+                             "the cpu device")
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    return ort.InferenceSession(data, options, providers=providers)
+
+
+def onnx_max_difference(data: bytes, model: nn.Module, batch_size: int = 2, seed: int = 0) -> float:
+    """Largest |ONNX Runtime - torch| over the outputs for a seeded random batch."""
+    model = copy.deepcopy(model).cpu().eval()
+    x = torch.randn(batch_size, *INPUT_SHAPE, generator=torch.Generator().manual_seed(seed))
+    session = onnx_session(data)
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = model(x).numpy()
+    if got.shape != want.shape:
+        raise AutopruneError(f"the ONNX export gives outputs of shape {list(got.shape)}, torch "
+                             f"{list(want.shape)}; please report this")
+    return float(np.abs(got - want).max())
+
+
+def onnx_export(model: nn.Module, atol: float = ONNX_TOLERANCE) -> tuple[bytes, dict]:
+    """``model`` as ONNX bytes, checked: ONNX Runtime's outputs within ``atol`` of torch's (batches 1 and 3)."""
+    data = to_onnx(model, (1, *INPUT_SHAPE))
+    diff = max(onnx_max_difference(data, model, batch_size=b) for b in (1, 3))
+    if not diff <= atol:
+        raise AutopruneError(f"the ONNX export differs from the model by {diff:g} (more than {atol:g}); please "
+                             f"report this")
+    import onnxruntime
+
+    return data, {"written": True, "opset": ONNX_OPSET, "max_abs_difference": diff, "tolerance": atol,
+                  "onnxruntime": onnxruntime.__version__, "input": "input: float32 [batch, 3, 32, 32]"}
+
+
+# --- runtimes ------------------------------------------------------------------
+
+
+class Runtime:
+    """A way to run a model: subclasses give ``name``, the modules they need and :meth:`session`."""
+
+    name = ""
+    needs: tuple[str, ...] = ()  # importable modules; a missing one is refused by check()
+    extra = ""  # how to install them
+
+    def check(self) -> None:
+        missing = missing_modules(self.needs)
+        if missing:
+            raise AutopruneError(f"latency runtime {self.name!r} needs {' and '.join(missing)}, which "
+                                 f"{'is' if len(missing) == 1 else 'are'} not installed; {self.extra}")
+
+    def version(self) -> str:
+        raise NotImplementedError
+
+    def session(self, model: nn.Module, input_shape: tuple[int, ...], threads: int,
+                device: str = "cpu") -> contextlib.AbstractContextManager[Callable[[], object]]:
+        """A context whose value runs one forward pass of ``model`` on a fixed input of ``input_shape``."""
+        raise NotImplementedError
+
+
+class TorchRuntime(Runtime):
+    name = "torch"
+
+    def version(self) -> str:
+        return torch.__version__
+
+    @contextlib.contextmanager
+    def session(self, model, input_shape, threads, device="cpu") -> Iterator[Callable[[], object]]:
+        if device == "cuda" and not torch.cuda.is_available():
+            raise AutopruneError("latency device cuda: this machine has no CUDA device; measure on the cpu")
+        net = copy.deepcopy(model).to(device).eval()  # a copy: the caller's model stays where it is
+        x = torch.zeros(*input_shape, device=device)
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        before = torch.get_num_threads()
+        torch.set_num_threads(resolve_threads(threads))  # process-wide: restored on exit
+        try:
+            with torch.inference_mode():
+                def run():
+                    out = net(x)
+                    sync()
+                    return out
+
+                yield run
+        finally:
+            torch.set_num_threads(before)
+
+
+class OnnxRuntime(Runtime):
+    name = "onnxruntime"
+    needs = ONNX_MODULES
+    extra = ONNX_EXTRA
+
+    def version(self) -> str:
+        import onnxruntime
+
+        return onnxruntime.__version__
+
+    @contextlib.contextmanager
+    def session(self, model, input_shape, threads, device="cpu") -> Iterator[Callable[[], object]]:
+        session = onnx_session(to_onnx(model, input_shape), threads, device)
+        feed = {session.get_inputs()[0].name: np.zeros(input_shape, dtype=np.float32)}
+        yield lambda: session.run(None, feed)
+
+
+RUNTIMES: dict[str, Runtime] = {}
+
+
+def register(runtime: Runtime) -> Runtime:
+    RUNTIMES[runtime.name] = runtime
+    return runtime
+
+
+register(TorchRuntime())
+register(OnnxRuntime())
+
+
+def get_runtime(name: str, check: bool = True) -> Runtime:
+    """The registered runtime ``name`` (its modules checked), or a one-line error naming the choices."""
+    if not isinstance(name, str) or name not in RUNTIMES:
+        raise AutopruneError(f"unknown latency runtime {name!r}; choose one of {', '.join(RUNTIMES)}")
+    runtime = RUNTIMES[name]
+    if check:
+        runtime.check()
+    return runtime
+
+
+# --- measurement ---------------------------------------------------------------
+
+
+def summarize(samples_ms: list[float]) -> dict:
+    """Median and spread of timed runs (milliseconds): quartiles by statistics.quantiles' default method."""
+    if not samples_ms:
+        raise ValueError("no samples")
+    q1, _, q3 = statistics.quantiles(samples_ms, n=4) if len(samples_ms) > 1 else (samples_ms[0],) * 3
+    return {"median_ms": statistics.median(samples_ms), "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1,
+            "min_ms": min(samples_ms), "max_ms": max(samples_ms), "repeats": len(samples_ms)}
+
+
+def time_runs(runs: dict[str, Callable[[], object]], warmup: int, repeats: int,
+              clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Milliseconds per run of each callable: ``warmup`` untimed runs each, then ``repeats`` rounds that run
+    every callable once in turn (interleaved: drift in the machine's load hits each alike)."""
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = clock()
+            run()
+            samples[name].append(1000.0 * (clock() - start))
+    return samples
+
+
+def measure(models: dict[str, nn.Module], *, runtime: str = "torch", threads: int = 1,
+            batch_sizes: tuple[int, ...] | list[int] = (1,), warmup: int = 10, repeats: int = 50,
+            device: str = "cpu", clock: Callable[[], float] = time.perf_counter) -> dict[str, dict[int, dict]]:
+    """Latency of each model, measured side by side: ``{name: {batch_size: summarize(...)}}``."""
+    rt = get_runtime(runtime)
+    out: dict[str, dict[int, dict]] = {name: {} for name in models}
+    for b in batch_sizes:
+        with contextlib.ExitStack() as stack:
+            runs = {name: stack.enter_context(rt.session(m, (int(b), *INPUT_SHAPE), threads, device))
+                    for name, m in models.items()}
+            for name, samples in time_runs(runs, warmup, repeats, clock).items():
+                out[name][int(b)] = summarize(samples)
+    return out
+
+
+# --- the lookup-table predictor ------------------------------------------------
+
+
+class _Head(nn.Module):
+    """The VGG's head: global average pooling, then the linear layer."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.fc = nn.Linear(in_features, out_features)
+
+    def forward(self, x):
+        return self.fc(x.mean([2, 3]))
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One entry of the table: a layer shape, timed alone at its place's input size."""
+
+    kind: str  # conv (3x3 conv + BatchNorm + ReLU), head (mean pool + linear), overhead (one ReLU)
+    in_channels: int
+    out_channels: int
+    size: int  # input height = width
+    pool: bool = False  # a 2x2 max pool follows (conv)
+
+    @property
+    def key(self) -> str:
+        if self.kind == "conv":
+            return f"conv3x3 {self.in_channels}->{self.out_channels} @{self.size}" + (" +pool" if self.pool else "")
+        if self.kind == "head":
+            return f"head {self.in_channels}->{self.out_channels} @{self.size}"
+        return f"overhead {self.in_channels}x{self.size}x{self.size}"
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.in_channels, self.size, self.size)
+
+    def module(self) -> nn.Module:
+        if self.kind == "conv":
+            parts = [nn.Conv2d(self.in_channels, self.out_channels, 3, padding=1, bias=False),
+                     nn.BatchNorm2d(self.out_channels), nn.ReLU(inplace=True)]
+            return nn.Sequential(*parts, *([nn.MaxPool2d(2)] if self.pool else [])).eval()
+        if self.kind == "head":
+            return _Head(self.in_channels, self.out_channels).eval()
+        return nn.ReLU().eval()
+
+
+def vgg_layers(arch: dict) -> list[Layer]:
+    """The lab's VGG as table entries, from its conv widths (``arch['channels']``)."""
+    from .model import VGG_PLAN
+
+    layers: list[Layer] = []
+    widths = iter(arch["channels"])
+    c, size = INPUT_SHAPE[0], INPUT_SHAPE[1]
+    for v in VGG_PLAN:
+        if v == "M":
+            layers[-1] = dataclasses.replace(layers[-1], pool=True)
+            size //= 2
+            continue
+        out = int(next(widths))
+        layers.append(Layer("conv", c, out, size))
+        c = out
+    return layers + [Layer("head", c, int(arch["num_classes"]), size)]
+
+
+LAYERS: dict[str, Callable[[dict], list[Layer]]] = {"vgg": vgg_layers}  # architecture name -> its entries
+
+
+def layers_of(arch: dict | nn.Module) -> list[Layer]:
+    arch = arch.arch() if isinstance(arch, nn.Module) else arch
+    name = arch.get("name", "vgg")
+    if name not in LAYERS:
+        raise AutopruneError(f"no latency table layout for model {name!r}; known: {', '.join(LAYERS)}")
+    return LAYERS[name](arch)
+
+
+def machine() -> dict:
+    """What identifies this machine's timings: host, CPU model and count, OS."""
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"host": platform.node(), "cpu": cpu, "cpus": os.cpu_count(), "system": platform.system(),
+            "arch": platform.machine()}
+
+
+class LatencyTable:
+    """Per-layer latencies on one runtime, threads, batch size and device, cached per machine.
+
+    ``cache_dir`` None keeps the table in memory. The file's name carries a hash of
+    :meth:`key`, so a different runtime (or version), thread count, batch size,
+    device or machine reads and writes another file. ``timed`` counts the layers
+    this object timed (not read from the cache).
+    """
+
+    def __init__(self, runtime: str = "torch", threads: int = 1, batch_size: int = 1, device: str = "cpu",
+                 cache_dir: str | os.PathLike | None = None, warmup: int = 10, repeats: int = 50,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.runtime = get_runtime(runtime)
+        self.threads, self.batch_size, self.device = resolve_threads(threads), int(batch_size), device
+        self.warmup, self.repeats, self.clock = warmup, repeats, clock
+        self.timed = 0
+        self._unsaved = False
+        self.entries: dict[str, dict] = {}
+        self._key = {"format": TABLE_FORMAT, "machine": machine(), "runtime": self.runtime.name,
+                     "runtime_version": self.runtime.version(), "torch": torch.__version__, "threads": self.threads,
+                     "batch_size": self.batch_size, "device": self.device}
+        digest = hashlib.sha256(json.dumps(self._key, sort_keys=True).encode()).hexdigest()[:12]
+        self.path = (Path(cache_dir) / f"{self.runtime.name}-{device}-t{self.threads}-b{self.batch_size}-{digest}.json"
+                     if cache_dir is not None else None)
+        self.entries.update(self._read())
+
+    def key(self) -> dict:
+        """Everything a timing depends on; a table is reused only where all of it matches."""
+        return dict(self._key)
+
+    def _read(self) -> dict:
+        if self.path is None or not self.path.is_file():
+            return {}
+        try:
+            stored = json.loads(self.path.read_text())
+            if stored.get("key") == self.key() and isinstance(stored.get("entries"), dict):
+                return {k: v for k, v in stored["entries"].items() if isinstance(v, dict) and "median_ms" in v}
+        except (OSError, ValueError, AttributeError):
+            pass
+        log.warning("latency table %s is unreadable or for another setup; timing afresh", self.path)
+        return {}
+
+    def save(self) -> None:
+        """Merge into the cache file (another worker may have added entries meanwhile), whole or not at all."""
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.entries = {**self._read(), **self.entries}
+            atomic_write(self.path, json.dumps({"key": self.key(), "entries": self.entries}, indent=1,
+                                               sort_keys=True) + "\n")
+            self._unsaved = False
+        except OSError as exc:  # a cache that cannot be written costs time, not correctness
+            log.warning("cannot write the latency table %s: %s", self.path, exc.strerror or exc)
+
+    def ms(self, layer: Layer) -> float:
+        """The layer's median time alone, from the table or timed now (and added)."""
+        if layer.key not in self.entries:
+            shape = (self.batch_size, *layer.input_shape)
+            with self.runtime.session(layer.module(), shape, self.threads, self.device) as run:
+                samples = time_runs({"layer": run}, self.warmup, self.repeats, self.clock)["layer"]
+            self.entries[layer.key] = summarize(samples)
+            self.timed += 1
+            self._unsaved = True
+        return float(self.entries[layer.key]["median_ms"])
+
+    def breakdown(self, arch: dict | nn.Module) -> dict[str, float]:
+        """Predicted milliseconds per layer (the per-call overhead taken out) and ``overhead``."""
+        layers = layers_of(arch)
+        overhead = self.ms(Layer("overhead", INPUT_SHAPE[0], INPUT_SHAPE[0], INPUT_SHAPE[1]))
+        # Each entry was one call: its time includes the runtime's per-call cost, which a whole model
+        # pays once. Clamped: a layer cheaper than the overhead costs nothing, never less.
+        parts = {f"{i}: {layer.key}": max(0.0, self.ms(layer) - overhead) for i, layer in enumerate(layers)}
+        if self._unsaved:
+            self.save()
+        return {"overhead": overhead, **parts}
+
+    def predict_ms(self, arch: dict | nn.Module) -> float:
+        return sum(self.breakdown(arch).values())
+
+
+# --- a study's latency figures -------------------------------------------------
+
+
+class Meter:
+    """A study's latency settings (``[latency]``): measure a model beside the dense one, and predict."""
+
+    def __init__(self, runtime: str = "torch", threads: int = 1, batch_sizes=(1,), warmup: int = 10,
+                 repeats: int = 50, device: str = "cpu", predict: bool = True,
+                 cache_dir: str | os.PathLike | None = None, clock: Callable[[], float] = time.perf_counter):
+        get_runtime(runtime)
+        self.runtime, self.threads, self.device = runtime, resolve_threads(threads), device
+        self.batch_sizes = [int(b) for b in batch_sizes]
+        self.warmup, self.repeats, self.clock = warmup, repeats, clock
+        self.table = (LatencyTable(runtime, self.threads, self.batch_sizes[0], device, cache_dir, warmup, repeats,
+                                   clock) if predict else None)
+
+    @classmethod
+    def from_config(cls, section, cache_dir=None) -> "Meter":
+        return cls(section.runtime, section.threads, section.batch_sizes, section.warmup, section.repeats,
+                   section.device, section.predict, cache_dir)
+
+    def describe(self) -> dict:
+        return {"runtime": self.runtime, "threads": self.threads, "device": self.device,
+                "batch_sizes": self.batch_sizes, "warmup": self.warmup, "repeats": self.repeats}
+
+    def figures(self, model: nn.Module, dense: nn.Module | None = None) -> dict:
+        """Trial attributes: ``latency_ms`` (median at the first batch size) with its runtime, threads, batch
+        and spread; with ``dense``: its latency from the same run and ``latency_fraction``; with the table:
+        ``latency_predicted_ms`` and ``latency_prediction_error`` (predicted / measured - 1)."""
+        models = {"model": model, **({"dense": dense} if dense is not None else {})}
+        runs = measure(models, runtime=self.runtime, threads=self.threads, batch_sizes=self.batch_sizes,
+                       warmup=self.warmup, repeats=self.repeats, device=self.device, clock=self.clock)
+        b = self.batch_sizes[0]
+        mine = runs["model"][b]
+        out = {"latency_ms": mine["median_ms"], "latency_iqr_ms": mine["iqr_ms"], "latency_batch_size": b,
+               "latency_runtime": self.runtime, "latency_threads": self.threads, "latency_device": self.device}
+        per_batch = {}
+        for size, stats in runs["model"].items():
+            row = {k: stats[k] for k in ("median_ms", "iqr_ms", "min_ms", "repeats")}
+            if dense is not None:
+                row["dense_median_ms"] = runs["dense"][size]["median_ms"]
+                row["fraction"] = stats["median_ms"] / row["dense_median_ms"]
+            per_batch[str(size)] = row
+        out["latency"] = {**self.describe(), "batches": per_batch}
+        if dense is not None:
+            out["latency_dense_ms"] = runs["dense"][b]["median_ms"]
+            out["latency_fraction"] = mine["median_ms"] / out["latency_dense_ms"]
+        if self.table is not None:
+            predicted = self.table.predict_ms(model)
+            out["latency_predicted_ms"] = predicted
+            out["latency_prediction_error"] = predicted / mine["median_ms"] - 1.0
+        return out

@@ -1,0 +1,228 @@
+"""Deployment latency of channel-pruned VGGs: runtimes, threads, predicted vs measured, latency vs MACs.
+
+For each width, runtime (``torch`` eager, ``onnxruntime``) and thread count, on one
+device, the dense VGG and a set of channel-pruned configs are timed by
+:class:`autoprune.latency.Meter`: each config side by side with the dense model
+(interleaved repeats after warm-up; median and interquartile range), at every
+batch size. Configs: uniform ratios (``--uniform``) and ``--random`` seeded
+per-layer ratios in [0, ``--max-ratio``], each also with its kept channel counts
+rounded to multiples of every ``--round-to`` value (hardware-friendly widths: does
+latency then follow MACs better?). The weights are random: latency does not
+depend on their values.
+
+Per config and batch size it records the MACs reduction (dense MACs / MACs), the
+latency reduction (dense ms / ms, measured in the same run) and their ratio (the
+issue's "latency reduction / MACs reduction", 1 when latency follows MACs), and
+the lookup table's prediction (:class:`autoprune.latency.LatencyTable`, one table
+per batch size, cached under ``--cache``) with its error (predicted / measured - 1).
+The summary gives, per width / runtime / threads / batch, the median of that
+ratio and the median and largest |prediction error| over the configs.
+
+Latency figures need an idle machine: the load average is recorded before and
+after, with a warning when the machine is busy.
+
+    python benchmarks/latency.py                                    # CPU: widths 1 and 0.125, both runtimes
+    python benchmarks/latency.py --widths 0.125 --random 2 --uniform 0.5 --repeats 3 --warmup 1 \\
+        --batch-sizes 1 --out /tmp/latency-smoke.json                # a smoke run, seconds
+    python benchmarks/latency.py --device cuda                      # torch CUDA and ONNX Runtime's CUDA provider
+
+Results go to ``benchmarks/results/latency-<device>.json`` (and a Markdown table beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from autoprune import latency
+from autoprune.errors import AutopruneError
+from autoprune.channel import kept_channels
+from autoprune.metrics import count_macs
+from autoprune.model import CONV_NAMES, build_model
+from autoprune.plan import PruningPlan, prune
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def configs(uniform: list[float], random: int, max_ratio: float, seed: int) -> list[dict]:
+    """Named channel configs: uniform ratios, then seeded random per-layer ratios (the last conv is never cut)."""
+    out = [{"name": f"uniform {r:g}", "ratios": {n: r for n in CONV_NAMES[:-1]}} for r in uniform]
+    rng = np.random.default_rng(seed)
+    for i in range(random):
+        out.append({"name": f"random {i}",
+                    "ratios": {n: round(float(rng.uniform(0, max_ratio)), 4) for n in CONV_NAMES[:-1]}})
+    return out
+
+
+def rounded(channels: list[int], ratios: dict[str, float], multiple: int) -> dict[str, float]:
+    """``ratios`` with each conv's kept channels rounded to the nearest multiple of ``multiple`` (at least one
+    multiple, at most all channels); exact ratios ``1 - kept / channels``, as autoprune.budget returns."""
+    if multiple <= 1:
+        return ratios
+    kept = kept_channels(channels, ratios)
+    out = {}
+    for name, c, k in zip(CONV_NAMES, channels, kept):
+        if name in ratios:
+            k = min(c, max(multiple, multiple * round(k / multiple)))
+            out[name] = 1.0 - k / c
+    return out
+
+
+def run_one(width: float, runtime: str, threads: int, args, cfgs: list[dict]) -> list[dict]:
+    torch.manual_seed(args.seed)
+    dense = build_model("vgg", width=width).eval()
+    dense_macs = count_macs(dense)
+    meter = latency.Meter(runtime, threads, args.batch_sizes, args.warmup, args.repeats, args.device, predict=False)
+    tables = {b: latency.LatencyTable(runtime, threads, b, args.device, args.cache, args.warmup, args.repeats)
+              for b in args.batch_sizes}
+    rows = []
+    variants = [{"name": "dense", "ratios": {}, "round_to": 1}]
+    for cfg in cfgs:
+        variants += [{"name": cfg["name"], "ratios": rounded(dense.channels, cfg["ratios"], m), "round_to": m}
+                     for m in args.round_to]
+    for cfg in variants:
+        model = dense if not cfg["ratios"] else prune(dense, PruningPlan("channel", cfg["ratios"]).for_model(dense)).model
+        macs = count_macs(model)
+        f = meter.figures(model.eval(), dense)
+        for b, m in f["latency"]["batches"].items():
+            predicted = tables[int(b)].predict_ms(model)
+            rows.append({
+                "width": width, "runtime": runtime, "threads": f["latency_threads"], "batch_size": int(b),
+                "config": cfg["name"], "round_to": cfg["round_to"], "ratios": cfg["ratios"],
+                "channels": list(model.channels),
+                "macs": macs, "macs_reduction": dense_macs / macs, "median_ms": m["median_ms"], "iqr_ms": m["iqr_ms"],
+                "dense_median_ms": m["dense_median_ms"], "latency_reduction": 1.0 / m["fraction"],
+                "latency_vs_macs": (1.0 / m["fraction"]) / (dense_macs / macs) if macs != dense_macs else None,
+                "predicted_ms": predicted, "prediction_error": predicted / m["median_ms"] - 1.0,
+            })
+            print(f"  w{width:g} {runtime:<11} t{f['latency_threads']} b{b:<3} {cfg['name']:<10} "
+                  f"r{cfg['round_to']:<2} "
+                  f"{m['median_ms']:8.3f} ms (dense {m['dense_median_ms']:.3f}), MACs /{dense_macs / macs:.2f}, "
+                  f"latency /{1.0 / m['fraction']:.2f}, predicted {predicted:.3f} ms "
+                  f"({100 * (predicted / m['median_ms'] - 1):+.1f}%)", file=sys.stderr)
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per width, runtime, threads, batch and rounding: medians over the configs (the dense row counts in the
+    prediction error of every rounding)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["config"] != "dense":
+            groups.setdefault((r["width"], r["runtime"], r["threads"], r["batch_size"], r.get("round_to", 1)),
+                              []).append(r)
+    dense = {(r["width"], r["runtime"], r["threads"], r["batch_size"]): r for r in rows if r["config"] == "dense"}
+    out = []
+    for (width, runtime, threads, b, multiple), pruned in groups.items():
+        rs = pruned + ([dense[width, runtime, threads, b]] if (width, runtime, threads, b) in dense else [])
+        errors = [abs(r["prediction_error"]) for r in rs]
+        ratios = [r["latency_vs_macs"] for r in pruned if r["latency_vs_macs"] is not None]
+        out.append({
+            "width": width, "runtime": runtime, "threads": threads, "batch_size": b, "round_to": multiple,
+            "configs": len(pruned),
+            "dense_ms": statistics.median(r["dense_median_ms"] for r in rs),
+            "latency_vs_macs_median": statistics.median(ratios) if ratios else None,
+            "prediction_abs_error_median": statistics.median(errors),
+            "prediction_abs_error_max": max(errors),
+        })
+    return out
+
+
+def markdown(summary: list[dict]) -> str:
+    lines = ["| width | runtime | threads | batch | round_to | dense ms | latency reduction / MACs reduction (median) | "
+             "predicted vs measured: median / max abs error |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for s in summary:
+        ratio = "-" if s["latency_vs_macs_median"] is None else f"{s['latency_vs_macs_median']:.2f}"
+        lines.append(f"| {s['width']:g} | {s['runtime']} | {s['threads']} | {s['batch_size']} | {s['round_to']} | "
+                     f"{s['dense_ms']:.3f} | "
+                     f"{ratio} | {100 * s['prediction_abs_error_median']:.1f}% / "
+                     f"{100 * s['prediction_abs_error_max']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def listed(kind, text: str) -> list:
+    return [kind(x) for x in text.split(",") if x.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--widths", type=lambda t: listed(float, t), default=[1.0, 0.125], help="default 1,0.125")
+    p.add_argument("--runtimes", type=lambda t: listed(str, t), default=list(latency.RUNTIMES),
+                   help=f"default {','.join(latency.RUNTIMES)}")
+    p.add_argument("--threads", type=lambda t: listed(int, t), default=[1, 0],
+                   help="thread counts (0: one per CPU core; default 1,0)")
+    p.add_argument("--batch-sizes", type=lambda t: listed(int, t), default=[1, 64], help="default 1,64")
+    p.add_argument("--uniform", type=lambda t: listed(float, t), default=[0.3, 0.5, 0.7],
+                   help="uniform channel ratios (default 0.3,0.5,0.7)")
+    p.add_argument("--random", type=int, default=6, help="seeded random per-layer configs (default 6)")
+    p.add_argument("--max-ratio", type=float, default=0.8, help="random ratios in [0, this] (default 0.8)")
+    p.add_argument("--round-to", type=lambda t: listed(int, t), default=[1, 8],
+                   help="also run each config with kept channels rounded to these multiples (1: as is; default 1,8)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=latency.DEVICES)
+    p.add_argument("--cache", type=Path, default=ROOT / "reports" / "cache" / "latency",
+                   help="lookup-table cache (default reports/cache/latency, as studies')")
+    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/latency-<device>.json)")
+    args = p.parse_args(argv)
+    try:
+        for name in args.runtimes:
+            latency.get_runtime(name)
+    except AutopruneError as exc:
+        p.error(str(exc))
+
+    started = time.perf_counter()
+    result = {
+        "benchmark": "latency",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(argv),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": latency.machine(), "python": platform.python_version(), "torch": torch.__version__,
+        "runtime_versions": {n: latency.RUNTIMES[n].version() for n in args.runtimes},
+        "device": args.device,
+        "card": torch.cuda.get_device_name() if args.device == "cuda" else None,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "definitions": "macs_reduction = dense MACs / MACs; latency_reduction = dense ms / ms (medians, timed "
+                       "side by side); latency_vs_macs = latency_reduction / macs_reduction; prediction_error = "
+                       "lookup-table prediction / measured median - 1",
+        "load_average_before": os.getloadavg(),
+    }
+    if args.device == "cpu" and os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
+        result["warning"] = (f"machine busy (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs): "
+                             f"latency figures are not trustworthy")
+        print(f"warning: {result['warning']}", file=sys.stderr)
+    cfgs = configs(args.uniform, args.random, args.max_ratio, args.seed)
+    rows = []
+    for width in args.widths:
+        for runtime in args.runtimes:
+            for threads in args.threads:
+                rows += run_one(width, runtime, threads, args, cfgs)
+    result["summary"] = summarize(rows)
+    result["rows"] = rows
+    result["seconds"] = time.perf_counter() - started
+    result["load_average_after"] = os.getloadavg()
+
+    out = args.out or RESULTS / f"latency-{args.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result["summary"])
+    out.with_suffix(".md").write_text(f"`{result['command']}` ({result['date']}, {result['machine']['cpu']}"
+                                      f"{', ' + result['card'] if result['card'] else ''})\n\n" + table)
+    print(table)
+    print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

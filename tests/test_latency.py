@@ -1,0 +1,370 @@
+"""Latency: ONNX export equivalence, the runtime registry, measurement mechanics, the lookup-table predictor.
+
+No test asserts a timing: a fake runtime on a fake clock gives every run a known cost, so medians,
+ratios and predictions are exact; real runtimes are only checked to run and to agree numerically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from autoprune import latency
+from autoprune.config import LatencySection, StudyConfig, load_config
+from autoprune.errors import AutopruneError
+from autoprune.model import build_model
+from autoprune.plan import PruningPlan, prune
+
+from conftest import TINY_WIDTH, assert_cli_error, randomized_model, run_main
+
+
+def channel_pruned(ratio: float = 0.5, width: float = TINY_WIDTH):
+    dense = randomized_model(width)
+    plan = PruningPlan("channel", {f"conv{i}": ratio for i in range(7)}).for_model(dense)
+    return prune(dense, plan).model.eval()
+
+
+# --- ONNX ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pruned", [False, True], ids=["dense", "channel-pruned"])
+def test_onnx_export_matches_torch_to_1e4(pruned):
+    import onnxruntime as ort
+
+    model = channel_pruned() if pruned else randomized_model(TINY_WIDTH)
+    data, info = latency.onnx_export(model)
+    assert info["written"] and info["max_abs_difference"] <= 1e-4 and info["tolerance"] == 1e-4
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input"]
+    assert [o.name for o in session.get_outputs()] == ["output"]
+    for batch in (1, 5):  # the batch axis is dynamic
+        x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+        got = session.run(None, {"input": x.numpy()})[0]
+        with torch.no_grad():
+            want = model(x).numpy()
+        assert got.shape == want.shape == (batch, 10)
+        assert np.abs(got - want).max() <= 1e-4
+
+
+def test_onnx_export_refuses_a_mismatch(monkeypatch):
+    monkeypatch.setattr(latency, "onnx_max_difference", lambda *a, **k: 0.5)
+    with pytest.raises(AutopruneError, match=r"^the ONNX export differs from the model by 0.5 \(more than 0.0001\)"):
+        latency.onnx_export(channel_pruned())
+
+
+@pytest.fixture
+def no_onnx(monkeypatch):
+    """As if the 'onnx' extra were not installed: onnxruntime cannot be found."""
+    real = latency.importlib.util.find_spec
+    monkeypatch.setattr(latency.importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime"
+                        else real(name, *a))
+
+
+def test_without_the_extra_onnx_is_refused_in_one_line(no_onnx, capsys):
+    fix = "pip install 'autoprune[onnx]'"
+    with pytest.raises(AutopruneError) as exc:
+        latency.onnx_export(channel_pruned())
+    assert str(exc.value) == f"ONNX export needs onnxruntime, which is not installed; {fix}"
+    with pytest.raises(AutopruneError) as exc:
+        latency.get_runtime("onnxruntime")
+    assert str(exc.value) == f"latency runtime 'onnxruntime' needs onnxruntime, which is not installed; {fix}"
+    latency.get_runtime("torch")  # the default runtime needs nothing more
+    config = StudyConfig()
+    config.study.kind = "channel"
+    config.latency.runtime = "onnxruntime"
+    with pytest.raises(AutopruneError) as exc:
+        config.validate()
+    assert str(exc.value) == (f"[latency] runtime: latency runtime 'onnxruntime' needs onnxruntime, which is not "
+                              f"installed; {fix}")
+    config.study.kind = "fine_grained"  # measures no latency: the missing extra does not matter
+    config.validate()
+    line = assert_cli_error(run_main(capsys, "profile", "--width", TINY_WIDTH, "--runtime", "onnxruntime"))
+    assert line == (f"autoprune: error: --runtime must be installed: latency runtime 'onnxruntime' needs "
+                    f"onnxruntime, which is not installed; {fix}")
+
+
+def test_export_skips_model_onnx_without_the_extra_and_says_why(no_onnx):
+    from autoprune.export import _onnx
+
+    data, info = _onnx(channel_pruned())
+    assert data is None
+    assert info == {"written": False,
+                    "reason": "model.onnx needs onnxruntime, which is not installed; pip install 'autoprune[onnx]'"}
+
+
+# --- runtimes and their names ------------------------------------------------------
+
+
+def test_bad_runtime_names_give_one_line_errors(tmp_path, capsys):
+    with pytest.raises(AutopruneError) as exc:
+        latency.get_runtime("tensorrt")
+    assert str(exc.value) == "unknown latency runtime 'tensorrt'; choose one of torch, onnxruntime"
+    toml = tmp_path / "s.toml"
+    toml.write_text('[study]\nkind = "channel"\n[latency]\nruntime = "ort"\n')
+    with pytest.raises(AutopruneError) as exc:
+        load_config(toml)
+    assert str(exc.value) == "[latency] runtime: unknown latency runtime 'ort'; choose one of torch, onnxruntime"
+    line = assert_cli_error(run_main(capsys, "profile", "--width", TINY_WIDTH, "--runtime", "Torch"))
+    assert line == "autoprune: error: --runtime must be one of torch, onnxruntime, got 'Torch'"
+
+
+@pytest.mark.parametrize("table, wanted", [
+    ('threads = -1', "[latency] threads must be in [0, 1024] (0: one per CPU core), got -1"),
+    ('batch_sizes = []', "[latency] batch_sizes must be a non-empty list of integers in [1, 4096], got []"),
+    ('batch_sizes = [1, 0]', "[latency] batch_sizes must be a non-empty list of integers in [1, 4096], got [1, 0]"),
+    ('batch_sizes = [1.5]', "[latency] batch_sizes must be a list of integers, got [1.5] (1.5 is a float)"),
+    ('repeats = 0', "[latency] repeats must be in [1, 100000], got 0"),
+    ('device = "tpu"', "[latency] device must be one of cpu, cuda, got 'tpu'"),
+])
+def test_latency_section_is_validated(tmp_path, table, wanted):
+    toml = tmp_path / "s.toml"
+    toml.write_text(f'[study]\nkind = "channel"\n[latency]\n{table}\n')
+    with pytest.raises(AutopruneError) as exc:
+        load_config(toml)
+    assert str(exc.value).removesuffix(f" in {toml}") == wanted
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_cuda_without_a_device_is_refused_in_one_line(tmp_path):
+    toml = tmp_path / "s.toml"
+    toml.write_text('[study]\nkind = "channel"\n[latency]\ndevice = "cuda"\n')
+    with pytest.raises(AutopruneError) as exc:
+        load_config(toml)
+    assert str(exc.value) == '[latency] device cuda: this machine has no CUDA device; set device = "cpu"'
+    with pytest.raises(AutopruneError, match="^latency device cuda: this machine has no CUDA device"):
+        latency.measure({"m": torch.nn.ReLU()}, device="cuda")
+
+
+def test_a_stored_config_without_latency_gets_the_defaults():
+    stored = StudyConfig().to_dict()
+    del stored["latency"]  # a study made before [latency] existed
+    assert StudyConfig.from_dict(stored).latency == LatencySection()
+
+
+def test_torch_session_fixes_threads_and_restores_them():
+    before = torch.get_num_threads()
+    want = 2 if before != 2 else 1
+    with latency.RUNTIMES["torch"].session(torch.nn.ReLU(), (1, 3, 4, 4), want) as run:
+        assert torch.get_num_threads() == want
+        assert run().shape == (1, 3, 4, 4)
+    assert torch.get_num_threads() == before
+
+
+# --- measurement mechanics, on a fake clock --------------------------------------------
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class FakeRuntime(latency.Runtime):
+    """Each run advances the clock by a cost that depends on the model and batch, and is counted."""
+
+    name = "fake"
+
+    def __init__(self, clock: Clock, version: str = "1"):
+        self.clock, self._version = clock, version
+        self.sessions: list[tuple] = []
+        self.runs = 0
+
+    def version(self) -> str:
+        return self._version
+
+    @staticmethod
+    def cost_ms(model, input_shape) -> float:
+        return input_shape[0] * (1 + sum(p.numel() for p in model.parameters()) / 1000)
+
+    @contextlib.contextmanager
+    def session(self, model, input_shape, threads, device="cpu"):
+        self.sessions.append((type(model).__name__, tuple(input_shape), threads))
+        cost = self.cost_ms(model, input_shape) / 1000
+
+        def run():
+            self.clock.t += cost
+            self.runs += 1
+
+        yield run
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    clock = Clock()
+    runtime = FakeRuntime(clock)
+    monkeypatch.setitem(latency.RUNTIMES, "fake", runtime)
+    return runtime
+
+
+def test_summarize_gives_median_and_quartiles_of_the_samples():
+    s = latency.summarize([5.0, 1.0, 3.0, 2.0, 4.0, 100.0])  # exclusive quartiles: positions 1.75 and 5.25
+    assert s == {"median_ms": 3.5, "q1_ms": 1.75, "q3_ms": 28.75, "iqr_ms": 27.0, "min_ms": 1.0, "max_ms": 100.0,
+                 "repeats": 6}
+    assert latency.summarize([2.0])["median_ms"] == 2.0 and latency.summarize([2.0])["iqr_ms"] == 0.0
+
+
+def test_time_runs_warms_up_then_interleaves():
+    calls = []
+    runs = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    samples = latency.time_runs(runs, warmup=2, repeats=3, clock=Clock())
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
+    assert {k: len(v) for k, v in samples.items()} == {"a": 3, "b": 3}
+
+
+def test_meter_measures_dense_beside_the_model(fake):
+    model, dense = channel_pruned(), randomized_model(TINY_WIDTH)
+    meter = latency.Meter("fake", threads=3, batch_sizes=[1, 4], warmup=2, repeats=5, predict=False,
+                          clock=fake.clock)
+    f = meter.figures(model, dense)
+    cost = {n: FakeRuntime.cost_ms(m, (1, 3, 32, 32)) for n, m in (("model", model), ("dense", dense))}
+    assert f["latency_ms"] == pytest.approx(cost["model"])
+    assert f["latency_dense_ms"] == pytest.approx(cost["dense"])
+    assert f["latency_fraction"] == pytest.approx(cost["model"] / cost["dense"])
+    assert (f["latency_runtime"], f["latency_threads"], f["latency_batch_size"]) == ("fake", 3, 1)
+    assert f["latency_iqr_ms"] == pytest.approx(0.0, abs=1e-9)
+    assert set(f["latency"]["batches"]) == {"1", "4"}
+    assert f["latency"]["batches"]["4"]["median_ms"] == pytest.approx(4 * cost["model"])
+    assert "latency_predicted_ms" not in f
+    # One session per model and batch size, at the fixed thread count; (warm-up + repeats) runs each.
+    assert [s[1][0] for s in fake.sessions] == [1, 1, 4, 4] and {s[2] for s in fake.sessions} == {3}
+    assert fake.runs == 4 * (2 + 5)
+
+
+# --- the lookup-table predictor -----------------------------------------------------
+
+
+def test_vgg_layers_follow_the_architecture():
+    model = channel_pruned()
+    layers = latency.layers_of(model)
+    assert [(la.in_channels, la.out_channels) for la in layers[:-1]] == list(
+        zip([3, *model.channels[:-1]], model.channels))
+    assert [la.size for la in layers] == [32, 32, 16, 16, 8, 8, 4, 4, 2]
+    assert [la.pool for la in layers[:-1]] == [False, True] * 4
+    assert (layers[-1].kind, layers[-1].in_channels, layers[-1].out_channels) == ("head", model.channels[-1], 10)
+    assert latency.layers_of(model.arch()) == layers  # from the plain arch dict, no model needed
+    with pytest.raises(AutopruneError, match="^no latency table layout for model 'resnet'; known: vgg$"):
+        latency.layers_of({"name": "resnet"})
+
+
+def test_predictor_sums_the_per_layer_entries_less_the_overhead(fake):
+    model = channel_pruned()
+    table = latency.LatencyTable("fake", threads=1, warmup=1, repeats=3, clock=fake.clock)
+    layers = latency.layers_of(model)
+    overhead = FakeRuntime.cost_ms(torch.nn.ReLU(), (1, 3, 32, 32))
+    costs = [FakeRuntime.cost_ms(la.module(), (1, *la.input_shape)) for la in layers]
+    assert table.predict_ms(model) == pytest.approx(overhead + sum(c - overhead for c in costs))
+    parts = table.breakdown(model)
+    assert parts["overhead"] == pytest.approx(overhead) and len(parts) == len(layers) + 1
+    assert table.timed == len(layers) + 1  # every layer shape once, plus the overhead
+
+
+def test_table_entries_are_reused_not_retimed(fake, tmp_path):
+    model = channel_pruned()
+    table = latency.LatencyTable("fake", threads=1, cache_dir=tmp_path, warmup=1, repeats=2, clock=fake.clock)
+    first = table.predict_ms(model)
+    n = table.timed
+    runs = fake.runs
+    assert table.predict_ms(model) == first and table.timed == n and fake.runs == runs  # in memory
+    again = latency.LatencyTable("fake", threads=1, cache_dir=tmp_path, warmup=1, repeats=2, clock=fake.clock)
+    assert again.predict_ms(model) == first and again.timed == 0 and fake.runs == runs  # from the file
+    # A narrower config shares its first conv's input (3 channels) but not its width: only new shapes are timed.
+    other = channel_pruned(0.25)
+    again.predict_ms(other)
+    assert again.timed == sum(1 for la in latency.layers_of(other) if la.key not in table.entries)
+
+
+def test_table_cache_is_invalidated_by_runtime_threads_or_version(fake, monkeypatch, tmp_path):
+    model = channel_pruned()
+    kw = dict(cache_dir=tmp_path, warmup=1, repeats=2, clock=fake.clock)
+    base = latency.LatencyTable("fake", threads=1, **kw)
+    base.predict_ms(model)
+    n = base.timed
+    two = latency.LatencyTable("fake", threads=2, **kw)  # another thread count: timed afresh
+    assert two.entries == {} and two.predict_ms(model) and two.timed == n
+    assert {s[2] for s in fake.sessions[-n:]} == {2}
+    other = FakeRuntime(fake.clock)
+    other.name = "fake2"
+    monkeypatch.setitem(latency.RUNTIMES, "fake2", other)
+    ort = latency.LatencyTable("fake2", threads=1, **kw)  # another runtime
+    assert ort.entries == {} and ort.predict_ms(model) and ort.timed == n
+    monkeypatch.setattr(fake, "_version", "2")  # the same runtime, upgraded
+    upgraded = latency.LatencyTable("fake", threads=1, **kw)
+    assert upgraded.entries == {} and upgraded.path != base.path
+    files = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert [f.split("-")[0] for f in files] == ["fake", "fake", "fake2"]
+    assert any("-t2-b1-" in f for f in files)
+    stored = json.loads((tmp_path / base.path.name).read_text())
+    assert stored["key"] == base.key() and stored["key"]["threads"] == 1 and stored["key"]["runtime"] == "fake"
+    assert set(stored["key"]["machine"]) == {"host", "cpu", "cpus", "system", "arch"}
+    assert set(stored["entries"]) == set(base.entries)
+
+
+def test_a_damaged_table_file_is_retimed(fake, tmp_path):
+    model = channel_pruned()
+    table = latency.LatencyTable("fake", cache_dir=tmp_path, warmup=0, repeats=1, clock=fake.clock)
+    table.predict_ms(model)
+    table.path.write_text("{not json")
+    again = latency.LatencyTable("fake", cache_dir=tmp_path, warmup=0, repeats=1, clock=fake.clock)
+    assert again.entries == {} and again.predict_ms(model) == pytest.approx(table.predict_ms(model))
+
+
+def test_meter_records_the_prediction_error(fake):
+    model = channel_pruned()
+    meter = latency.Meter("fake", warmup=0, repeats=1, predict=True, clock=fake.clock)
+    f = meter.figures(model)
+    assert f["latency_prediction_error"] == pytest.approx(f["latency_predicted_ms"] / f["latency_ms"] - 1)
+    assert "latency_fraction" not in f  # no dense model given
+
+
+# --- the real runtimes, briefly (no timing asserted) ---------------------------------
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_real_runtimes_measure_and_predict(runtime, tmp_path):
+    model = build_model("vgg", width=TINY_WIDTH).eval()
+    meter = latency.Meter(runtime, threads=1, batch_sizes=[1, 2], warmup=1, repeats=2, cache_dir=tmp_path)
+    f = meter.figures(model, model)
+    assert f["latency_ms"] > 0 and f["latency_predicted_ms"] > 0 and f["latency_runtime"] == runtime
+    assert meter.table.path.is_file() and meter.table.path.name.startswith(f"{runtime}-cpu-t1-b1-")
+
+
+# --- the benchmark's bookkeeping --------------------------------------------------------
+
+
+def test_latency_benchmark_configs_and_summary():
+    import importlib.util
+    import sys
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("bench_latency", REPO / "benchmarks" / "latency.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    cfgs = bench.configs([0.5], 2, 0.8, seed=0)
+    assert [c["name"] for c in cfgs] == ["uniform 0.5", "random 0", "random 1"]
+    assert cfgs == bench.configs([0.5], 2, 0.8, seed=0)  # seeded
+    assert all("conv7" not in c["ratios"] and all(0 <= r <= 0.8 for r in c["ratios"].values()) for c in cfgs)
+
+    def row(config, ratio, error, dense_ms=2.0, round_to=1):
+        return {"width": 1.0, "runtime": "torch", "threads": 1, "batch_size": 1, "config": config,
+                "round_to": round_to, "latency_vs_macs": ratio, "prediction_error": error, "dense_median_ms": dense_ms}
+
+    summary = bench.summarize([row("dense", None, 0.02), row("a", 0.5, -0.10), row("b", 0.9, 0.04),
+                               row("c", 0.7, 0.2, dense_ms=4.0), row("a", 1.0, 0.3, round_to=8)])
+    common = {"width": 1.0, "runtime": "torch", "threads": 1, "batch_size": 1}
+    assert summary == [  # the dense row counts in every rounding's prediction error
+        {**common, "round_to": 1, "configs": 3, "dense_ms": 2.0, "latency_vs_macs_median": 0.7,
+         "prediction_abs_error_median": 0.07, "prediction_abs_error_max": 0.2},
+        {**common, "round_to": 8, "configs": 1, "dense_ms": 2.0, "latency_vs_macs_median": 1.0,
+         "prediction_abs_error_median": 0.16, "prediction_abs_error_max": 0.3}]
+    assert "| 1 | torch | 1 | 1 | 1 | 2.000 | 0.70 | 7.0% / 20.0% |" in bench.markdown(summary)
+    # Rounded widths: kept channels to the nearest multiple (at least one), exact ratios.
+    assert bench.kept_channels([64, 128], bench.rounded([64, 128], {"conv0": 0.5, "conv1": 0.99}, 8)) == [32, 8]
+    assert bench.kept_channels([64, 128], bench.rounded([64, 128], {"conv0": 0.45}, 16)) == [32, 128]
