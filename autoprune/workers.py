@@ -483,10 +483,19 @@ def reclaim(study: optuna.Study, local: bool, orphan_after: float = ORPHAN_S) ->
     worker records itself in the same critical section as its ask, so one seen under a real
     quota lock belongs to a worker that died in between: ``run_trials`` passes 0 there.
     """
-    if _heartbeat_interval(study) is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
+    interval = _heartbeat_interval(study)
+    if interval is not None:
+        stale = _stale(study, interval)
+        if stale is None:  # not a database: Optuna's own check
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+        for trial_id in stale or ():
+            try:
+                if study._storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                    _retry()(study, study._storage.get_trial(trial_id))
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass
     if local:
         recover_dead_local_trials(study)
     now = time.time()
@@ -505,6 +514,30 @@ _COUNT_SQL = "SELECT state, COUNT(*) FROM trials WHERE study_id = :study GROUP B
 _WORKERLESS_SQL = ("SELECT t.trial_id, t.number, t.datetime_start FROM trials t WHERE t.study_id = :study AND "
                    "t.state = 'RUNNING' AND NOT EXISTS (SELECT 1 FROM trial_user_attributes a "
                    "WHERE a.trial_id = t.trial_id AND a.key = 'worker')")
+
+
+_STALE_SQL = ("SELECT t.trial_id FROM trials t JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
+              "WHERE t.study_id = :study AND t.state = 'RUNNING' AND h.heartbeat < CURRENT_TIMESTAMP - :grace")
+
+
+def _stale(study: optuna.Study, interval: int) -> list[int] | None:
+    """Ids of the RUNNING trials whose last heartbeat is older than the grace period; None off PostgreSQL.
+
+    What ``optuna.storages.fail_stale_trials`` finds, in one query: Optuna loads every running
+    trial with its heartbeat, so under the quota lock each ask cost time in proportion to the
+    number of workers (benchmarks/coordination_load.py).
+    """
+    import datetime as dt
+
+    rdb = rdb_storage(study._storage)
+    if rdb is None or rdb.engine.dialect.name != "postgresql":  # interval arithmetic differs elsewhere
+        return None
+    grace = rdb.grace_period if rdb.grace_period is not None else 2 * interval
+    import sqlalchemy as sa
+
+    with rdb.engine.connect() as conn:
+        return [int(r[0]) for r in conn.execute(sa.text(_STALE_SQL),
+                                                {"study": study._study_id, "grace": dt.timedelta(seconds=grace)})]
 
 
 def _study_sql(study: optuna.Study, sql: str, **types) -> list | None:
@@ -552,35 +585,36 @@ def _workerless(study: optuna.Study) -> list[tuple[int, int, float | None]]:
 
 
 def claim_trial(study: optuna.Study, total: int, *, local: bool, interval: int | None,
-                exclusive: bool = False) -> tuple[optuna.Trial | None, int, int]:
-    """The trial loop's critical section (call under the quota lock): (trial or None, complete, running).
+                exclusive: bool = False) -> tuple[int | None, int, int]:
+    """The trial loop's critical section (call under the quota lock): (trial id or None, complete, running).
 
     Fails and queues again the trials of dead workers, counts, and asks for a trial only while
     ``complete + running < total``; the new trial records its worker and first heartbeat before
-    the lock is released. ``exclusive``: the lock is a real one (see :func:`reclaim`).
+    the lock is released. ``exclusive``: the lock is a real one (see :func:`reclaim`). Build
+    the ``optuna.Trial`` after the lock (``optuna.Trial(study, trial_id)``): that reads the trial.
     """
     reclaim(study, local=local, orphan_after=0.0 if exclusive else ORPHAN_S)
     complete, running, waiting = trial_counts(study)
     if complete >= total or complete + running >= total:
         return None, complete, running
     try:
-        trial = ask(study, worker_id(), queued=waiting > 0)
+        trial_id = ask(study, worker_id(), queued=waiting > 0)
         if interval is not None:
-            study._storage.record_heartbeat(trial._trial_id)
+            study._storage.record_heartbeat(trial_id)
     except optuna.exceptions.UpdateFinishedTrialError:
         # Failed as workerless by another worker: only if this lock was lost (its connection dropped).
         return None, complete, running + 1
-    return trial, complete, running + 1
+    return trial_id, complete, running + 1
 
 
-def ask(study: optuna.Study, worker: str, queued: bool = True) -> optuna.Trial:
-    """``study.ask()`` recording ``worker`` (a queued trial first: a retry, a warm start).
+def ask(study: optuna.Study, worker: str, queued: bool = True) -> int:
+    """``study.ask()`` recording ``worker`` (a queued trial first: a retry, a warm start); the trial id.
 
-    On a database storage it reads no other trial: ``Study.ask`` looks for queued trials in
-    Optuna's trial cache, which first reads every unfinished trial with its params and
-    attributes, so under the quota lock each ask cost time in proportion to the number of
-    workers. Here the queue is read only when ``queued`` (from the count), in SQL, and a new
-    trial is created RUNNING with its worker in one transaction.
+    On a database storage it reads no trial: ``Study.ask`` looks for queued trials in Optuna's
+    trial cache, which first reads every unfinished trial with its params and attributes, so
+    under the quota lock each ask cost time in proportion to the number of workers. Here the
+    queue is read only when ``queued`` (from the count), in SQL, and a new trial is created
+    RUNNING with its worker in one transaction.
     """
     rdb = rdb_storage(study._storage)
     local = getattr(study, "_thread_local", None)  # where Study.ask resets the sampler's view of the study
@@ -589,13 +623,14 @@ def ask(study: optuna.Study, worker: str, queued: bool = True) -> optuna.Trial:
             warnings.simplefilter("ignore", UserWarning)
             trial = study.ask()
         trial.set_user_attr("worker", worker)
-        return trial
+        return trial._trial_id
     storage, trial_id = study._storage, None
     for waiting in (rdb.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,))
                     if queued else ()):
         try:
             if storage.set_trial_state_values(waiting._trial_id, TrialState.RUNNING):
                 trial_id = waiting._trial_id
+                storage.set_trial_user_attr(trial_id, "worker", worker)  # a retry carries its dead worker's
                 break
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
@@ -603,10 +638,7 @@ def ask(study: optuna.Study, worker: str, queued: bool = True) -> optuna.Trial:
         trial_id = storage.create_new_trial(study._study_id, template_trial=optuna.trial.create_trial(
             state=TrialState.RUNNING, user_attrs={"worker": worker}))
     local.cached_all_trials = None  # as Study.ask does: the sampler reads the study afresh for this trial
-    trial = optuna.Trial(study, trial_id)
-    if trial.user_attrs.get("worker") != worker:  # a popped trial records its worker now
-        trial.set_user_attr("worker", worker)
-    return trial
+    return trial_id
 
 
 def run_trials(study: optuna.Study, objective, total: int, url: str, on_trial=None,
@@ -630,13 +662,13 @@ def run_trials(study: optuna.Study, objective, total: int, url: str, on_trial=No
         asked = time.perf_counter()
         with lock():
             got = time.perf_counter()
-            trial, complete, running = claim_trial(study, total, local=first or local_each_round,
-                                                   exclusive=exclusive, interval=interval)
+            trial_id, complete, running = claim_trial(study, total, local=first or local_each_round,
+                                                      exclusive=exclusive, interval=interval)
         if timings is not None:
             timings("lock_wait", got - asked)
             timings("lock_held", time.perf_counter() - got)
         first = False
-        if trial is None:
+        if trial_id is None:
             if complete >= total:
                 break
             if waiting_since is None:
@@ -646,7 +678,7 @@ def run_trials(study: optuna.Study, objective, total: int, url: str, on_trial=No
             time.sleep(poll)
             continue
         waiting_since = None
-        frozen = _run_one(study, trial, objective, interval)
+        frozen = _run_one(study, optuna.Trial(study, trial_id), objective, interval)
         ran += 1
         if on_trial is not None and frozen is not None:
             on_trial(frozen, trial_counts(study)[0])

@@ -710,10 +710,10 @@ def profile_claims(url: str, server: Server, template: dict, running=(0, 64, 256
             rt0, c0, s0 = COUNTS["round_trips"], COUNTS["commits"], server.cpu()
             t0 = time.perf_counter()
             with lock():
-                trial, _, _ = claim_trial(study, complete + r + 10 * repeats, local=False, interval=HEARTBEAT)
+                trial_id, _, _ = claim_trial(study, complete + r + 10 * repeats, local=False, interval=HEARTBEAT)
             t1 = time.perf_counter()
             rt1, c1, s1 = COUNTS["round_trips"], COUNTS["commits"], server.cpu()
-            study.tell(trial, template["values"])
+            study.tell(trial_id, template["values"])
             if i >= 3:  # the first claims fill this process's trial cache, as a worker's first ask does
                 held.append(t1 - t0)
                 rts.append(rt1 - rt0)

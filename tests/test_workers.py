@@ -22,6 +22,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from conftest import write_study
@@ -344,6 +345,33 @@ def test_trial_of_a_worker_killed_inside_its_ask_is_retried_at_once(storage_url)
     assert trials[orphan.number].state == TrialState.FAIL
     retry = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
     assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and retry[0].params == orphan.params
+
+
+def test_trial_with_a_stale_heartbeat_is_failed_and_retried_by_the_next_ask(pg_url):
+    """A worker elsewhere went silent (its heartbeat older than the grace period): the next ask fails
+    its trial and runs it again with its parameters; a trial with a fresh heartbeat is left alone."""
+    import sqlalchemy as sa
+
+    from autoprune.storage import open_storage, rdb_storage
+    from autoprune.workers import claim_trial
+
+    storage = open_storage(pg_url, heartbeat_seconds=HEARTBEAT)
+    study = optuna.create_study(study_name=f"h-{uuid.uuid4().hex[:10]}", storage=storage,
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    for n, (worker, age) in enumerate([("elsewhere:1", 3 * HEARTBEAT + 5), ("elsewhere:2", 0)]):
+        trial_id = study._storage.create_new_trial(study._study_id, template_trial=optuna.trial.create_trial(
+            state=TrialState.RUNNING, params={"x": n / 2}, distributions={"x": FloatDistribution(0, 1)},
+            user_attrs={"worker": worker}))
+        study._storage.record_heartbeat(trial_id)
+        with rdb_storage(storage).engine.begin() as conn:  # as if its worker last beat `age` seconds ago
+            conn.execute(sa.text("UPDATE trial_heartbeats SET heartbeat = heartbeat - make_interval(secs => :age) "
+                                 "WHERE trial_id = :id"), {"age": age, "id": trial_id})
+    retry_id, complete, running = claim_trial(study, 10, local=False, interval=HEARTBEAT, exclusive=True)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING]
+    assert (complete, running) == (0, 2) and retry_id == trials[2]._trial_id
+    assert trials[2].params == {"x": 0.0} and trials[2].system_attrs["failed_trial"] == 0
+    assert trials[2].user_attrs["worker"] != "elsewhere:1"
 
 
 def test_result_of_a_trial_failed_elsewhere_meanwhile_is_dropped(storage_url):
