@@ -22,8 +22,8 @@ Measured per run (N workers, T seconds, N x K trials):
   driver (psycopg2); WAL bytes and PostgreSQL's CPU seconds per trial, on the server;
 * exactly N complete trials, no trial number doubled, nothing left RUNNING.
 
-The **kill storm** SIGKILLs a random quarter of the workers, each at a random
-moment, and starts a replacement at once; then every killed trial must be
+The **kill storm** SIGKILLs a random quarter of the workers, each in the first
+trial it runs after a random moment, and starts a replacement at once; then every killed trial must be
 failed and retried exactly once with its parameters.
 
 The **critical-section profile** times ``claim_trial`` (the locked count-and-ask)
@@ -1050,7 +1050,7 @@ def run_all(args, url: str, where: str, workdir: Path, rng: random.Random) -> di
         per_worker = max(3, round(args.run_seconds / seconds))
         print(f"kill storm: {workers} workers, {seconds:g}-second trials, a quarter killed...", flush=True)
         runs.append(run_load(url, server, template, workdir, workers, seconds, per_worker, rng,
-                             kills=max(1, workers // 4)))
+                             kills=max(1, workers // 4), mid_trial=True))
         report_run(runs[-1])
     print("critical-section profile...", flush=True)
     claims = profile_claims(url, server, template, tuple(int(x) for x in _floats(args.profile_running)))
