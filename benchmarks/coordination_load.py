@@ -713,7 +713,7 @@ def profile_claims(url: str, server: Server, template: dict, running=(0, 64, 256
                 trial_id, _, _ = claim_trial(study, complete + r + 10 * repeats, local=False, interval=HEARTBEAT)
             t1 = time.perf_counter()
             rt1, c1, s1 = COUNTS["round_trips"], COUNTS["commits"], server.cpu()
-            study.tell(trial_id, template["values"])
+            study.tell(study._storage.get_trial_number_from_id(trial_id), template["values"])
             if i >= 3:  # the first claims fill this process's trial cache, as a worker's first ask does
                 held.append(t1 - t0)
                 rts.append(rt1 - rt0)

@@ -581,3 +581,6 @@ def test_kill_storm_keeps_the_count_exact(tmp_path, pg_url):
     secret = _password(pg_url)
     if secret:
         assert secret not in json.dumps(result)
+    # The critical-section profile claims and tells trials on studies with R running ones.
+    claims = bench.profile_claims(pg_url, bench.Server(pg_url), template, running=(0, 2), complete=2, repeats=2)
+    assert [c["running"] for c in claims] == [0, 2] and all(c["held_ms"]["median"] is not None for c in claims)
