@@ -533,3 +533,45 @@ def test_pick_latency_limits_are_checked():
     with pytest.raises(AutopruneError, match=r"^--max-latency-fraction needs a channel study: fine-grained trials "
                                              r"record no latency"):
         study_limits(study, config, max_latency_fraction=0.5)
+
+
+def test_a_tiny_channel_study_with_a_latency_budget_runs_end_to_end(tmp_path, monkeypatch, dense_cache, capsys):
+    from autoprune.pick import Limits, named_constraints
+    from autoprune.report import write_report
+    from autoprune.search import run_search
+
+    from conftest import write_study
+
+    # Predictions from a fixed table (an overhead plus MACs-proportional conv times): the budget's arithmetic is
+    # exact; the measured latency is real (torch, briefly) and only recorded and checked.
+    def table_ms(self, layer):
+        return 0.05 + (1e-6 * layer.in_channels * layer.out_channels * 9 * layer.size ** 2 if layer.kind == "conv"
+                       else 0.0)
+
+    monkeypatch.setattr(latency.LatencyTable, "ms", table_ms)
+    out = tmp_path / "reports" / "lat"
+    config = load_config(write_study(
+        tmp_path / "lat.toml", study={"name": "lat", "kind": "channel", "trials": 2, "out_dir": out,
+                                      "objectives": ["latency", "accuracy"]},
+        constraints={"max_size_fraction": 1.0, "max_latency_fraction": 0.5, "max_accuracy_drop": 100.0},
+        pruning={"round_to": 4}, priors={"enabled": False}, latency={"warmup": 1, "repeats": 3}))
+    run_search(dense_cache(config), progress=False)
+    import optuna
+
+    study = optuna.load_study(study_name="lat", storage=config.storage_url)
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) == 2 and study.user_attrs["dense"]["latency_budget_fraction"] == 0.5
+    for t in trials:
+        a = t.user_attrs
+        assert a["latency_predicted_fraction"] <= 0.5 * min(1.0, t.params.get("budget", 1.0))
+        assert all(c % 4 == 0 for c in a["channels"]) and sorted(a["channels"][:-1]) != [8] * 7
+        assert t.values[0] == a["latency_fraction"]  # the objective: measured beside the dense model
+        assert named_constraints(t)["latency"] == pytest.approx(a["latency_fraction"] - 0.5)
+        assert Limits(max_latency_fraction=0.5).met_by(t) == (a["latency_fraction"] <= 0.5)
+    line = assert_cli_error(run_main(capsys, "pick", "--storage", config.storage_url, "--study", "lat",
+                                     "--max-latency-fraction", "1.5"))
+    assert line == "autoprune: error: --max-latency-fraction is a fraction of the dense model's latency in (0, 1], " \
+                   "got 1.5"
+    written = write_report(config.storage_url, "lat", out / "report", baseline=False)
+    assert {"accuracy_vs_latency.png", "latency_predicted_vs_measured.png"} <= set(written)
+    assert "latency_predicted_vs_measured.png" in (out / "report" / "report.md").read_text()
