@@ -348,7 +348,8 @@ def test_latency_benchmark_configs_and_summary():
     sys.modules[spec.name] = bench
     spec.loader.exec_module(bench)
     cfgs = bench.configs([0.5], 2, 0.8, seed=0)
-    assert [c["name"] for c in cfgs] == ["uniform 0.5", "random 0", "random 1"]
+    assert [c["name"] for c in cfgs] == ["uniform 0.5", "ramp 0.2-0.7", "random 0", "random 1"]
+    assert list(cfgs[1]["ratios"].values()) == [0.2, 0.2833, 0.3667, 0.45, 0.5333, 0.6167, 0.7]
     assert cfgs == bench.configs([0.5], 2, 0.8, seed=0)  # seeded
     assert all("conv7" not in c["ratios"] and all(0 <= r <= 0.8 for r in c["ratios"].values()) for c in cfgs)
 
@@ -365,7 +366,8 @@ def test_latency_benchmark_configs_and_summary():
         {**common, "round_to": 8, "configs": 1, "dense_ms": 2.0, "latency_vs_macs_median": 1.0,
          "prediction_abs_error_median": 0.16, "prediction_abs_error_max": 0.3}]
     assert "| 1 | torch | 1 | 1 | 1 | 2.000 | 0.70 | 7.0% / 20.0% |" in bench.markdown(summary)
-    # Rounded widths: kept channels to the nearest multiple (at least one), exact ratios.
+    # Rounded widths as [pruning] round_to makes them: kept channels to the nearest multiple (at least one), exact
+    # ratios.
     assert bench.kept_channels([64, 128], bench.rounded([64, 128], {"conv0": 0.5, "conv1": 0.99}, 8)) == [32, 8]
     assert bench.kept_channels([64, 128], bench.rounded([64, 128], {"conv0": 0.45}, 16)) == [32, 128]
 
