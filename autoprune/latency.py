@@ -459,6 +459,26 @@ class LatencyTable:
         return sum(self.breakdown(arch).values())
 
 
+class PredictedFraction:
+    """The latency budget's cost: a VGG's predicted latency at given conv widths as a fraction of the dense
+    model's prediction (same table), memoised per width tuple (a budget's bisection asks for few distinct ones)."""
+
+    def __init__(self, table: LatencyTable, channels, num_classes: int = 10):
+        self.table = table
+        self.arch = {"name": "vgg", "channels": [int(c) for c in channels], "num_classes": int(num_classes)}
+        self.dense_ms = table.predict_ms(self.arch)
+        self._seen: dict[tuple, float] = {}
+
+    def ms(self, kept) -> float:
+        key = tuple(int(c) for c in kept)
+        if key not in self._seen:
+            self._seen[key] = self.table.predict_ms({**self.arch, "channels": list(key)})
+        return self._seen[key]
+
+    def __call__(self, kept) -> float:
+        return self.ms(kept) / self.dense_ms
+
+
 # --- a study's latency figures -------------------------------------------------
 
 

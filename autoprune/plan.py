@@ -8,7 +8,9 @@ both kinds (like ``torch.nn.utils.prune``'s ``amount``):
   fine-tuning.
 * ``channel``: per-conv channel prune ratio r for ``conv0`` ... ``conv6`` (the
   last conv feeds the classifier and is never cut); ``int(round((1 - r) * c))``
-  channels are kept, and applying it yields a physically smaller VGG.
+  channels are kept (``round_to`` m > 1: rounded to a multiple of m, see
+  :func:`autoprune.channel.kept_channels`), and applying it yields a
+  physically smaller VGG.
 
 Layers a plan does not name are left dense. ``base_channels`` records the
 conv widths of the model the plan was made for, so that a plan is never
@@ -23,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from .channel import prune_channels
+from .channel import check_round_to, prune_channels
 from .errors import AutopruneError
 from .fine_grained import magnitude_masks
 from .model import CONV_NAMES, PRUNABLE_LAYERS, VGG
@@ -54,9 +56,13 @@ class PruningPlan:
     ratios: dict = field(default_factory=dict)
     criterion: str = ""
     base_channels: tuple | None = None
+    round_to: int = 1  # channel plans: kept channels rounded to a multiple of this (1: the lab's rounding)
 
     def __post_init__(self):
         check_kind(self.kind)
+        check_round_to(self.round_to)
+        if self.round_to > 1 and self.kind != "channel":
+            raise AutopruneError(f"round_to applies to channel plans, not {self.kind}; leave it 1")
         valid = layers_for(self.kind)
         criteria = FINE_CRITERIA if self.kind == "fine_grained" else CHANNEL_CRITERIA
         object.__setattr__(self, "criterion", self.criterion or criteria[0])
@@ -82,20 +88,24 @@ class PruningPlan:
         return self.ratios.get(layer, 0.0)
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "kind": self.kind,
             "ratios": dict(self.ratios),
             "criterion": self.criterion,
             "base_channels": list(self.base_channels) if self.base_channels else None,
         }
+        if self.round_to > 1:  # absent at 1: plans (and the caches keyed by them) read as before
+            d["round_to"] = self.round_to
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "PruningPlan":
-        return cls(d["kind"], dict(d.get("ratios") or {}), d.get("criterion", ""), d.get("base_channels"))
+        return cls(d["kind"], dict(d.get("ratios") or {}), d.get("criterion", ""), d.get("base_channels"),
+                   d.get("round_to", 1))
 
     def for_model(self, model: VGG) -> "PruningPlan":
         """This plan, recording ``model``'s conv widths as its base."""
-        return PruningPlan(self.kind, self.ratios, self.criterion, tuple(model.channels))
+        return PruningPlan(self.kind, self.ratios, self.criterion, tuple(model.channels), self.round_to)
 
 
 def parse_ratio_spec(spec: str, kind: str) -> dict[str, float]:
@@ -135,4 +145,4 @@ def prune(model: VGG, plan: PruningPlan) -> Pruned:
         masks = magnitude_masks(pruned, plan.ratios)
         apply_masks(pruned, masks)
         return Pruned(pruned, masks)
-    return Pruned(prune_channels(model, plan.ratios, plan.criterion), None)
+    return Pruned(prune_channels(model, plan.ratios, plan.criterion, plan.round_to), None)

@@ -186,7 +186,7 @@ def wait_ready(study: optuna.Study, timeout: float = READY_TIMEOUT_S) -> dict:
 
 # The parts of a config that define the search: a study refuses a joiner whose differ.
 _IDENTITY = {"study": ("kind", "criterion", "budget_low"), "model": ("name", "width", "num_classes"),
-             "constraints": None, "finetune": None, "priors": ("enabled", "grid", "tolerance")}
+             "constraints": None, "pruning": None, "finetune": None, "priors": ("enabled", "grid", "tolerance")}
 
 
 def check_same_search(study: optuna.Study, config: StudyConfig) -> None:

@@ -4,10 +4,12 @@ For each width, runtime (``torch`` eager, ``onnxruntime``) and thread count, on 
 device, the dense VGG and a set of channel-pruned configs are timed by
 :class:`autoprune.latency.Meter`: each config side by side with the dense model
 (interleaved repeats after warm-up; median and interquartile range), at every
-batch size. Configs: uniform ratios (``--uniform``) and ``--random`` seeded
-per-layer ratios in [0, ``--max-ratio``], each also with its kept channel counts
-rounded to multiples of every ``--round-to`` value (hardware-friendly widths: does
-latency then follow MACs better?). The weights are random: latency does not
+batch size. Configs: uniform ratios (``--uniform``), a fixed non-uniform plan
+(``ramp 0.2-0.7``: 0.2 removed at conv0 rising to 0.7 at conv6; ``--no-ramp``
+leaves it out) and ``--random`` seeded per-layer ratios in [0, ``--max-ratio``],
+each run with its kept channel counts rounded as ``[pruning] round_to`` rounds
+them, for every ``--round-to`` value (hardware-friendly widths: does latency then
+follow MACs better?). The weights are random: latency does not
 depend on their values.
 
 Per config and batch size it records the MACs reduction (dense MACs / MACs), the
@@ -25,6 +27,11 @@ after, with a warning when the machine is busy.
     python benchmarks/latency.py --widths 0.125 --random 2 --uniform 0.5 --repeats 3 --warmup 1 \\
         --batch-sizes 1 --out /tmp/latency-smoke.json                # a smoke run, seconds
     python benchmarks/latency.py --device cuda                      # torch CUDA and ONNX Runtime's CUDA provider
+    PYTHONPATH=. python benchmarks/latency.py --widths 1 --threads 1 --batch-sizes 1 --uniform 0.5 --random 0 \\
+        --round-to 1,4,8,16 --out benchmarks/results/latency-cpu-round-to.json  # issue 15: round_to, both runtimes
+
+Run it from the repository root with ``PYTHONPATH=.`` (a script's own folder comes first on ``sys.path``,
+so an installed autoprune would be imported instead of this one).
 
 Results go to ``benchmarks/results/latency-<device>.json`` (and a Markdown table beside it).
 """
@@ -55,9 +62,16 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def configs(uniform: list[float], random: int, max_ratio: float, seed: int) -> list[dict]:
-    """Named channel configs: uniform ratios, then seeded random per-layer ratios (the last conv is never cut)."""
+# A fixed non-uniform plan: 0.2 removed at conv0 rising to 0.7 at conv6 (deep layers hold the most redundant
+# channels, the shape channel searches tend to find), so every run has one non-uniform config that is not random.
+RAMP = {n: round(0.2 + 0.5 * i / (len(CONV_NAMES) - 2), 4) for i, n in enumerate(CONV_NAMES[:-1])}
+
+
+def configs(uniform: list[float], random: int, max_ratio: float, seed: int, ramp: bool = True) -> list[dict]:
+    """Named channel configs: uniform ratios, the ramp, then seeded random per-layer ratios (the last conv is
+    never cut)."""
     out = [{"name": f"uniform {r:g}", "ratios": {n: r for n in CONV_NAMES[:-1]}} for r in uniform]
+    out += [{"name": "ramp 0.2-0.7", "ratios": dict(RAMP)}] if ramp else []
     rng = np.random.default_rng(seed)
     for i in range(random):
         out.append({"name": f"random {i}",
@@ -66,17 +80,12 @@ def configs(uniform: list[float], random: int, max_ratio: float, seed: int) -> l
 
 
 def rounded(channels: list[int], ratios: dict[str, float], multiple: int) -> dict[str, float]:
-    """``ratios`` with each conv's kept channels rounded to the nearest multiple of ``multiple`` (at least one
-    multiple, at most all channels); exact ratios ``1 - kept / channels``, as autoprune.budget returns."""
+    """``ratios`` with each conv's kept channels rounded as ``[pruning] round_to = multiple`` rounds them
+    (autoprune.channel.kept_channels); exact ratios ``1 - kept / channels``, as autoprune.budget returns."""
     if multiple <= 1:
         return ratios
-    kept = kept_channels(channels, ratios)
-    out = {}
-    for name, c, k in zip(CONV_NAMES, channels, kept):
-        if name in ratios:
-            k = min(c, max(multiple, multiple * round(k / multiple)))
-            out[name] = 1.0 - k / c
-    return out
+    kept = kept_channels(channels, ratios, multiple)
+    return {name: 1.0 - k / c for name, c, k in zip(CONV_NAMES, channels, kept) if name in ratios}
 
 
 def run_one(width: float, runtime: str, threads: int, args, cfgs: list[dict]) -> list[dict]:
@@ -166,9 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--uniform", type=lambda t: listed(float, t), default=[0.3, 0.5, 0.7],
                    help="uniform channel ratios (default 0.3,0.5,0.7)")
     p.add_argument("--random", type=int, default=6, help="seeded random per-layer configs (default 6)")
+    p.add_argument("--no-ramp", action="store_true", help="leave out the fixed non-uniform plan (0.2 -> 0.7)")
     p.add_argument("--max-ratio", type=float, default=0.8, help="random ratios in [0, this] (default 0.8)")
-    p.add_argument("--round-to", type=lambda t: listed(int, t), default=[1, 8],
-                   help="also run each config with kept channels rounded to these multiples (1: as is; default 1,8)")
+    p.add_argument("--round-to", type=lambda t: listed(int, t), default=[1, 4, 8, 16],
+                   help="run each config with kept channels rounded to these multiples, as [pruning] round_to "
+                        "does (1: the lab's rounding; default 1,4,8,16)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
@@ -202,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         result["warning"] = (f"machine busy (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs): "
                              f"latency figures are not trustworthy")
         print(f"warning: {result['warning']}", file=sys.stderr)
-    cfgs = configs(args.uniform, args.random, args.max_ratio, args.seed)
+    cfgs = configs(args.uniform, args.random, args.max_ratio, args.seed, ramp=not args.no_ramp)
     rows = []
     for width in args.widths:
         for runtime in args.runtimes:
