@@ -320,6 +320,19 @@ def test_meter_records_the_prediction_error(fake):
     f = meter.figures(model)
     assert f["latency_prediction_error"] == pytest.approx(f["latency_predicted_ms"] / f["latency_ms"] - 1)
     assert "latency_fraction" not in f  # no dense model given
+    assert f["latency_predicted_ms"] == f["latency_table_ms"] == meter.table.predict_ms(model)  # uncalibrated
+
+
+def test_prediction_beside_the_dense_model_is_calibrated_on_it(fake):
+    """With the dense model measured beside it, a prediction is the table's fraction of the dense model's sum
+    times the dense model's measured latency: the fraction a latency budget repairs by."""
+    model, dense = channel_pruned(), randomized_model(TINY_WIDTH)
+    meter = latency.Meter("fake", warmup=0, repeats=1, predict=True, clock=fake.clock)
+    f = meter.figures(model, dense)
+    share = meter.table.predict_ms(model) / meter.table.predict_ms(dense)
+    assert f["latency_table_ms"] == meter.table.predict_ms(model)
+    assert f["latency_predicted_ms"] == pytest.approx(share * f["latency_dense_ms"], rel=1e-12)
+    assert f["latency_prediction_error"] == pytest.approx(share / f["latency_fraction"] - 1, rel=1e-9)
 
 
 # --- the real runtimes, briefly (no timing asserted) ---------------------------------
@@ -353,19 +366,20 @@ def test_latency_benchmark_configs_and_summary():
     assert cfgs == bench.configs([0.5], 2, 0.8, seed=0)  # seeded
     assert all("conv7" not in c["ratios"] and all(0 <= r <= 0.8 for r in c["ratios"].values()) for c in cfgs)
 
-    def row(config, ratio, error, dense_ms=2.0, round_to=1):
+    def row(config, ratio, error, table_error, dense_ms=2.0, round_to=1):
         return {"width": 1.0, "runtime": "torch", "threads": 1, "batch_size": 1, "config": config,
-                "round_to": round_to, "latency_vs_macs": ratio, "prediction_error": error, "dense_median_ms": dense_ms}
+                "round_to": round_to, "latency_vs_macs": ratio, "prediction_error": error,
+                "table_error": table_error, "dense_median_ms": dense_ms}
 
-    summary = bench.summarize([row("dense", None, 0.02), row("a", 0.5, -0.10), row("b", 0.9, 0.04),
-                               row("c", 0.7, 0.2, dense_ms=4.0), row("a", 1.0, 0.3, round_to=8)])
+    summary = bench.summarize([row("dense", None, 0.0, -0.02), row("a", 0.5, -0.10, -0.2), row("b", 0.9, 0.04, -0.1),
+                               row("c", 0.7, 0.2, 0.1, dense_ms=4.0), row("a", 1.0, 0.3, 0.5, round_to=8)])
     common = {"width": 1.0, "runtime": "torch", "threads": 1, "batch_size": 1}
-    assert summary == [  # the dense row counts in every rounding's prediction error
+    assert summary == [  # the pruned configs' errors; the table sum's counts the dense row in every rounding
         {**common, "round_to": 1, "configs": 3, "dense_ms": 2.0, "latency_vs_macs_median": 0.7,
-         "prediction_abs_error_median": 0.07, "prediction_abs_error_max": 0.2},
+         "prediction_abs_error_median": 0.10, "prediction_abs_error_max": 0.2, "table_abs_error_median": 0.1},
         {**common, "round_to": 8, "configs": 1, "dense_ms": 2.0, "latency_vs_macs_median": 1.0,
-         "prediction_abs_error_median": 0.16, "prediction_abs_error_max": 0.3}]
-    assert "| 1 | torch | 1 | 1 | 1 | 2.000 | 0.70 | 7.0% / 20.0% |" in bench.markdown(summary)
+         "prediction_abs_error_median": 0.3, "prediction_abs_error_max": 0.3, "table_abs_error_median": 0.26}]
+    assert "| 1 | torch | 1 | 1 | 1 | 2.000 | 0.70 | 10.0% / 20.0% | 10.0% |" in bench.markdown(summary)
     # Rounded widths as [pruning] round_to makes them: kept channels to the nearest multiple (at least one), exact
     # ratios.
     assert bench.kept_channels([64, 128], bench.rounded([64, 128], {"conv0": 0.5, "conv1": 0.99}, 8)) == [32, 8]
