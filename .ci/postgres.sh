@@ -13,6 +13,8 @@
 # password, creates the database "autoprune_test" and prints its URL on stdout.
 # The password is a throwaway one, known only to this cluster.
 # stop: stops that cluster and removes its directory.
+# AUTOPRUNE_PG_MAX_CONNECTIONS: the server's max_connections (default 200; a load test of
+# many workers, benchmarks/coordination_load.py, asks for more).
 # Where the state goes: $AUTOPRUNE_PG_STATE (default ${TMPDIR:-/tmp}/autoprune-postgres-$UID.dir),
 # a file holding the cluster's directory, so that stop finds it.
 set -euo pipefail
@@ -84,7 +86,7 @@ start() {
         || { cat "$dir/initdb.log" >&2; exit 1; }
     rm -f "$dir/pwfile"
     as_user "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-        -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c max_connections=200 -c fsync=off" start >&2 \
+        -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c max_connections=${AUTOPRUNE_PG_MAX_CONNECTIONS:-200} -c fsync=off" start >&2 \
         || { cat "$dir/server.log" >&2; exit 1; }
     as_user "$bin/psql" -h "$dir" -p "$port" -U "$ROLE" -d postgres -v ON_ERROR_STOP=1 -q \
         -c "CREATE DATABASE $DB" >&2

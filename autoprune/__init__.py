@@ -1,9 +1,20 @@
 """autoprune: search per-layer pruning ratios with Optuna, for the lab's VGG and any CNN Torch-Pruning can trace."""
 
 from .errors import AutopruneError
-from .sources import build_model, load_checkpoint, prunable, save_checkpoint
 
 __version__ = "0.1.0"
+
+# The model helpers (and torch) load on first use, so the coordination layer (autoprune.workers)
+# imports without torch: a worker pool's benchmark runs it in many light processes.
+_MODEL_NAMES = ("build_model", "load_checkpoint", "prunable", "save_checkpoint")
+
+
+def __getattr__(name):
+    if name in _MODEL_NAMES:
+        from . import sources
+
+        return getattr(sources, name)
+    raise AttributeError(f"module 'autoprune' has no attribute {name!r}")
 
 
 def load(path, source: str | None = None):
@@ -12,6 +23,8 @@ def load(path, source: str | None = None):
     ``source`` must name the checkpoint's ``module:package.module:factory``
     source when it has one: autoprune imports user code only when asked to.
     """
+    from .sources import load_checkpoint
+
     return load_checkpoint(path, source)[0]
 
 

@@ -9,18 +9,23 @@ pruning.
   (BatchNorm and biases stay dense). Integer zero counts are then distributed
   so that the total is exact: the nonzero count is ``floor(target * params)``,
   at most the target and within one weight of it (a budget is a cap).
-* Channel: the target is a fraction of dense parameters or MACs. Channel
-  counts are integers, so the result is the reachable configuration closest
-  to the target from below (a budget is a cap).
+* Channel: the target is a fraction of dense parameters, MACs or predicted
+  latency. Channel counts are integers (rounded to multiples of ``round_to``
+  where set, and costed on those rounded widths), so the result is the
+  reachable configuration closest to the target from below (a budget is a cap).
 
-Costs here are closed-form (no model is built), so a search can repair a
-sampled point in microseconds before spending any fine-tuning on it.
+Params and MACs are closed-form (no model is built), so a search can repair a
+sampled point in microseconds before spending any fine-tuning on it. Latency
+is a caller's function of the kept widths (:class:`autoprune.latency.PredictedFraction`,
+the lookup table's sum): not strictly monotone (each entry is a timing), but
+the bisection keeps only shifts whose cost meets the target, so the cap holds
+by the predictor whatever its noise.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .channel import kept_channels
 from .errors import AutopruneError
@@ -28,6 +33,8 @@ from .fine_grained import num_zeros
 from .model import CONV_NAMES, PRUNABLE_LAYERS, VGG_PLAN
 
 _BISECT_STEPS = 100
+CHANNEL_METRICS = ("params", "macs", "latency")
+WidthsCost = Callable[[Sequence[int]], float]  # every conv's kept width -> cost as a fraction of dense
 
 
 # --- closed-form costs ---------------------------------------------------------
@@ -68,11 +75,17 @@ def fine_size_fraction(channels: Sequence[int], sparsities: dict[str, float], nu
 
 
 def channel_cost_fraction(
-    channels: Sequence[int], ratios: dict[str, float], metric: str = "params", num_classes: int = 10
+    channels: Sequence[int], ratios: dict[str, float], metric: str = "params", num_classes: int = 10,
+    round_to: int = 1, latency: WidthsCost | None = None,
 ) -> float:
-    """Params or MACs of the channel-pruned VGG as a fraction of dense."""
-    kept = kept_channels(list(channels), ratios)
+    """Params, MACs or (with ``latency``, the predictor) latency of the channel-pruned VGG as a fraction of dense,
+    on the widths the plan keeps (rounded to multiples of ``round_to``)."""
+    kept = kept_channels(list(channels), ratios, round_to)
     kept[-1] = channels[-1]
+    if metric == "latency":
+        if latency is None:
+            raise AutopruneError("a latency budget needs the latency predictor; set [latency] predict = true")
+        return float(latency(kept))
     return vgg_cost(kept, num_classes)[metric] / vgg_cost(channels, num_classes)[metric]
 
 
@@ -199,20 +212,23 @@ def channel_budget(
     lower: dict[str, float] | None = None,
     upper: dict[str, float] | None = None,
     num_classes: int = 10,
+    round_to: int = 1,
+    latency: WidthsCost | None = None,
 ) -> dict[str, float]:
-    """Per-conv prune ratios whose params (or MACs) are the largest reachable <= target.
+    """Per-conv prune ratios whose params, MACs or predicted latency (``latency``) are the largest reachable
+    <= target, on widths rounded to multiples of ``round_to``.
 
     Ratios are returned as ``1 - kept / channels``, so the plan keeps exactly
     the channel counts found.
     """
-    if metric not in ("params", "macs"):
-        raise AutopruneError(f"channel budget metric must be params or macs, got {metric!r}")
+    if metric not in CHANNEL_METRICS:
+        raise AutopruneError(f"channel budget metric must be one of {', '.join(CHANNEL_METRICS)}, got {metric!r}")
     _check_target(target_fraction, metric)
     layers = CONV_NAMES[:-1]
     lo, hi = _bounds(layers, lower, upper, channel_upper_bounds(channels))
 
     def cost(ratios):
-        return channel_cost_fraction(channels, ratios, metric, num_classes)
+        return channel_cost_fraction(channels, ratios, metric, num_classes, round_to, latency)
 
     smallest = cost(hi)
     if smallest > target_fraction:
@@ -222,5 +238,5 @@ def channel_budget(
         )
     t = _solve_shift(_prefs(layers, preferences), lo, hi, cost, target_fraction)
     ratios = _shifted(_prefs(layers, preferences), lo, hi, t)
-    kept = kept_channels(list(channels), ratios)
+    kept = kept_channels(list(channels), ratios, round_to)
     return {n: 1.0 - kept[i] / channels[i] for i, n in enumerate(layers)}

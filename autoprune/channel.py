@@ -1,7 +1,8 @@
 """Channel pruning: a physically smaller VGG, by the lab's rules.
 
 Conv i (every conv but the last) keeps ``int(round((1 - r_i) * c_i))`` output
-channels; the same channels of its BatchNorm (weight, bias, running mean and
+channels (with ``round_to`` m > 1: the nearest multiple of m, at least m, or
+all ``c_i``: hardware-friendly widths); the same channels of its BatchNorm (weight, bias, running mean and
 variance) and the same input channels of conv i+1 are kept with them.
 
 Which channels, by criterion:
@@ -23,18 +24,37 @@ from .errors import AutopruneError
 from .model import CONV_NAMES, VGG, build_model
 
 
-def kept_channels(channels: list[int], ratios: dict[str, float]) -> list[int]:
-    """Channels each conv keeps under prune ratios ``ratios`` (the lab's rounding)."""
+ROUND_TO_MAX = 64
+
+
+def check_round_to(round_to: int) -> int:
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or not 1 <= round_to <= ROUND_TO_MAX:
+        raise AutopruneError(f"round_to must be an integer in [1, {ROUND_TO_MAX}] (1: the lab's rounding), "
+                             f"got {round_to!r}")
+    return round_to
+
+
+def rounded_width(exact: float, c: int, round_to: int = 1) -> int:
+    """Kept channels for ``exact`` (= (1 - r) * c): the nearest multiple of ``round_to`` in [round_to, c], or
+    ``c`` itself when that is nearer (so an unpruned layer stays whole whatever its width)."""
+    if round_to == 1:
+        return int(round(exact))  # the lab's rounding (half to even), unchanged
+    keep = min(c, max(round_to, round_to * round(exact / round_to)))
+    return c if c - exact < abs(exact - keep) else keep
+
+
+def kept_channels(channels: list[int], ratios: dict[str, float], round_to: int = 1) -> list[int]:
+    """Channels each conv keeps under prune ratios ``ratios`` (the lab's rounding, then ``round_to``)."""
+    check_round_to(round_to)
     kept = []
     for name, c in zip(CONV_NAMES, channels):
         r = float(ratios.get(name, 0.0))
-        keep = int(round((1 - r) * c))
-        if keep < 1:
+        if int(round((1 - r) * c)) < 1:
             raise AutopruneError(
                 f"prune ratio {r} leaves no channel of {name} ({c} channels); "
                 f"use a ratio below {1 - 0.5 / c:.4f}"
             )
-        kept.append(keep)
+        kept.append(rounded_width((1 - r) * c, c, round_to))
     return kept
 
 
@@ -53,9 +73,9 @@ def channel_importance(model: VGG, i: int, criterion: str) -> torch.Tensor | Non
 
 
 @torch.no_grad()
-def prune_channels(model: VGG, ratios: dict[str, float], criterion: str = "norm") -> VGG:
+def prune_channels(model: VGG, ratios: dict[str, float], criterion: str = "norm", round_to: int = 1) -> VGG:
     """A new, smaller VGG; ``model`` is not modified."""
-    channels = kept_channels(list(model.channels), ratios)
+    channels = kept_channels(list(model.channels), ratios, round_to)
     channels[-1] = model.channels[-1]  # the last conv feeds the classifier
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for i, keep in enumerate(channels[:-1]):

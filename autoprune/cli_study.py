@@ -25,7 +25,10 @@ def _pick_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-accuracy", type=finite_float, metavar="A", help="lowest validation accuracy, percent")
     g.add_argument("--max-macs", type=finite_float, metavar="F", help="largest MACs as a fraction of dense")
     g.add_argument("--max-latency-ms", type=finite_float, metavar="T",
-                   help="largest latency in ms (channel studies)")
+                   help="largest measured latency in ms (channel studies)")
+    g.add_argument("--max-latency-fraction", type=finite_float, metavar="F",
+                   help="largest measured latency as a fraction of the dense model's, timed beside it "
+                        "(channel studies)")
     g.add_argument("--prefer", choices=("accuracy", "size", "macs", "latency"), default="accuracy",
                    help="accuracy: highest validation accuracy (default); size/macs/latency: smallest, "
                         "ties by accuracy")
@@ -33,7 +36,8 @@ def _pick_options(p: argparse.ArgumentParser) -> None:
 
 def _pick_kwargs(args) -> dict:
     return {"max_size": args.max_size, "min_accuracy": args.min_accuracy, "max_macs": args.max_macs,
-            "max_latency_ms": args.max_latency_ms, "prefer": args.prefer}
+            "max_latency_ms": args.max_latency_ms, "max_latency_fraction": args.max_latency_fraction,
+            "prefer": args.prefer}
 
 
 def cmd_report(args) -> int:
@@ -55,7 +59,8 @@ def cmd_pick(args) -> int:
     study, config = open_existing(args.storage, args.study)
     kw = _pick_kwargs(args)
     best, runners = pick(study, config, **kw)
-    limits = study_limits(study, config, kw["max_size"], kw["min_accuracy"], kw["max_macs"], kw["max_latency_ms"])
+    limits = study_limits(study, config, kw["max_size"], kw["min_accuracy"], kw["max_macs"], kw["max_latency_ms"],
+                          kw["max_latency_fraction"])
     result = pick_result(study, config, best, runners, limits, args.prefer)
     _emit(args, result, format_pick(result, config.cost_attr))
     return 0

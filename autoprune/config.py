@@ -25,7 +25,7 @@ from .errors import AutopruneError
 SAMPLERS = ("tpe", "random", "gp", "nsga2")
 LAB_GRID = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the lab's sensitivity scan
 EXTENDED_GRID = (0.95, 0.98, 0.99)  # fine-grained targets below ~0.2 need larger ratios
-OBJECTIVES = ("size", "macs", "accuracy")
+OBJECTIVES = ("size", "macs", "latency", "accuracy")  # latency: measured latency_fraction (channel studies)
 
 
 @dataclass
@@ -74,7 +74,20 @@ class ConstraintsSection:
     min_accuracy: float | None = None  # percent; default 92.5 unless max_accuracy_drop is set
     max_accuracy_drop: float | None = None  # points below dense validation accuracy
     max_macs_fraction: float | None = None
+    # Channel studies: a latency cap, repaired before fine-tuning by the [latency] lookup table's prediction
+    # (like size and MACs), then checked on the measured latency. A fraction (0-1) of the dense model's latency
+    # (predicted for the repair; measured beside the dense model for the check), or milliseconds; one of them.
+    max_latency_fraction: float | None = None
     max_latency_ms: float | None = None
+
+
+@dataclass
+class PruningSection:
+    """Channel pruning options (see autoprune/channel.py)."""
+
+    # Kept channels rounded to a multiple of this (never 0, never above the dense width), in plans, budget
+    # repair (costed on the rounded widths) and exports: hardware-friendly widths. 1: the lab's rounding.
+    round_to: int = 1
 
 
 @dataclass
@@ -189,6 +202,7 @@ class StudyConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     constraints: ConstraintsSection = field(default_factory=ConstraintsSection)
+    pruning: PruningSection = field(default_factory=PruningSection)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     priors: PriorsSection = field(default_factory=PriorsSection)
     fidelity: FidelitySection = field(default_factory=FidelitySection)
@@ -208,6 +222,12 @@ class StudyConfig:
         costs = [o for o in self.objectives if o != "accuracy"]
         cost = costs[0] if costs else ("size" if self.study.kind == "fine_grained" else "macs")
         return f"{cost}_fraction"
+
+    @property
+    def latency_budget(self) -> bool:
+        """A channel study with a latency cap: trials are repaired onto it by the predicted latency."""
+        c = self.constraints
+        return self.study.kind == "channel" and (c.max_latency_fraction is not None or c.max_latency_ms is not None)
 
     @property
     def budget_metric(self) -> str:
@@ -310,12 +330,15 @@ class StudyConfig:
         bad = [o for o in self.objectives if o not in OBJECTIVES]
         if bad or not 1 <= len(self.objectives) <= 2 or "accuracy" not in self.objectives:
             raise AutopruneError(
-                f"[study] objectives must be ['accuracy'] or a cost (size or macs) with 'accuracy', "
+                f"[study] objectives must be ['accuracy'] or a cost (size, macs or latency) with 'accuracy', "
                 f"got {self.objectives}"
             )
         if s.kind == "fine_grained" and "macs" in self.objectives:
             raise AutopruneError("[study] fine-grained pruning leaves dense MACs unchanged; use objectives "
                                  "['size', 'accuracy']")
+        if s.kind == "fine_grained" and "latency" in self.objectives:
+            raise AutopruneError("[study] fine-grained pruning leaves dense latency unchanged (zeros do not make a "
+                                 "dense kernel faster); use objectives ['size', 'accuracy'] or kind = \"channel\"")
         from .data import MAX_SEED
 
         m, d, fi, p = self.model, self.data, self.fidelity, self.priors
@@ -368,6 +391,27 @@ class StudyConfig:
             raise AutopruneError(f"[constraints] max_macs_fraction must be in (0, 1], got {c.max_macs_fraction}")
         if c.max_latency_ms is not None and not c.max_latency_ms > 0:
             raise AutopruneError(f"[constraints] max_latency_ms must be > 0, got {c.max_latency_ms}")
+        if c.max_latency_fraction is not None and not 0 < c.max_latency_fraction <= 1:
+            raise AutopruneError(f"[constraints] max_latency_fraction is a fraction of the dense model's latency "
+                                 f"in (0, 1], got {c.max_latency_fraction}")
+        latency_caps = [k for k in ("max_latency_fraction", "max_latency_ms") if getattr(c, k) is not None]
+        if len(latency_caps) == 2:
+            raise AutopruneError("[constraints] set max_latency_fraction or max_latency_ms, not both (one latency "
+                                 "budget is repaired onto)")
+        if latency_caps and s.kind != "channel":
+            raise AutopruneError(f"[constraints] {latency_caps[0]} needs kind = \"channel\": fine-grained pruning "
+                                 f"keeps dense shapes, so its latency does not change; drop {latency_caps[0]}")
+        if latency_caps and not self.latency.predict:
+            raise AutopruneError(f"[constraints] {latency_caps[0]} is repaired before fine-tuning by the predicted "
+                                 f"latency: set [latency] predict = true")
+        from .channel import ROUND_TO_MAX
+
+        if not 1 <= self.pruning.round_to <= ROUND_TO_MAX:
+            raise AutopruneError(f"[pruning] round_to must be in [1, {ROUND_TO_MAX}] (1: the lab's rounding), got "
+                                 f"{self.pruning.round_to}")
+        if self.pruning.round_to > 1 and s.kind != "channel":
+            raise AutopruneError("[pruning] round_to rounds kept channels: it needs kind = \"channel\"; leave it 1 "
+                                 "for fine-grained studies")
         if fi.ladder and fi.bn_recal_batches == 0:
             raise AutopruneError("[fidelity] ladder needs the cheap score: set bn_recal_batches >= 1")
         if fi.screen > 1 and fi.bn_recal_batches == 0:

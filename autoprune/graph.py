@@ -48,9 +48,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .channel import check_round_to, rounded_width
 from .errors import AutopruneError
-
-ROUND_TO = (1, 4, 8, 16)
 
 # criterion -> Torch-Pruning group importance (given the torch_pruning module)
 IMPORTANCES: dict[str, Callable] = {
@@ -77,19 +76,15 @@ def require_torch_pruning(what: str):
 def kept_width(width: int, ratio: float, round_to: int = 1) -> int:
     """Channels a group of ``width`` keeps at prune ratio ``ratio`` (fraction removed).
 
-    ``round((1 - ratio) * width)`` (Python's round, as the lab), then rounded to
-    a multiple of ``round_to``; never 0 and never above ``width`` (a group
-    narrower than ``round_to``, or kept whole, keeps ``width``).
+    ``[pruning] round_to``'s rounding (:func:`autoprune.channel.rounded_width`: the lab's
+    ``round((1 - ratio) * width)`` at 1, else the nearest multiple, or the whole width when that
+    is nearer), and never 0.
     """
-    if round_to not in ROUND_TO:
-        raise AutopruneError(f"round_to must be one of {', '.join(map(str, ROUND_TO))}, got {round_to!r}")
+    check_round_to(round_to)
     ratio = float(ratio)
     if not 0.0 <= ratio <= 1.0:
         raise AutopruneError(f"prune ratio must be in [0, 1], got {ratio}")
-    keep = max(1, int(round((1 - ratio) * width)))
-    if keep < width:
-        keep = min(width, max(round_to, round_to * int(round(keep / round_to))))
-    return keep
+    return max(1, rounded_width((1 - ratio) * width, width, round_to))
 
 
 @dataclass(frozen=True)

@@ -121,10 +121,12 @@ class Limits:
     min_accuracy: float | None = None
     max_macs: float | None = None
     max_latency_ms: float | None = None
+    max_latency_fraction: float | None = None  # measured latency / the dense model's, timed side by side
 
     def to_dict(self) -> dict:
         return {"max_size_fraction": self.max_size, "min_val_accuracy": self.min_accuracy,
-                "max_macs_fraction": self.max_macs, "max_latency_ms": self.max_latency_ms}
+                "max_macs_fraction": self.max_macs, "max_latency_ms": self.max_latency_ms,
+                "max_latency_fraction": self.max_latency_fraction}
 
     def describe(self) -> str:
         parts = []
@@ -136,6 +138,8 @@ class Limits:
             parts.append(f"macs_fraction <= {self.max_macs:.4g}")
         if self.max_latency_ms is not None:
             parts.append(f"latency <= {self.max_latency_ms:.3g} ms")
+        if self.max_latency_fraction is not None:
+            parts.append(f"latency_fraction <= {self.max_latency_fraction:.4g}")
         return ", ".join(parts) or "no limits"
 
     def violations(self, trial: FrozenTrial) -> dict[str, float]:
@@ -155,6 +159,9 @@ class Limits:
         if self.max_latency_ms is not None:
             lat = a.get("latency_ms")
             out["latency"] = math.inf if lat is None else (lat - self.max_latency_ms) / self.max_latency_ms
+        if self.max_latency_fraction is not None:
+            lat = a.get("latency_fraction")
+            out["latency_fraction"] = math.inf if lat is None else lat - self.max_latency_fraction
         return out
 
     def met_by(self, trial: FrozenTrial) -> bool:
@@ -162,7 +169,7 @@ class Limits:
 
 
 def study_limits(study: optuna.Study, config: StudyConfig, max_size=None, min_accuracy=None, max_macs=None,
-                 max_latency_ms=None) -> Limits:
+                 max_latency_ms=None, max_latency_fraction=None) -> Limits:
     """The given limits, each defaulting to the study's own constraint; validated."""
     c = config.constraints
     if max_size is not None and not 0 < max_size <= 1:
@@ -173,9 +180,20 @@ def study_limits(study: optuna.Study, config: StudyConfig, max_size=None, min_ac
         raise AutopruneError(f"--max-macs is a fraction of dense MACs in (0, 1], got {max_macs}")
     if max_latency_ms is not None and not max_latency_ms > 0:
         raise AutopruneError(f"--max-latency-ms must be > 0, got {max_latency_ms}")
-    if max_latency_ms is not None and config.study.kind != "channel":
-        raise AutopruneError("--max-latency-ms needs a channel study: fine-grained trials record no latency "
-                             "(zeros do not make a dense kernel faster)")
+    if max_latency_fraction is not None and not 0 < max_latency_fraction <= 1:
+        raise AutopruneError(f"--max-latency-fraction is a fraction of the dense model's latency in (0, 1], got "
+                             f"{max_latency_fraction}")
+    for flag, value in (("--max-latency-ms", max_latency_ms), ("--max-latency-fraction", max_latency_fraction)):
+        if value is not None and config.study.kind != "channel":
+            raise AutopruneError(f"{flag} needs a channel study: fine-grained trials record no latency "
+                                 "(zeros do not make a dense kernel faster)")
+    if max_latency_ms is not None and max_latency_fraction is not None:
+        raise AutopruneError("give --max-latency-ms or --max-latency-fraction, not both")
+    # A latency limit given here replaces the study's own (in ms or as a fraction), not adds to it.
+    own_ms, own_fraction = (c.max_latency_ms, c.max_latency_fraction) if config.study.kind == "channel" else (None,
+                                                                                                             None)
+    if max_latency_ms is not None or max_latency_fraction is not None:
+        own_ms, own_fraction = max_latency_ms, max_latency_fraction
     floor = study.user_attrs.get("accuracy_floor")
     if floor is None:
         floor = config.accuracy_floor(study.user_attrs.get("dense", {}).get("val_accuracy", 0.0))
@@ -183,8 +201,8 @@ def study_limits(study: optuna.Study, config: StudyConfig, max_size=None, min_ac
         max_size=c.max_size_fraction if max_size is None else max_size,
         min_accuracy=float(floor) if min_accuracy is None else min_accuracy,
         max_macs=c.max_macs_fraction if max_macs is None else max_macs,
-        max_latency_ms=(c.max_latency_ms if config.study.kind == "channel" else None)
-        if max_latency_ms is None else max_latency_ms,
+        max_latency_ms=own_ms,
+        max_latency_fraction=own_fraction,
     )
 
 
@@ -229,7 +247,7 @@ def closest(trials: list[FrozenTrial], limits: Limits) -> FrozenTrial | None:
 
 def pick(study: optuna.Study, config: StudyConfig, max_size: float | None = None,
          min_accuracy: float | None = None, max_macs: float | None = None, max_latency_ms: float | None = None,
-         prefer: str = "accuracy", require_weights: bool = False, runners_up: int = 3,
+         max_latency_fraction: float | None = None, prefer: str = "accuracy", require_weights: bool = False, runners_up: int = 3,
          ) -> tuple[FrozenTrial, list[FrozenTrial]]:
     """The best deployable COMPLETE trial meeting the limits, and up to ``runners_up`` next ones.
 
@@ -243,7 +261,7 @@ def pick(study: optuna.Study, config: StudyConfig, max_size: float | None = None
         raise AutopruneError(f"--prefer must be one of {', '.join(PREFER)}, got {prefer!r}")
     if prefer == "latency" and config.study.kind != "channel":
         raise AutopruneError("--prefer latency needs a channel study: fine-grained trials record no latency")
-    limits = study_limits(study, config, max_size, min_accuracy, max_macs, max_latency_ms)
+    limits = study_limits(study, config, max_size, min_accuracy, max_macs, max_latency_ms, max_latency_fraction)
     name = study.study_name
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
@@ -271,6 +289,8 @@ def _miss(key: str, value: float, limits: Limits) -> str:
         return f"accuracy short by {100 * value:.2f} points"
     if key == "latency":
         return "no latency recorded" if math.isinf(value) else f"latency over by {value * limits.max_latency_ms:.3g} ms"
+    if key == "latency_fraction" and math.isinf(value):
+        return "no latency_fraction recorded"
     return f"{key} over by {value:.4f}"
 
 
@@ -281,7 +301,8 @@ def trial_summary(trial: FrozenTrial, config: StudyConfig | None = None, score: 
     """The figures of one trial that pick, report and export print (``score``: its re-scored figures)."""
     a = trial.user_attrs
     out = {"trial": trial.number, "state": trial.state.name}
-    for key in ("size_fraction", "nonzero_size_mib", "macs_fraction", "latency_ms", "val_accuracy",
+    for key in ("size_fraction", "nonzero_size_mib", "macs_fraction", "latency_ms", "latency_fraction",
+                "latency_predicted_ms", "val_accuracy",
                 "test_accuracy", "val_accuracy_before_finetune", "params", "nonzero_params", "macs",
                 "finetune_epochs_done", "stopped_early_at_epoch", "fidelity"):
         if key in a:
@@ -319,12 +340,13 @@ def format_pick(result: dict, cost_attr: str) -> str:
     def line(r):
         extra = f"  macs {r['macs_fraction']:.4f}" if cost_attr == "macs_fraction" else ""
         extra += f"  latency {r['latency_ms']:.2f} ms" if "latency_ms" in r else ""
+        extra += f" ({r['latency_fraction']:.3f} of dense)" if "latency_fraction" in r else ""
         rescored = format_score(r.get("score"))
         return (f"trial {r['trial']:>4}  size {r['size_fraction']:.4f}{extra}  val {r['val_accuracy']:.2f}%  "
                 f"test {r['test_accuracy']:.2f}%" + (f"  {rescored}" if rescored else ""))
 
-    lim = Limits(*(result["limits"][k] for k in ("max_size_fraction", "min_val_accuracy", "max_macs_fraction",
-                                                 "max_latency_ms")))
+    lim = Limits(*(result["limits"].get(k) for k in ("max_size_fraction", "min_val_accuracy", "max_macs_fraction",
+                                                     "max_latency_ms", "max_latency_fraction")))
     lines = [f"picked from study {result['study']} ({result['kind']}), prefer {result['prefer']}, "
              f"limits: {lim.describe()}",
              "  " + line(result),

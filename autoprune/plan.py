@@ -8,7 +8,9 @@ both kinds (like ``torch.nn.utils.prune``'s ``amount``):
   fine-tuning.
 * ``channel``: per-conv channel prune ratio r for ``conv0`` ... ``conv6`` (the
   last conv feeds the classifier and is never cut); ``int(round((1 - r) * c))``
-  channels are kept, and applying it yields a physically smaller VGG.
+  channels are kept (``round_to`` m > 1: rounded to a multiple of m, see
+  :func:`autoprune.channel.kept_channels`), and applying it yields a
+  physically smaller VGG.
 
 Layers a plan does not name are left dense. ``base_channels`` records the
 conv widths of the model the plan was made for, so that a plan is never
@@ -29,10 +31,10 @@ from typing import NamedTuple
 
 import torch
 
+from .channel import check_round_to
 from .errors import AutopruneError
 from .fine_grained import magnitude_masks
 from .graph import CRITERIA as GRAPH_CRITERIA
-from .graph import ROUND_TO
 from .model import CONV_NAMES, PRUNABLE_LAYERS, VGG
 from .sources import prunable
 from .train import apply_masks
@@ -71,9 +73,9 @@ class PruningPlan:
         object.__setattr__(self, "layers", None if self.layers is None else valid)
         criteria = FINE_CRITERIA if self.kind == "fine_grained" else (
             CHANNEL_CRITERIA if self.layers is None else GRAPH_CRITERIA)
-        if self.round_to not in ROUND_TO or (self.round_to != 1 and self.kind == "fine_grained"):
-            raise AutopruneError(f"round_to must be one of {', '.join(map(str, ROUND_TO))} (channel plans only), "
-                                 f"got {self.round_to!r}")
+        check_round_to(self.round_to)
+        if self.round_to > 1 and self.kind != "channel":
+            raise AutopruneError(f"round_to applies to channel plans, not {self.kind}; leave it 1")
         object.__setattr__(self, "criterion", self.criterion or criteria[0])
         if self.criterion not in criteria:
             raise AutopruneError(

@@ -10,7 +10,10 @@
   infeasible and not-fully-fine-tuned trials told apart, Optuna's front
   (``study.best_trials``) as a step line, the constraint lines, the dense
   model, the uniform-pruning baseline and the picked config;
-* channel studies: ``accuracy_vs_macs.png`` and ``accuracy_vs_latency.png``;
+* channel studies: ``accuracy_vs_macs.png``, ``accuracy_vs_latency.png`` (with
+  the latency-accuracy front of the feasible, fully fine-tuned trials) and
+  ``latency_predicted_vs_measured.png`` (the lookup table against the
+  measured latency, per trial);
 * ``picked_layers.png``: the pick's per-layer ratios beside each layer's
   share of the dense parameters;
 * ``sensitivity-<kind>.png`` (copied from the study's folder when the scan
@@ -190,16 +193,27 @@ def baseline_plan(config: StudyConfig, channels, num_classes: int = 10):
     from . import budget
     from .plan import PruningPlan
 
+    from .space import study_latency_budget
+
     c = config.constraints
     kind = config.study.kind
+    round_to = config.pruning.round_to
     if kind == "fine_grained":
         ratios = budget.fine_grained_budget(channels, c.max_size_fraction, num_classes=num_classes)
     else:
-        ratios = budget.channel_budget(channels, c.max_size_fraction, "params", num_classes=num_classes)
-        if c.max_macs_fraction is not None:
-            by_macs = budget.channel_budget(channels, c.max_macs_fraction, "macs", num_classes=num_classes)
-            ratios = {n: max(r, by_macs[n]) for n, r in ratios.items()}
-    return PruningPlan(kind, {n: r for n, r in ratios.items() if r > 0}, config.study.criterion, tuple(channels))
+        ratios = budget.channel_budget(channels, c.max_size_fraction, "params", num_classes=num_classes,
+                                       round_to=round_to)
+        caps = [("macs", c.max_macs_fraction, None)]
+        if config.latency_budget:  # by this machine's lookup table (cached where the search ran here)
+            cap, predictor = study_latency_budget(config, channels, num_classes)
+            caps.append(("latency", cap, predictor))
+        for metric, cap, predictor in caps:
+            if cap is not None:
+                by_cap = budget.channel_budget(channels, cap, metric, num_classes=num_classes, round_to=round_to,
+                                               latency=predictor)
+                ratios = {n: max(r, by_cap[n]) for n, r in ratios.items()}
+    return PruningPlan(kind, {n: r for n, r in ratios.items() if r > 0}, config.study.criterion, tuple(channels),
+                       round_to)
 
 
 def uniform_baseline(study: optuna.Study, config: StudyConfig, out_dir: Path, device="auto",
@@ -363,11 +377,13 @@ def plot_pareto(study, config, path: Path, pick_trial, baseline, floor) -> Path:
                 color=COLORS["front"], lw=1.8, zorder=2, marker="s", ms=10, mfc="none", mew=1.5,
                 label=f"Pareto front, Optuna best_trials ({len(front)})")
     c = config.constraints
-    cap = c.max_size_fraction if cost == "size_fraction" else c.max_macs_fraction
+    cap = {"size_fraction": c.max_size_fraction, "macs_fraction": c.max_macs_fraction,
+           "latency_fraction": c.max_latency_fraction}.get(cost)
     if cap is not None:
         ax.axvline(cap, color="tab:red", ls=":", lw=1.3, label=f"{cost.split('_')[0]} cap {cap:g}")
     _floor_line(ax, floor)
-    what = "nonzero size" if cost == "size_fraction" else "MACs (conv + linear)"
+    what = {"size_fraction": "nonzero size", "macs_fraction": "MACs (conv + linear)",
+            "latency_fraction": "measured latency"}.get(cost, cost)
     _finish(ax, f"{study.study_name}: {what} vs validation accuracy ({config.study.kind})",
             f"{cost} ({what} as a fraction of dense)", floor)
     return _save(fig, path)
@@ -390,16 +406,82 @@ def plot_channel_extra(study, config, out: Path, pick_trial, baseline, floor) ->
         _scatter_trials(ax, trials, config, x_of, pick_trial, baseline,
                         (dx / scale if dx is not None else None, dense.get("val_accuracy")),
                         baseline[key] / scale if baseline and key in baseline else None)
-        if key == "latency_ms" and config.constraints.max_latency_ms is not None:
-            ax.axvline(config.constraints.max_latency_ms, color="tab:red", ls=":", lw=1.3,
-                       label=f"latency cap {config.constraints.max_latency_ms:g} ms")
+        if key == "latency_ms":
+            front = latency_front([t for t in trials if t.state == TrialState.COMPLETE and is_feasible(t)
+                                   and is_deployable(t, config)])
+            if front:
+                ax.step([t.user_attrs["latency_ms"] for t in front], [t.user_attrs["val_accuracy"] for t in front],
+                        where="post", color=COLORS["front"], lw=1.8, zorder=2, marker="s", ms=10, mfc="none",
+                        mew=1.5, label=f"latency-accuracy front, feasible ({len(front)})")
+            cap_ms = config.constraints.max_latency_ms
+            if cap_ms is None and config.constraints.max_latency_fraction is not None and dx:
+                cap_ms = config.constraints.max_latency_fraction * dx  # drawn at the dense model's median here
+            if cap_ms is not None:
+                ax.axvline(cap_ms, color="tab:red", ls=":", lw=1.3, label=f"latency cap {cap_ms:.3g} ms")
         if key == "macs" and config.constraints.max_macs_fraction is not None and dx:
             ax.axvline(config.constraints.max_macs_fraction * dx / scale, color="tab:red", ls=":", lw=1.3,
                        label=f"MACs cap {config.constraints.max_macs_fraction:g} of dense")
         _floor_line(ax, floor)
         _finish(ax, f"{study.study_name}: {what} vs validation accuracy (channel pruning)", xlabel, floor)
         written[name] = _save(fig, out / name)
+    predicted = plot_latency_prediction(study, out / "latency_predicted_vs_measured.png")
+    if predicted is not None:
+        written[predicted.name] = predicted
     return written
+
+
+def latency_front(trials) -> list[FrozenTrial]:
+    """The trials no other beats on both measured latency (lower) and validation accuracy (higher), by latency."""
+    pts = sorted(trials, key=lambda t: (t.user_attrs["latency_ms"], -t.user_attrs["val_accuracy"], t.number))
+    front, best = [], -math.inf
+    for t in pts:
+        if t.user_attrs["val_accuracy"] > best:
+            front.append(t)
+            best = t.user_attrs["val_accuracy"]
+    return front
+
+
+def prediction_errors(trials) -> list[float]:
+    """Each complete trial's lookup-table prediction error, predicted / measured - 1."""
+    return [t.user_attrs["latency_prediction_error"] for t in trials
+            if t.state == TrialState.COMPLETE and "latency_prediction_error" in t.user_attrs]
+
+
+def plot_latency_prediction(study, path: Path) -> Path | None:
+    """Predicted (lookup table) vs measured latency of every complete trial, the dense model starred; None
+    when no trial recorded a prediction."""
+    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if "latency_predicted_ms" in t.user_attrs and "latency_ms" in t.user_attrs]
+    if not trials:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 6.0), dpi=110)
+    xs = [t.user_attrs["latency_ms"] for t in trials]
+    ys = [t.user_attrs["latency_predicted_ms"] for t in trials]
+    ax.scatter(xs, ys, s=30, color=COLORS["feasible"], zorder=3, label=f"trials ({len(trials)})")
+    dense = study.user_attrs.get("dense", {})
+    if "latency_predicted_ms" in dense and "latency_ms" in dense:
+        ax.scatter(dense["latency_ms"], dense["latency_predicted_ms"], marker="*", s=160, color=COLORS["dense"],
+                   zorder=4, label="dense")
+        xs, ys = xs + [dense["latency_ms"]], ys + [dense["latency_predicted_ms"]]
+    lo, hi = 0.0, 1.05 * max(xs + ys)
+    ax.plot([lo, hi], [lo, hi], color="0.3", lw=1.0, label="predicted = measured")
+    ax.fill_between([lo, hi], [0.9 * lo, 0.9 * hi], [1.1 * lo, 1.1 * hi], color="0.5", alpha=0.15,
+                    label="within 10%")
+    errors = [abs(e) for e in prediction_errors(trials)]
+    a = trials[0].user_attrs
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel(f"measured latency, ms (median, batch {a.get('latency_batch_size', 1)}, "
+                  f"{a.get('latency_runtime', 'torch')}, {a.get('latency_threads', '?')} thread(s))")
+    ax.set_ylabel("predicted latency, ms (per-layer lookup table)")
+    ax.set_title(f"{study.study_name}: predicted vs measured latency; median |error| "
+                 f"{100 * statistics.median(errors):.1f}%, largest {100 * max(errors):.1f}%", fontsize=10,
+                 parse_math=False)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", framealpha=0.9)
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def plot_picked_layers(study, config, trial: FrozenTrial, path: Path) -> Path:
@@ -567,8 +649,7 @@ def build_sections(study, config, storage_url, pick_trial, pick_note, runners, b
                         f"latency {dense['latency_ms']:.2f} ms" if 'latency_ms' in dense else ""] if x) + "."),
         ("p", "**Which split:** " + ACCURACY_NOTE),
     ]
-    errors = [abs(t.user_attrs["latency_prediction_error"]) for t in complete
-              if "latency_prediction_error" in t.user_attrs]
+    errors = [abs(e) for e in prediction_errors(complete)]
     if errors:
         a = next(t.user_attrs for t in complete if "latency_prediction_error" in t.user_attrs)
         overview.append(("p", f"Latency: {a.get('latency_runtime', 'torch')}, {a.get('latency_threads', '?')} "
@@ -644,7 +725,11 @@ def build_sections(study, config, storage_url, pick_trial, pick_note, runners, b
                    ("img", "accuracy_vs_latency.png",
                     f"Latency (median of batch-{config.latency.batch_sizes[0]} {config.latency.runtime} runs at "
                     f"{config.latency.threads or 'all'} thread(s), {config.latency.device} of the search machine) "
-                    f"vs validation accuracy.")]
+                    f"vs validation accuracy; green steps: the latency-accuracy front of the feasible, fully "
+                    f"fine-tuned trials."),
+                   ("img", "latency_predicted_vs_measured.png",
+                    "Latency predicted by the per-layer lookup table (what a latency budget is repaired on) vs "
+                    "measured, per trial; the band is within 10%.")]
     sections.append(("Pareto front", blocks))
 
     blocks = []

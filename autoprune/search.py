@@ -31,7 +31,7 @@ from .objective import Objective, TrialContext
 from .plan import PruningPlan
 from .pick import format_score, is_feasible, leaders, qualified, study_scores
 from .rescore import rescore_trials, rescores
-from .space import SearchSpace
+from .space import SearchSpace, study_latency_budget
 from .storage import redact, redacted_config, storage_file
 from .train import DENSE_RECIPE, TrainConfig, evaluate, fit, resolve_device
 
@@ -213,19 +213,23 @@ def prepare(config: StudyConfig, device="auto", progress: bool = True) -> tuple[
     floor = config.accuracy_floor(dense_val)
     figures = {"params": metrics.count_params(dense), "macs": metrics.count_macs(dense),
                "val_accuracy": dense_val, "test_accuracy": evaluate(dense, data.test)}
-    meter = None
+    meter, lat_budget = None, None
     if config.study.kind == "channel":
         meter = Meter.from_config(config.latency, config.latency_cache_dir)
         lat = meter.figures(dense)
         figures.update({k: lat[k] for k in ("latency_ms", "latency_iqr_ms", "latency_batch_size", "latency_runtime",
                                             "latency_threads", "latency_device", "latency_predicted_ms",
                                             "latency_prediction_error") if k in lat})
+        lat_budget = study_latency_budget(config, dense.channels, dense.num_classes, meter.table)
+        if lat_budget is not None:
+            figures["latency_budget_fraction"] = lat_budget[0]
+    targets = PriorTargets(config, dense.channels, dense.num_classes, lat_budget)
     log.info("dense model %s: val %.2f%% on %d images; accuracy floor %.2f%%", checkpoint, dense_val,
              len(data.val), floor)
     upper, allocation, prior_info, warm, centre = None, None, {}, {}, None
     if config.priors.enabled:
-        upper, allocation, prior_info = compute_study_priors(config, dense, checkpoint, data, progress)
-        warm = warm_starts(config, dense)
+        upper, allocation, prior_info = compute_study_priors(config, dense, checkpoint, data, progress, targets)
+        warm = warm_starts(config, dense, targets)
         starts = {"prior allocation": allocation, **warm}
         upper = widen_for_starts(upper, starts)
         if config.priors.centre:
@@ -233,7 +237,8 @@ def prepare(config: StudyConfig, device="auto", progress: bool = True) -> tuple[
             centre = starts[name]
             prior_info.update(space_centre=name, centre_scores=scores)
     space = SearchSpace.for_study(config, dense.channels, upper, dense.num_classes, centre=centre,
-                                  starts=list(warm.values()) + ([allocation] if allocation else []))
+                                  starts=list(warm.values()) + ([allocation] if allocation else []),
+                                  latency_budget=lat_budget)
     # Stored redacted: anyone who opens the study (optuna-dashboard too) reads it; workers take the
     # real URL from their own command line.
     info = {"config": redacted_config(config), "space_signature": space.signature(), "space_upper": space.upper,
@@ -294,16 +299,47 @@ def choose_centre(config, dense, data, starts: dict[str, dict]) -> tuple[str, di
     return best, scores
 
 
-def warm_starts(config, dense) -> dict[str, dict[str, float]]:
+class PriorTargets:
+    """The closed-form cost (params or MACs) and targets that priors and warm starts are made at.
+
+    The study's budget metric and cap; with a latency budget, MACs at the MACs of the uniform plan
+    at each latency target: the priors' costs are closed-form, and uniform pruning at that MACs
+    fraction is uniform pruning at the latency target, which the repair then holds every trial to.
+    """
+
+    def __init__(self, config, channels, num_classes=10, latency_budget=None):
+        self.config, self.channels, self.num_classes = config, list(channels), num_classes
+        self.latency_budget = latency_budget
+        self.metric = "macs" if latency_budget is not None else config.budget_metric
+
+    def at(self, share: float = 1.0) -> float:
+        """The target for ``share`` x the cap, a fraction of dense in ``metric``."""
+        if self.latency_budget is None:
+            return self.config.budget_cap * share
+        from . import budget
+
+        cap, predictor = self.latency_budget
+        round_to = self.config.pruning.round_to
+        try:
+            ratios = budget.channel_budget(self.channels, cap * share, "latency", num_classes=self.num_classes,
+                                           round_to=round_to, latency=predictor)
+        except AutopruneError:  # below what uniform pruning reaches: as far as it goes
+            ratios = budget.channel_upper_bounds(self.channels)
+        return budget.channel_cost_fraction(self.channels, ratios, "macs", self.num_classes, round_to)
+
+
+def warm_starts(config, dense, targets: PriorTargets | None = None) -> dict[str, dict[str, float]]:
     """The one-shot rules' allocations at the cap ([priors] warm_start): rule -> ratios."""
     from .priors import one_shot_allocation
 
     kind = config.study.kind
-    return {rule: one_shot_allocation(rule, dense, kind, config.budget_cap, config.budget_metric)
+    targets = targets or PriorTargets(config, dense.channels, dense.num_classes)
+    cap = targets.at(1.0)
+    return {rule: one_shot_allocation(rule, dense, kind, cap, targets.metric)
             for rule in config.priors.warm_start_rules(kind)}
 
 
-def compute_study_priors(config, dense, checkpoint, data, progress):
+def compute_study_priors(config, dense, checkpoint, data, progress, targets: PriorTargets | None = None):
     """Sensitivity scan (cached) -> per-layer upper bounds and a prior allocation at the cap.
 
     The bounds must leave room for the whole budget range the study samples
@@ -318,16 +354,19 @@ def compute_study_priors(config, dense, checkpoint, data, progress):
     df, dense_acc, cached = scan_cached(checkpoint, data, kind, scan_grid(config), config.study.criterion,
                                         config.out_dir, progress)
     low = _budget_low(config)
-    metric, cap = config.budget_metric, config.budget_cap
+    targets = targets or PriorTargets(config, dense.channels, dense.num_classes)
+    metric = targets.metric
 
-    def at(target):
-        log.info("priors at %s fraction %.4f (%s):", "size" if metric == "params" else metric, target,
-                 "the cap" if target == cap else f"the lowest sampled budget, {low:g} x the cap: the bounds")
+    def at(share):
+        target = targets.at(share)
+        log.info("priors at %s fraction %.4f (%s%s):", "size" if metric == "params" else metric, target,
+                 "the cap" if share == 1.0 else f"the lowest sampled budget, {low:g} x the cap: the bounds",
+                 "; MACs of uniform pruning at the latency budget" if targets.latency_budget else "")
         return compute_priors(df, dense_acc, dense.channels, kind, target, tolerance=config.priors.tolerance,
                               metric=metric, num_classes=dense.num_classes)
 
-    bounds = at(cap * low)
-    first = bounds if low == 1.0 else at(cap)
+    bounds = at(low)
+    first = bounds if low == 1.0 else at(1.0)
     info = {"prior_upper": bounds.upper, "prior_rule": bounds.rule, "prior_tolerance": bounds.tolerance,
             "sensitivity_cached": cached}
     return bounds.upper, first.allocation, info

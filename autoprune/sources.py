@@ -44,6 +44,7 @@ from torch import nn
 
 from . import model as lab
 from .budget import vgg_cost
+from .channel import kept_channels
 from .channel import prune_channels as prune_vgg_channels
 from .errors import AutopruneError
 from .graph import ChannelGraph, kept_width
@@ -111,8 +112,10 @@ class LabVGG:
         return dict(zip(lab.CONV_NAMES[:-1], self.model.channels))
 
     def kept(self, ratios: dict[str, float], round_to: int = 1) -> dict[str, int]:
+        """The lab's rule (:func:`autoprune.channel.kept_channels`: a ratio that leaves no channel is an error)."""
         _check_names(ratios, self.channel_groups(), "channel group")
-        return {n: kept_width(c, ratios.get(n, 0.0), round_to) for n, c in self.channel_groups().items()}
+        groups = self.channel_groups()
+        return dict(zip(groups, kept_channels(list(self.model.channels), ratios, round_to)))
 
     def cost(self, kept: dict[str, int] | None = None) -> dict[str, int]:
         widths = [int((kept or {}).get(n, c)) for n, c in self.channel_groups().items()]
@@ -120,10 +123,7 @@ class LabVGG:
 
     def prune_channels(self, ratios: dict[str, float], criterion: str, round_to: int = 1) -> nn.Module:
         _check_names(ratios, self.channel_groups(), "channel group")
-        if round_to != 1:  # the ratios that keep exactly the rounded widths (the lab's rule then keeps them)
-            kept = self.kept(ratios, round_to)
-            ratios = {n: 1.0 - k / self.model.channels[i] for i, (n, k) in enumerate(kept.items())}
-        return prune_vgg_channels(self.model, ratios, criterion)
+        return prune_vgg_channels(self.model, ratios, criterion, round_to)
 
     def describe(self) -> dict:
         return {"channels": list(self.model.channels)}

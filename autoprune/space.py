@@ -23,10 +23,13 @@ so all parameters 0 is the centre itself, and a step means the same at 50%
 as at 99% sparsity. The box ``[0, upper]`` still clips every preference.
 
 Before any fine-tuning, the preferences are projected onto exactly that cost
-(the cost objective: size for fine-grained, MACs or size for channel) with
-:mod:`autoprune.budget`'s shift rule, which keeps their per-layer shape; any
-other cap still broken (parameters for a channel study) is then enforced the
-same way. Optuna stores the proposal as the trial's params; the plan that
+(size for fine-grained; for channel, the first capped of predicted latency,
+MACs, size) with :mod:`autoprune.budget`'s shift rule, which keeps their
+per-layer shape; any other cap still broken (parameters, MACs) is then
+enforced the same way. Channel costs are computed on the widths the plan
+keeps, rounded to multiples of ``round_to``. A latency cap is a fraction of the
+dense model's latency as the ``[latency]`` lookup table predicts it
+(``max_latency_ms`` is turned into one: ms / the dense prediction). Optuna stores the proposal as the trial's params; the plan that
 actually ran is recorded beside it.
 """
 
@@ -37,6 +40,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import optuna
@@ -65,17 +69,22 @@ class SearchSpace:
     budget_low: float | None = None  # lowest sampled budget (fraction of the cap); None: always the cap
     centre: dict | None = None  # layer -> ratio the deviations are from; None: the whole box
     spread: dict = field(default_factory=dict)  # layer -> (low, high) log kept-fraction deviation
+    round_to: int = 1  # channel: kept channels rounded to multiples of this
+    max_latency_fraction: float | None = None  # channel: cap on the predicted latency, fraction of dense
+    latency: Callable | None = None  # kept widths -> predicted latency fraction (autoprune.latency.PredictedFraction)
 
     @classmethod
     def build(cls, kind, channels, upper=None, *, max_size_fraction, max_macs_fraction=None,
               criterion="", num_classes=10, budget_low=None, centre=None, spread=math.log(2),
-              starts=()) -> "SearchSpace":
+              starts=(), round_to=1, max_latency_fraction=None, latency=None) -> "SearchSpace":
         """``centre``: sample deviations from this allocation (``spread``: half-range, log kept
-        fraction), wide enough to hold each of ``starts`` (allocations enqueued as trials) exactly."""
+        fraction), wide enough to hold each of ``starts`` (allocations enqueued as trials) exactly.
+        ``latency``: the predictor a ``max_latency_fraction`` cap is repaired by."""
         default = NO_PRIOR_UPPER[kind]
         hard = budget.channel_upper_bounds(channels) if kind == "channel" else {}
         bounds = {n: min(default if upper is None else upper[n], hard.get(n, 1.0)) for n in layers_for(kind)}
-        space = cls(kind, list(channels), bounds, max_size_fraction, max_macs_fraction, criterion, num_classes)
+        space = cls(kind, list(channels), bounds, max_size_fraction, max_macs_fraction, criterion, num_classes,
+                    round_to=round_to, max_latency_fraction=max_latency_fraction, latency=latency)
         if centre is not None:
             space.centre = {n: float(centre.get(n, 0.0)) for n in bounds}
             space.spread = {n: (-spread, spread) for n in bounds}
@@ -94,32 +103,50 @@ class SearchSpace:
         return space
 
     @classmethod
-    def for_study(cls, config, channels, upper=None, num_classes=10, centre=None, starts=()) -> "SearchSpace":
-        """The space a study config defines over a dense model with these conv widths."""
+    def for_study(cls, config, channels, upper=None, num_classes=10, centre=None, starts=(),
+                  latency_budget=None) -> "SearchSpace":
+        """The space a study config defines over a dense model with these conv widths.
+
+        ``latency_budget``: :func:`latency_budget`'s (cap, predictor) when the caller made it already.
+        """
         multi = len(config.objectives) > 1
+        cap, predictor = latency_budget or study_latency_budget(config, channels, num_classes) or (None, None)
         return cls.build(config.study.kind, channels, upper,
                          max_size_fraction=config.constraints.max_size_fraction,
                          max_macs_fraction=config.constraints.max_macs_fraction,
                          criterion=config.study.criterion, num_classes=num_classes,
                          budget_low=config.study.budget_low if multi else None,
-                         centre=centre, spread=config.priors.spread, starts=starts)
+                         centre=centre, spread=config.priors.spread, starts=starts,
+                         round_to=config.pruning.round_to, max_latency_fraction=cap, latency=predictor)
 
     # --- what the budget is on ---------------------------------------------------
 
+    def caps(self) -> dict[str, float]:
+        """Cost -> cap (fraction of dense), the budget's own first: size (fine-grained); for channel the
+        predicted latency, MACs and size caps that are set, in that order."""
+        caps = {"latency": self.max_latency_fraction, "macs": self.max_macs_fraction} if self.kind == "channel" else {}
+        return {**{m: c for m, c in caps.items() if c is not None}, "size": self.max_size_fraction}
+
     @property
     def budget_metric(self) -> str:
-        """The cost the budget sets: size (fine-grained), MACs or size (channel)."""
-        return "macs" if self.kind == "channel" and self.max_macs_fraction is not None else "size"
+        """The cost the budget sets: size (fine-grained), predicted latency, MACs or size (channel)."""
+        return next(iter(self.caps()))
 
     @property
     def cap(self) -> float:
-        return self.max_macs_fraction if self.budget_metric == "macs" else self.max_size_fraction
+        return self.caps()[self.budget_metric]
 
     def signature(self) -> str:
-        """A short hash of everything that defines the space (a study keeps one space)."""
+        """A short hash of everything that defines the space (a study keeps one space).
+
+        The latency cap is not in it: as a fraction of one machine's prediction it may differ
+        between workers' machines (the config's constraints, which joiners must share, are).
+        """
         shape = {"kind": self.kind, "channels": self.channels,
                  "upper": {k: round(v, 6) for k, v in self.upper.items()},
                  "criterion": self.criterion, "budget_low": self.budget_low}
+        if self.round_to > 1:  # absent at 1: a space's signature reads as before
+            shape["round_to"] = self.round_to
         if self.centre is not None:
             shape["centre"] = {k: round(v, 6) for k, v in self.centre.items()}
             shape["spread"] = {k: [round(a, 6), round(b, 6)] for k, (a, b) in self.spread.items()}
@@ -177,24 +204,28 @@ class SearchSpace:
         return params
 
     def cost(self, ratios: dict[str, float]) -> dict[str, float]:
-        """Predicted size (and, for channel plans, MACs) as fractions of dense."""
+        """Size (and, for channel plans, MACs and, with a predictor, predicted latency) as fractions of dense."""
         ratios = {n: r for n, r in ratios.items() if n != BUDGET}
         if self.kind == "fine_grained":
             return {"size": budget.fine_size_fraction(self.channels, ratios, self.num_classes)}
-        return {m: budget.channel_cost_fraction(self.channels, ratios, p, self.num_classes)
-                for m, p in (("size", "params"), ("macs", "macs"))}
+        metrics = (("size", "params"), ("macs", "macs")) + ((("latency", "latency"),) if self.latency else ())
+        return {m: budget.channel_cost_fraction(self.channels, ratios, p, self.num_classes, self.round_to,
+                                                self.latency) for m, p in metrics}
 
     def _project(self, ratios: dict[str, float], metric: str, target: float) -> dict[str, float]:
         if self.kind == "fine_grained":
             return budget.fine_grained_budget(self.channels, target, ratios, upper=self.upper,
                                               num_classes=self.num_classes)
-        return budget.channel_budget(self.channels, target, "params" if metric == "size" else "macs", ratios,
-                                     upper=self.upper, num_classes=self.num_classes)
+        return budget.channel_budget(self.channels, target, "params" if metric == "size" else metric, ratios,
+                                     upper=self.upper, num_classes=self.num_classes, round_to=self.round_to,
+                                     latency=self.latency)
 
     def repair(self, proposed: dict[str, float]) -> tuple[dict[str, float], list[str]]:
         """Project a proposal onto its budget, then onto any cap still broken.
 
-        Returns the ratios to run and a note of each projection.
+        Returns the ratios to run and a note of each projection. Each later projection only
+        prunes more, which keeps closed-form caps met; the predicted latency is a sum of timings
+        and may tick up by noise, so the caps are checked again until a pass moves nothing.
         """
         ratios = {n: r for n, r in proposed.items() if n != BUDGET}
         target = self.cap * proposed.get(BUDGET, 1.0)
@@ -202,13 +233,37 @@ class SearchSpace:
         ratios = self._project(ratios, self.budget_metric, target)
         notes = [f"{self.budget_metric} {before:.4f} -> budget {target:.4f} (shifted preferences: "
                  f"{self.cost(ratios)[self.budget_metric]:.4f})"]
-        if self.kind == "channel" and self.budget_metric == "macs":
-            size = self.cost(ratios)["size"]
-            if size > self.max_size_fraction:
-                ratios = self._project(ratios, "size", self.max_size_fraction)
-                notes.append(f"size {size:.4f} > cap {self.max_size_fraction:.4f}: shifted onto the cap")
-        return ratios, notes
+        caps = {**self.caps(), self.budget_metric: target}
+        for _ in range(len(caps) + 2):
+            broken = [(m, c) for m, c in caps.items() if self.cost(ratios)[m] > c + 1e-9]  # float error is no break
+            if not broken:
+                return ratios, notes
+            metric, cap = broken[0]
+            cost = self.cost(ratios)[metric]
+            ratios = self._project(ratios, metric, cap)
+            notes.append(f"{metric} {cost:.4f} > cap {cap:.4f}: shifted onto the cap")
+        raise AutopruneError(f"the budget repair did not settle on the caps {caps}; please report this")
 
     def plan(self, ratios: dict[str, float]) -> PruningPlan:
         return PruningPlan(self.kind, {n: r for n, r in ratios.items() if r > 0}, self.criterion,
-                           tuple(self.channels))
+                           tuple(self.channels), self.round_to)
+
+
+def study_latency_budget(config, channels, num_classes=10, table=None):
+    """(cap as a fraction of the dense model's predicted latency, the predictor) for a study with a latency
+    cap, else None. ``table``: the study's :class:`autoprune.latency.LatencyTable` (made from ``[latency]``
+    when not given). ``max_latency_ms`` becomes ms / the dense prediction (at most 1: a cap above the dense
+    model's latency holds everywhere)."""
+    if not config.latency_budget:
+        return None
+    from .latency import Meter, PredictedFraction
+
+    if table is None:
+        table = Meter.from_config(config.latency, config.latency_cache_dir).table
+    predictor = PredictedFraction(table, channels, num_classes)
+    c = config.constraints
+    cap = c.max_latency_fraction if c.max_latency_fraction is not None else min(
+        1.0, c.max_latency_ms / predictor.dense_ms)
+    log.info("latency budget: predicted latency <= %.4f of the dense model's %.3f ms (%s, %d thread(s), batch %d)",
+             cap, predictor.dense_ms, table.runtime.name, table.threads, table.batch_size)
+    return cap, predictor

@@ -133,6 +133,60 @@ def with_driver(url: str) -> str:
     return url
 
 
+def worker_id() -> str:
+    """This process as a study records it (the ``worker`` trial attribute): ``host:pid``."""
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def rdb_storage(storage) -> "RDBStorage | None":
+    """The RDBStorage behind ``storage`` (Optuna wraps it in a cache), or None."""
+    storage = getattr(storage, "_backend", storage)
+    return storage if isinstance(storage, RDBStorage) else None
+
+
+def set_user_attrs(trial: optuna.Trial, attrs: dict) -> None:
+    """``trial.set_user_attr(key, value)`` for each of ``attrs``: in one transaction on a database storage.
+
+    Optuna writes each attribute in a transaction of its own (~5 round trips) and a trial
+    records ~25 of them, most of a worker's round trips per trial
+    (benchmarks/coordination_load.py). Here the trial row is locked, its old values of these
+    keys deleted and the new ones inserted at once; like Optuna, it refuses a finished trial.
+    """
+    rdb = rdb_storage(trial.storage)
+    if rdb is None or len(attrs) < 2:
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return
+    import json
+
+    import sqlalchemy as sa
+
+    rows = [{"trial_id": trial._trial_id, "key": key, "value_json": json.dumps(value)} for key, value in attrs.items()]
+    with rdb.engine.begin() as conn:
+        lock = "" if conn.dialect.name == "sqlite" else " FOR UPDATE"  # as Optuna locks it to finish it
+        state = conn.execute(sa.text(f"SELECT state FROM trials WHERE trial_id = :trial{lock}"),
+                             {"trial": trial._trial_id}).scalar()
+        if state is None or TrialState[getattr(state, "name", state)].is_finished():
+            raise optuna.exceptions.UpdateFinishedTrialError(
+                f"trial {trial.number} is already finished ({getattr(state, 'name', state)}); its attributes "
+                f"cannot change")
+        conn.execute(sa.text("DELETE FROM trial_user_attributes WHERE trial_id = :trial AND key IN :keys")
+                     .bindparams(sa.bindparam("keys", expanding=True)),
+                     {"trial": trial._trial_id, "keys": list(attrs)})
+        conn.execute(_user_attrs_table().insert(), rows)
+    cached = getattr(trial, "_cached_frozen_trial", None)  # what trial.user_attrs reads, as set_user_attr keeps it
+    if cached is not None:
+        cached.user_attrs.update(attrs)
+
+
+def _user_attrs_table():
+    import sqlalchemy as sa
+
+    return sa.table("trial_user_attributes", sa.column("trial_id"), sa.column("key"), sa.column("value_json"))
+
+
 def storage_file(url: str) -> Path | None:
     """The file behind a ``sqlite:///PATH`` or ``journal:PATH`` URL; None for server databases."""
     path = url[len("journal:"):] if url.startswith("journal:") else None
@@ -184,19 +238,55 @@ def open_storage(url: str, heartbeat_seconds: int = 30, create: bool = True) -> 
                                  f"sqlite:///reports/NAME/study.db)")
         with file_lock(setup_lock_path(url)) if new else contextlib.nullcontext(), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(
+            storage = RDBStorage(
                 url,
                 heartbeat_interval=heartbeat_seconds,
                 grace_period=3 * heartbeat_seconds,
                 heartbeat_stale_trial_callback=_retry(),
-                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
             )
+            if not url.startswith("sqlite"):
+                _ping_when_idle(storage.engine)
+            return storage
     except AutopruneError:
         raise
     except Exception as exc:
         raise AutopruneError(
             f"cannot open storage {shown}: {error_reason(exc, given, url)}; check the URL, the server and the file"
         ) from None
+
+
+# A pooled connection unused this long is checked before use (see _ping_when_idle).
+IDLE_PING_S = 10.0
+
+
+def _ping_when_idle(engine) -> None:
+    """Check a pooled server connection before use when it sat idle ``IDLE_PING_S`` or more.
+
+    SQLAlchemy's ``pool_pre_ping`` checks every checkout: a round trip in each of the ~30
+    transactions of a trial. A connection used a moment ago is alive; one left idle through
+    a trial may have been dropped (a server restart, a firewall's idle timeout) and is
+    replaced before the query, as pre-ping would.
+    """
+    import time
+
+    import sqlalchemy as sa
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "checkin")
+    def _checkin(dbapi_connection, record):
+        record.info["autoprune_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_connection, record, proxy):
+        since = record.info.get("autoprune_idle_since")
+        if since is None or time.monotonic() - since < IDLE_PING_S:  # new, or just used
+            return
+        try:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("SELECT 1")
+            cursor.close()
+        except Exception:
+            raise sa.exc.DisconnectionError() from None  # the pool drops it and connects afresh
 
 
 def _sqlite_schema_done(path: Path) -> bool:

@@ -4,10 +4,12 @@ For each width, runtime (``torch`` eager, ``onnxruntime``) and thread count, on 
 device, the dense VGG and a set of channel-pruned configs are timed by
 :class:`autoprune.latency.Meter`: each config side by side with the dense model
 (interleaved repeats after warm-up; median and interquartile range), at every
-batch size. Configs: uniform ratios (``--uniform``) and ``--random`` seeded
-per-layer ratios in [0, ``--max-ratio``], each also with its kept channel counts
-rounded to multiples of every ``--round-to`` value (hardware-friendly widths: does
-latency then follow MACs better?). The weights are random: latency does not
+batch size. Configs: uniform ratios (``--uniform``), a fixed non-uniform plan
+(``ramp 0.2-0.7``: 0.2 removed at conv0 rising to 0.7 at conv6; ``--no-ramp``
+leaves it out) and ``--random`` seeded per-layer ratios in [0, ``--max-ratio``],
+each run with its kept channel counts rounded as ``[pruning] round_to`` rounds
+them, for every ``--round-to`` value (hardware-friendly widths: does latency then
+follow MACs better?). The weights are random: latency does not
 depend on their values.
 
 Per config and batch size it records the MACs reduction (dense MACs / MACs), the
@@ -25,6 +27,8 @@ after, with a warning when the machine is busy.
     python benchmarks/latency.py --widths 0.125 --random 2 --uniform 0.5 --repeats 3 --warmup 1 \\
         --batch-sizes 1 --out /tmp/latency-smoke.json                # a smoke run, seconds
     python benchmarks/latency.py --device cuda                      # torch CUDA and ONNX Runtime's CUDA provider
+    python benchmarks/latency.py --widths 1 --threads 1 --batch-sizes 1 --uniform 0.5 --random 0 \\
+        --round-to 1,4,8,16 --out benchmarks/results/latency-cpu-round-to.json  # issue 15: round_to, both runtimes
 
 Results go to ``benchmarks/results/latency-<device>.json`` (and a Markdown table beside it).
 """
@@ -44,20 +48,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autoprune import latency
-from autoprune.errors import AutopruneError
-from autoprune.channel import kept_channels
-from autoprune.metrics import count_macs
-from autoprune.model import CONV_NAMES, build_model
-from autoprune.plan import PruningPlan, prune
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's autoprune, not an installed one
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from autoprune import latency  # noqa: E402
+from autoprune.errors import AutopruneError  # noqa: E402
+from autoprune.channel import kept_channels  # noqa: E402
+from autoprune.metrics import count_macs  # noqa: E402
+from autoprune.model import CONV_NAMES, build_model  # noqa: E402
+from autoprune.plan import PruningPlan, prune  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
 
 
-def configs(uniform: list[float], random: int, max_ratio: float, seed: int) -> list[dict]:
-    """Named channel configs: uniform ratios, then seeded random per-layer ratios (the last conv is never cut)."""
+# A fixed non-uniform plan: 0.2 removed at conv0 rising to 0.7 at conv6 (deep layers hold the most redundant
+# channels, the shape channel searches tend to find), so every run has one non-uniform config that is not random.
+RAMP = {n: round(0.2 + 0.5 * i / (len(CONV_NAMES) - 2), 4) for i, n in enumerate(CONV_NAMES[:-1])}
+
+
+def configs(uniform: list[float], random: int, max_ratio: float, seed: int, ramp: bool = True) -> list[dict]:
+    """Named channel configs: uniform ratios, the ramp, then seeded random per-layer ratios (the last conv is
+    never cut)."""
     out = [{"name": f"uniform {r:g}", "ratios": {n: r for n in CONV_NAMES[:-1]}} for r in uniform]
+    out += [{"name": "ramp 0.2-0.7", "ratios": dict(RAMP)}] if ramp else []
     rng = np.random.default_rng(seed)
     for i in range(random):
         out.append({"name": f"random {i}",
@@ -66,17 +79,12 @@ def configs(uniform: list[float], random: int, max_ratio: float, seed: int) -> l
 
 
 def rounded(channels: list[int], ratios: dict[str, float], multiple: int) -> dict[str, float]:
-    """``ratios`` with each conv's kept channels rounded to the nearest multiple of ``multiple`` (at least one
-    multiple, at most all channels); exact ratios ``1 - kept / channels``, as autoprune.budget returns."""
+    """``ratios`` with each conv's kept channels rounded as ``[pruning] round_to = multiple`` rounds them
+    (autoprune.channel.kept_channels); exact ratios ``1 - kept / channels``, as autoprune.budget returns."""
     if multiple <= 1:
         return ratios
-    kept = kept_channels(channels, ratios)
-    out = {}
-    for name, c, k in zip(CONV_NAMES, channels, kept):
-        if name in ratios:
-            k = min(c, max(multiple, multiple * round(k / multiple)))
-            out[name] = 1.0 - k / c
-    return out
+    kept = kept_channels(channels, ratios, multiple)
+    return {name: 1.0 - k / c for name, c, k in zip(CONV_NAMES, channels, kept) if name in ratios}
 
 
 def run_one(width: float, runtime: str, threads: int, args, cfgs: list[dict]) -> list[dict]:
@@ -96,7 +104,8 @@ def run_one(width: float, runtime: str, threads: int, args, cfgs: list[dict]) ->
         macs = count_macs(model)
         f = meter.figures(model.eval(), dense)
         for b, m in f["latency"]["batches"].items():
-            predicted = tables[int(b)].predict_ms(model)
+            table_ms = tables[int(b)].predict_ms(model)
+            predicted = latency.calibrated_ms(table_ms, tables[int(b)].predict_ms(dense), m["dense_median_ms"])
             rows.append({
                 "width": width, "runtime": runtime, "threads": f["latency_threads"], "batch_size": int(b),
                 "config": cfg["name"], "round_to": cfg["round_to"], "ratios": cfg["ratios"],
@@ -104,19 +113,22 @@ def run_one(width: float, runtime: str, threads: int, args, cfgs: list[dict]) ->
                 "macs": macs, "macs_reduction": dense_macs / macs, "median_ms": m["median_ms"], "iqr_ms": m["iqr_ms"],
                 "dense_median_ms": m["dense_median_ms"], "latency_reduction": 1.0 / m["fraction"],
                 "latency_vs_macs": (1.0 / m["fraction"]) / (dense_macs / macs) if macs != dense_macs else None,
+                "table_ms": table_ms, "table_error": table_ms / m["median_ms"] - 1.0,
                 "predicted_ms": predicted, "prediction_error": predicted / m["median_ms"] - 1.0,
             })
             print(f"  w{width:g} {runtime:<11} t{f['latency_threads']} b{b:<3} {cfg['name']:<10} "
                   f"r{cfg['round_to']:<2} "
                   f"{m['median_ms']:8.3f} ms (dense {m['dense_median_ms']:.3f}), MACs /{dense_macs / macs:.2f}, "
                   f"latency /{1.0 / m['fraction']:.2f}, predicted {predicted:.3f} ms "
-                  f"({100 * (predicted / m['median_ms'] - 1):+.1f}%)", file=sys.stderr)
+                  f"({100 * (predicted / m['median_ms'] - 1):+.1f}%; table sum {100 * (table_ms / m['median_ms'] - 1):+.1f}%)",
+                  file=sys.stderr)
     return rows
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per width, runtime, threads, batch and rounding: medians over the configs (the dense row counts in the
-    prediction error of every rounding)."""
+    """Per width, runtime, threads, batch and rounding: medians over the pruned configs (the prediction is
+    calibrated on the dense model, so its error there is 0 by construction; the table sum's error counts the
+    dense row too)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["config"] != "dense":
@@ -126,7 +138,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for (width, runtime, threads, b, multiple), pruned in groups.items():
         rs = pruned + ([dense[width, runtime, threads, b]] if (width, runtime, threads, b) in dense else [])
-        errors = [abs(r["prediction_error"]) for r in rs]
+        errors = [abs(r["prediction_error"]) for r in pruned]
+        table_errors = [abs(r["table_error"]) for r in rs]
         ratios = [r["latency_vs_macs"] for r in pruned if r["latency_vs_macs"] is not None]
         out.append({
             "width": width, "runtime": runtime, "threads": threads, "batch_size": b, "round_to": multiple,
@@ -135,19 +148,21 @@ def summarize(rows: list[dict]) -> list[dict]:
             "latency_vs_macs_median": statistics.median(ratios) if ratios else None,
             "prediction_abs_error_median": statistics.median(errors),
             "prediction_abs_error_max": max(errors),
+            "table_abs_error_median": statistics.median(table_errors),
         })
     return out
 
 
 def markdown(summary: list[dict]) -> str:
     lines = ["| width | runtime | threads | batch | round_to | dense ms | latency reduction / MACs reduction (median) | "
-             "predicted vs measured: median / max abs error |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "predicted vs measured: median / max abs error | the table's sum alone: median abs error |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in summary:
         ratio = "-" if s["latency_vs_macs_median"] is None else f"{s['latency_vs_macs_median']:.2f}"
         lines.append(f"| {s['width']:g} | {s['runtime']} | {s['threads']} | {s['batch_size']} | {s['round_to']} | "
                      f"{s['dense_ms']:.3f} | "
                      f"{ratio} | {100 * s['prediction_abs_error_median']:.1f}% / "
-                     f"{100 * s['prediction_abs_error_max']:.1f}% |")
+                     f"{100 * s['prediction_abs_error_max']:.1f}% | {100 * s['table_abs_error_median']:.1f}% |")
     return "\n".join(lines) + "\n"
 
 
@@ -166,14 +181,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--uniform", type=lambda t: listed(float, t), default=[0.3, 0.5, 0.7],
                    help="uniform channel ratios (default 0.3,0.5,0.7)")
     p.add_argument("--random", type=int, default=6, help="seeded random per-layer configs (default 6)")
+    p.add_argument("--no-ramp", action="store_true", help="leave out the fixed non-uniform plan (0.2 -> 0.7)")
     p.add_argument("--max-ratio", type=float, default=0.8, help="random ratios in [0, this] (default 0.8)")
-    p.add_argument("--round-to", type=lambda t: listed(int, t), default=[1, 8],
-                   help="also run each config with kept channels rounded to these multiples (1: as is; default 1,8)")
+    p.add_argument("--round-to", type=lambda t: listed(int, t), default=[1, 4, 8, 16],
+                   help="run each config with kept channels rounded to these multiples, as [pruning] round_to "
+                        "does (1: the lab's rounding; default 1,4,8,16)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=latency.DEVICES)
-    p.add_argument("--cache", type=Path, default=ROOT / "reports" / "cache" / "latency",
+    p.add_argument("--cache", type=Path, default=REPO / "reports" / "cache" / "latency",
                    help="lookup-table cache (default reports/cache/latency, as studies')")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/latency-<device>.json)")
     args = p.parse_args(argv)
@@ -202,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         result["warning"] = (f"machine busy (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs): "
                              f"latency figures are not trustworthy")
         print(f"warning: {result['warning']}", file=sys.stderr)
-    cfgs = configs(args.uniform, args.random, args.max_ratio, args.seed)
+    cfgs = configs(args.uniform, args.random, args.max_ratio, args.seed, ramp=not args.no_ramp)
     rows = []
     for width in args.widths:
         for runtime in args.runtimes:

@@ -16,7 +16,7 @@ import torch
 from autoprune import latency
 from autoprune.config import LatencySection, StudyConfig, load_config
 from autoprune.errors import AutopruneError
-from autoprune.model import build_model
+from autoprune.model import build_model, vgg_channels
 from autoprune.plan import PruningPlan, prune
 
 from conftest import TINY_WIDTH, assert_cli_error, randomized_model, run_main
@@ -320,6 +320,19 @@ def test_meter_records_the_prediction_error(fake):
     f = meter.figures(model)
     assert f["latency_prediction_error"] == pytest.approx(f["latency_predicted_ms"] / f["latency_ms"] - 1)
     assert "latency_fraction" not in f  # no dense model given
+    assert f["latency_predicted_ms"] == f["latency_table_ms"] == meter.table.predict_ms(model)  # uncalibrated
+
+
+def test_prediction_beside_the_dense_model_is_calibrated_on_it(fake):
+    """With the dense model measured beside it, a prediction is the table's fraction of the dense model's sum
+    times the dense model's measured latency: the fraction a latency budget repairs by."""
+    model, dense = channel_pruned(), randomized_model(TINY_WIDTH)
+    meter = latency.Meter("fake", warmup=0, repeats=1, predict=True, clock=fake.clock)
+    f = meter.figures(model, dense)
+    share = meter.table.predict_ms(model) / meter.table.predict_ms(dense)
+    assert f["latency_table_ms"] == meter.table.predict_ms(model)
+    assert f["latency_predicted_ms"] == pytest.approx(share * f["latency_dense_ms"], rel=1e-12)
+    assert f["latency_prediction_error"] == pytest.approx(share / f["latency_fraction"] - 1, rel=1e-9)
 
 
 # --- the real runtimes, briefly (no timing asserted) ---------------------------------
@@ -348,23 +361,233 @@ def test_latency_benchmark_configs_and_summary():
     sys.modules[spec.name] = bench
     spec.loader.exec_module(bench)
     cfgs = bench.configs([0.5], 2, 0.8, seed=0)
-    assert [c["name"] for c in cfgs] == ["uniform 0.5", "random 0", "random 1"]
+    assert [c["name"] for c in cfgs] == ["uniform 0.5", "ramp 0.2-0.7", "random 0", "random 1"]
+    assert list(cfgs[1]["ratios"].values()) == [0.2, 0.2833, 0.3667, 0.45, 0.5333, 0.6167, 0.7]
     assert cfgs == bench.configs([0.5], 2, 0.8, seed=0)  # seeded
     assert all("conv7" not in c["ratios"] and all(0 <= r <= 0.8 for r in c["ratios"].values()) for c in cfgs)
 
-    def row(config, ratio, error, dense_ms=2.0, round_to=1):
+    def row(config, ratio, error, table_error, dense_ms=2.0, round_to=1):
         return {"width": 1.0, "runtime": "torch", "threads": 1, "batch_size": 1, "config": config,
-                "round_to": round_to, "latency_vs_macs": ratio, "prediction_error": error, "dense_median_ms": dense_ms}
+                "round_to": round_to, "latency_vs_macs": ratio, "prediction_error": error,
+                "table_error": table_error, "dense_median_ms": dense_ms}
 
-    summary = bench.summarize([row("dense", None, 0.02), row("a", 0.5, -0.10), row("b", 0.9, 0.04),
-                               row("c", 0.7, 0.2, dense_ms=4.0), row("a", 1.0, 0.3, round_to=8)])
+    summary = bench.summarize([row("dense", None, 0.0, -0.02), row("a", 0.5, -0.10, -0.2), row("b", 0.9, 0.04, -0.1),
+                               row("c", 0.7, 0.2, 0.1, dense_ms=4.0), row("a", 1.0, 0.3, 0.5, round_to=8)])
     common = {"width": 1.0, "runtime": "torch", "threads": 1, "batch_size": 1}
-    assert summary == [  # the dense row counts in every rounding's prediction error
+    assert summary == [  # the pruned configs' errors; the table sum's counts the dense row in every rounding
         {**common, "round_to": 1, "configs": 3, "dense_ms": 2.0, "latency_vs_macs_median": 0.7,
-         "prediction_abs_error_median": 0.07, "prediction_abs_error_max": 0.2},
+         "prediction_abs_error_median": 0.10, "prediction_abs_error_max": 0.2, "table_abs_error_median": 0.1},
         {**common, "round_to": 8, "configs": 1, "dense_ms": 2.0, "latency_vs_macs_median": 1.0,
-         "prediction_abs_error_median": 0.16, "prediction_abs_error_max": 0.3}]
-    assert "| 1 | torch | 1 | 1 | 1 | 2.000 | 0.70 | 7.0% / 20.0% |" in bench.markdown(summary)
-    # Rounded widths: kept channels to the nearest multiple (at least one), exact ratios.
+         "prediction_abs_error_median": 0.3, "prediction_abs_error_max": 0.3, "table_abs_error_median": 0.26}]
+    assert "| 1 | torch | 1 | 1 | 1 | 2.000 | 0.70 | 10.0% / 20.0% | 10.0% |" in bench.markdown(summary)
+    # Rounded widths as [pruning] round_to makes them: kept channels to the nearest multiple (at least one), exact
+    # ratios.
     assert bench.kept_channels([64, 128], bench.rounded([64, 128], {"conv0": 0.5, "conv1": 0.99}, 8)) == [32, 8]
     assert bench.kept_channels([64, 128], bench.rounded([64, 128], {"conv0": 0.45}, 16)) == [32, 128]
+
+
+# --- round_to: hardware-friendly widths ----------------------------------------------------
+
+
+def test_round_to_keeps_multiples_never_zero_never_above_the_dense_width():
+    from autoprune.channel import kept_channels
+
+    assert kept_channels([64, 128], {"conv0": 0.5, "conv1": 0.99}, 8) == [32, 8]  # 1.28 kept: at least one multiple
+    assert kept_channels([64, 128], {"conv0": 0.45}, 16) == [32, 128]  # 35.2 -> 32; an unpruned layer stays whole
+    # A width that is no multiple (40) stays reachable whole; a layer narrower than the multiple (8) is not cut.
+    assert kept_channels([40, 8], {"conv0": 0.05, "conv1": 0.5}, 16) == [40, 8]
+    assert kept_channels([40, 8], {"conv0": 0.3}, 16) == [32, 8]
+    ratios = {f"conv{i}": r for i, r in enumerate([0.13, 0.37, 0.5, 0.61, 0.77, 0.2, 0.9])}
+    assert kept_channels(vgg_channels(1.0), ratios, 1) == kept_channels(vgg_channels(1.0), ratios)  # 1: as before
+    with pytest.raises(AutopruneError) as exc:
+        kept_channels([64], {}, 0)
+    assert str(exc.value) == "round_to must be an integer in [1, 64] (1: the lab's rounding), got 0"
+
+
+@pytest.mark.parametrize("round_to", [4, 8, 16])
+@pytest.mark.parametrize("metric, target", [("macs", 0.5), ("params", 0.3), ("macs", 0.2)])
+def test_round_to_budgets_hold_on_the_rounded_widths(round_to, metric, target):
+    from autoprune import budget
+    from autoprune.channel import kept_channels
+
+    channels = vgg_channels(1.0)
+    rng = np.random.default_rng(round_to)
+    for _ in range(5):
+        prefs = {f"conv{i}": float(rng.uniform(0, 0.6)) for i in range(7)}
+        ratios = budget.channel_budget(channels, target, metric, prefs, round_to=round_to)
+        kept = kept_channels(channels, ratios, round_to)
+        assert all(k % round_to == 0 for k in kept)  # VGG widths are multiples of 16 at width 1
+        assert kept_channels(channels, ratios) == kept  # the ratios keep exactly these widths, rounding or not
+        assert budget.channel_cost_fraction(channels, ratios, metric, round_to=round_to) <= target
+        plan = PruningPlan("channel", ratios, "", tuple(channels), round_to)
+        assert plan.to_dict()["round_to"] == round_to and PruningPlan.from_dict(plan.to_dict()) == plan
+    assert "round_to" not in PruningPlan("channel", ratios).to_dict()  # plans at 1 read as before
+
+
+def test_a_round_to_plan_prunes_to_multiples():
+    dense = randomized_model(0.25)  # widths 16 ... 128
+    plan = PruningPlan("channel", {f"conv{i}": 0.3 for i in range(7)}, round_to=8).for_model(dense)
+    small = prune(dense, plan).model
+    assert list(small.channels) == [8, 24, 48, 48, 88, 88, 88, 128]  # 11.2 -> 8, 22.4 -> 24, 44.8 -> 48, 89.6 -> 88
+    with pytest.raises(AutopruneError, match="^round_to applies to channel plans, not fine_grained; leave it 1$"):
+        PruningPlan("fine_grained", {}, round_to=4)
+
+
+# --- the latency budget ----------------------------------------------------------------
+
+
+def fake_table(fake, channels):
+    """A predictor over the fake runtime: every layer's time is known exactly (no timing)."""
+    table = latency.LatencyTable("fake", warmup=0, repeats=1, clock=fake.clock)
+    return table, latency.PredictedFraction(table, channels)
+
+
+@pytest.mark.parametrize("round_to", [1, 8])
+def test_latency_budget_repair_meets_its_cap_by_the_predictor(fake, round_to):
+    from autoprune.space import BUDGET, SearchSpace
+
+    channels = vgg_channels(0.25)
+    table, predictor = fake_table(fake, channels)
+    dense = build_model("vgg", width=0.25)
+    assert predictor.dense_ms == table.predict_ms(dense)
+    space = SearchSpace.build("channel", channels, max_size_fraction=1.0, max_latency_fraction=0.5,
+                              latency=predictor, round_to=round_to, budget_low=0.5)
+    assert (space.budget_metric, space.cap) == ("latency", 0.5)
+    rng = np.random.default_rng(0)
+    for budget_share in (1.0, 0.8, 0.6):
+        proposal = {f"conv{i}": float(rng.uniform(0, 0.8)) for i in range(7)}
+        ratios, notes = space.repair({**proposal, BUDGET: budget_share})
+        target = 0.5 * budget_share
+        model = prune(dense, space.plan(ratios)).model
+        got = table.predict_ms(model) / predictor.dense_ms  # the predictor on the pruned model itself
+        assert got == pytest.approx(space.cost(ratios)["latency"], rel=1e-12)
+        assert target - 0.03 < got <= target  # met, and within a few channels of it
+        assert all(c % round_to == 0 for c in model.channels)
+        assert notes[0].startswith("latency ")
+
+
+def test_latency_cap_comes_after_the_other_caps_are_kept(fake):
+    from autoprune.space import SearchSpace
+
+    channels = vgg_channels(0.25)
+    _, predictor = fake_table(fake, channels)
+    space = SearchSpace.build("channel", channels, max_size_fraction=0.2, max_macs_fraction=0.6,
+                              max_latency_fraction=0.7, latency=predictor)
+    ratios, notes = space.repair({f"conv{i}": 0.1 for i in range(7)})
+    cost = space.cost(ratios)
+    assert cost["latency"] <= 0.7 and cost["macs"] <= 0.6 and cost["size"] <= 0.2
+    assert notes[0].startswith("latency ") and any(n.startswith("size ") for n in notes)
+
+
+@pytest.mark.parametrize("tables, wanted", [
+    ('[constraints]\nmax_latency_fraction = 0.5\nmax_latency_ms = 2.0',
+     "[constraints] set max_latency_fraction or max_latency_ms, not both (one latency budget is repaired onto)"),
+    ('[constraints]\nmax_latency_fraction = 1.5',
+     "[constraints] max_latency_fraction is a fraction of the dense model's latency in (0, 1], got 1.5"),
+    ('[constraints]\nmax_latency_fraction = 0.5\n[latency]\npredict = false',
+     "[constraints] max_latency_fraction is repaired before fine-tuning by the predicted latency: set [latency] "
+     "predict = true"),
+    ('[constraints]\nmax_latency_ms = 3\n[latency]\npredict = false',
+     "[constraints] max_latency_ms is repaired before fine-tuning by the predicted latency: set [latency] "
+     "predict = true"),
+    ('[pruning]\nround_to = 0', "[pruning] round_to must be in [1, 64] (1: the lab's rounding), got 0"),
+    ('[pruning]\nround_to = 8.0', "[pruning] round_to must be an integer, got 8.0 (a float)"),
+])
+def test_bad_latency_budgets_and_round_to_give_one_line_errors(tmp_path, tables, wanted):
+    toml = tmp_path / "s.toml"
+    toml.write_text(f'[study]\nkind = "channel"\n{tables}\n')
+    with pytest.raises(AutopruneError) as exc:
+        load_config(toml)
+    assert str(exc.value).removesuffix(f" in {toml}") == wanted
+
+
+@pytest.mark.parametrize("tables, wanted", [
+    ('[constraints]\nmax_latency_fraction = 0.5',
+     '[constraints] max_latency_fraction needs kind = "channel": fine-grained pruning keeps dense shapes, so its '
+     'latency does not change; drop max_latency_fraction'),
+    ('[constraints]\nmax_latency_ms = 2.0',
+     '[constraints] max_latency_ms needs kind = "channel": fine-grained pruning keeps dense shapes, so its latency '
+     'does not change; drop max_latency_ms'),
+    ('[study]\nobjectives = ["latency", "accuracy"]',
+     '[study] fine-grained pruning leaves dense latency unchanged (zeros do not make a dense kernel faster); use '
+     'objectives [\'size\', \'accuracy\'] or kind = "channel"'),
+    ('[pruning]\nround_to = 8',
+     '[pruning] round_to rounds kept channels: it needs kind = "channel"; leave it 1 for fine-grained studies'),
+])
+def test_latency_budgets_on_a_fine_grained_study_are_refused(tmp_path, tables, wanted):
+    toml = tmp_path / "s.toml"
+    toml.write_text(tables + "\n")
+    with pytest.raises(AutopruneError) as exc:
+        load_config(toml)
+    assert str(exc.value) == wanted
+
+
+def test_pick_latency_limits_are_checked():
+    from types import SimpleNamespace
+
+    from autoprune.pick import study_limits
+
+    config = StudyConfig()
+    config.study.kind = "channel"
+    config.constraints.max_latency_fraction = 0.6
+    study = SimpleNamespace(user_attrs={"accuracy_floor": 50.0})
+    own = study_limits(study, config)
+    assert (own.max_latency_fraction, own.max_latency_ms) == (0.6, None)
+    given = study_limits(study, config, max_latency_ms=2.5)  # replaces the study's latency limit
+    assert (given.max_latency_fraction, given.max_latency_ms) == (None, 2.5)
+    assert given.describe().endswith("latency <= 2.5 ms")
+    assert study_limits(study, config, max_latency_fraction=0.4).describe().endswith("latency_fraction <= 0.4")
+    for kw, wanted in [({"max_latency_fraction": 0.0}, "--max-latency-fraction is a fraction of the dense model's "
+                                                        "latency in (0, 1], got 0.0"),
+                       ({"max_latency_fraction": 0.5, "max_latency_ms": 1.0},
+                        "give --max-latency-ms or --max-latency-fraction, not both")]:
+        with pytest.raises(AutopruneError) as exc:
+            study_limits(study, config, **kw)
+        assert str(exc.value) == wanted
+    config.study.kind = "fine_grained"
+    config.constraints.max_latency_fraction = None
+    with pytest.raises(AutopruneError, match=r"^--max-latency-fraction needs a channel study: fine-grained trials "
+                                             r"record no latency"):
+        study_limits(study, config, max_latency_fraction=0.5)
+
+
+def test_a_tiny_channel_study_with_a_latency_budget_runs_end_to_end(tmp_path, monkeypatch, dense_cache, capsys):
+    from autoprune.pick import Limits, named_constraints
+    from autoprune.report import write_report
+    from autoprune.search import run_search
+
+    from conftest import write_study
+
+    # Predictions from a fixed table (an overhead plus MACs-proportional conv times): the budget's arithmetic is
+    # exact; the measured latency is real (torch, briefly) and only recorded and checked.
+    def table_ms(self, layer):
+        return 0.05 + (1e-6 * layer.in_channels * layer.out_channels * 9 * layer.size ** 2 if layer.kind == "conv"
+                       else 0.0)
+
+    monkeypatch.setattr(latency.LatencyTable, "ms", table_ms)
+    out = tmp_path / "reports" / "lat"
+    config = load_config(write_study(
+        tmp_path / "lat.toml", study={"name": "lat", "kind": "channel", "trials": 2, "out_dir": out,
+                                      "objectives": ["latency", "accuracy"]},
+        constraints={"max_size_fraction": 1.0, "max_latency_fraction": 0.5, "max_accuracy_drop": 100.0},
+        pruning={"round_to": 4}, priors={"enabled": False}, latency={"warmup": 1, "repeats": 3}))
+    run_search(dense_cache(config), progress=False)
+    import optuna
+
+    study = optuna.load_study(study_name="lat", storage=config.storage_url)
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) == 2 and study.user_attrs["dense"]["latency_budget_fraction"] == 0.5
+    for t in trials:
+        a = t.user_attrs
+        assert a["latency_predicted_fraction"] <= 0.5 * min(1.0, t.params.get("budget", 1.0))
+        assert all(c % 4 == 0 for c in a["channels"]) and sorted(a["channels"][:-1]) != [8] * 7
+        assert t.values[0] == a["latency_fraction"]  # the objective: measured beside the dense model
+        assert named_constraints(t)["latency"] == pytest.approx(a["latency_fraction"] - 0.5)
+        assert Limits(max_latency_fraction=0.5).met_by(t) == (a["latency_fraction"] <= 0.5)
+    line = assert_cli_error(run_main(capsys, "pick", "--storage", config.storage_url, "--study", "lat",
+                                     "--max-latency-fraction", "1.5"))
+    assert line == "autoprune: error: --max-latency-fraction is a fraction of the dense model's latency in (0, 1], " \
+                   "got 1.5"
+    written = write_report(config.storage_url, "lat", out / "report", baseline=False)
+    assert {"accuracy_vs_latency.png", "latency_predicted_vs_measured.png"} <= set(written)
+    assert "latency_predicted_vs_measured.png" in (out / "report" / "report.md").read_text()

@@ -228,8 +228,9 @@ def test_kept_width_rounding():
     assert kept_width(20, 0.9, 8) == 8  # never to 0
     assert kept_width(6, 0.5, 8) == 6  # never above the dense width
     assert kept_width(10, 1.0) == 1 and kept_width(10, 0.0, 16) == 10
-    with pytest.raises(AutopruneError, match=r"^round_to must be one of 1, 4, 8, 16, got 3$"):
-        kept_width(10, 0.5, 3)
+    assert kept_width(10, 0.5, 3) == 6
+    with pytest.raises(AutopruneError, match=r"^round_to must be an integer in \[1, 64\] \(1: the lab's rounding\), got 0$"):
+        kept_width(10, 0.5, 0)
 
 
 def test_rebuild_from_arch_is_built_on_meta_then_loaded(tmp_path):

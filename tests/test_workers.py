@@ -7,6 +7,7 @@ The same tests run on Optuna's journal file storage (one host, no heartbeat).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -16,10 +17,12 @@ import sys
 import textwrap
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import optuna
 import pytest
+from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from conftest import write_study
@@ -323,6 +326,156 @@ def test_local_recovery_spares_live_workers(tmp_path):
     assert all(t.params == study.trials[t.system_attrs["failed_trial"]].params for t in retries)
 
 
+def test_trial_of_a_worker_killed_inside_its_ask_is_retried_at_once(storage_url):
+    """Killed between ask and recording itself (both under the quota lock): the next worker to take
+    the lock fails that trial and runs it again, instead of waiting ORPHAN_S (10 minutes)."""
+    from autoprune.storage import open_storage
+    from autoprune.workers import run_trials
+
+    name = f"o-{uuid.uuid4().hex[:10]}"
+    study = optuna.create_study(study_name=name, storage=open_storage(storage_url, heartbeat_seconds=HEARTBEAT),
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize"
+        warnings.simplefilter("ignore", UserWarning)
+        orphan = study.ask()  # no worker, no heartbeat: as a worker SIGKILLed right after its ask leaves it
+    orphan.suggest_float("x", 0, 1)
+    ran = run_trials(study, lambda trial: trial.suggest_float("x", 0, 1), 2, storage_url)
+    trials = load(storage_url, name).get_trials()
+    assert ran == 2 and [t.state for t in trials].count(TrialState.COMPLETE) == 2
+    assert trials[orphan.number].state == TrialState.FAIL
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and retry[0].params == orphan.params
+
+
+def test_trial_with_a_stale_heartbeat_is_failed_and_retried_by_the_next_ask(pg_url):
+    """A worker elsewhere went silent (its heartbeat older than the grace period): the next ask fails
+    its trial and runs it again with its parameters; a trial with a fresh heartbeat is left alone."""
+    import sqlalchemy as sa
+
+    from autoprune.storage import open_storage, rdb_storage
+    from autoprune.workers import claim_trial
+
+    storage = open_storage(pg_url, heartbeat_seconds=HEARTBEAT)
+    study = optuna.create_study(study_name=f"h-{uuid.uuid4().hex[:10]}", storage=storage,
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    for n, (worker, age) in enumerate([("elsewhere:1", 3 * HEARTBEAT + 5), ("elsewhere:2", 0)]):
+        trial_id = study._storage.create_new_trial(study._study_id, template_trial=optuna.trial.create_trial(
+            state=TrialState.RUNNING, params={"x": n / 2}, distributions={"x": FloatDistribution(0, 1)},
+            user_attrs={"worker": worker}))
+        study._storage.record_heartbeat(trial_id)
+        with rdb_storage(storage).engine.begin() as conn:  # as if its worker last beat `age` seconds ago
+            conn.execute(sa.text("UPDATE trial_heartbeats SET heartbeat = heartbeat - make_interval(secs => :age) "
+                                 "WHERE trial_id = :id"), {"age": age, "id": trial_id})
+    retry_id, complete, running = claim_trial(study, 10, local=False, interval=HEARTBEAT, exclusive=True)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING]
+    assert (complete, running) == (0, 2) and retry_id == trials[2]._trial_id
+    assert trials[2].params == {"x": 0.0} and trials[2].system_attrs["failed_trial"] == 0
+    assert trials[2].user_attrs["worker"] != "elsewhere:1"
+
+
+def test_result_of_a_trial_failed_elsewhere_meanwhile_is_dropped(storage_url):
+    """A trial another worker declared dead while it ran (a late heartbeat) is not told; another runs."""
+    from autoprune.storage import open_storage
+    from autoprune.workers import run_trials
+
+    study = optuna.create_study(study_name=f"d-{uuid.uuid4().hex[:10]}", sampler=optuna.samplers.RandomSampler(0),
+                                storage=open_storage(storage_url, heartbeat_seconds=HEARTBEAT))
+    told = []
+
+    def objective(trial):
+        x = trial.suggest_float("x", 0, 1)
+        if trial.number == 0:  # what another worker's reclaim does to it meanwhile
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        return x
+
+    assert run_trials(study, objective, 1, storage_url, on_trial=lambda frozen, done: told.append(frozen.number)) == 2
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE] and told == [1]
+
+
+class _SeenSampler(optuna.samplers.RandomSampler):
+    """Records how many complete trials the sampler's view of the study (the one TPE reads) holds."""
+
+    def __init__(self):
+        super().__init__(seed=0)
+        self.seen = []
+
+    def sample_independent(self, study, trial, name, distribution):
+        self.seen.append(len(study._get_trials(deepcopy=False, states=(TrialState.COMPLETE,), use_cache=True)))
+        return super().sample_independent(study, trial, name, distribution)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_the_loop_ask_shows_the_sampler_every_finished_trial(tmp_path, kind, request):
+    """The loop's own ask (no read of every unfinished trial) still gives the sampler a fresh view."""
+    from autoprune.storage import open_storage
+    from autoprune.workers import run_trials
+
+    url = request.getfixturevalue("pg_url") if kind == "postgres" else f"sqlite:///{tmp_path}/s.db"
+    sampler = _SeenSampler()
+    study = optuna.create_study(study_name=f"s-{uuid.uuid4().hex[:10]}", sampler=sampler,
+                                storage=open_storage(url, heartbeat_seconds=HEARTBEAT))
+    study.enqueue_trial({"x": 0.5})  # a queued trial runs first, with its parameters
+    assert run_trials(study, lambda trial: trial.suggest_float("x", 0, 1), 4, url) == 4
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4 and trials[0].params == {"x": 0.5}
+    assert sampler.seen == [1, 2, 3]  # the enqueued trial is not sampled
+    assert all(t.user_attrs["worker"] for t in trials)
+
+
+def test_a_pooled_connection_dropped_while_idle_is_replaced(pg_url, monkeypatch):
+    """A worker's pooled connection killed by the server (a restart, a firewall's idle timeout) while
+    the worker trains: its next write reconnects instead of failing."""
+    import psycopg2
+    import sqlalchemy as sa
+
+    import autoprune.storage as storage_module
+    from autoprune.storage import open_storage, rdb_storage
+
+    storage = open_storage(pg_url)
+    study = optuna.create_study(study_name=f"p-{uuid.uuid4().hex[:10]}", storage=storage)
+    with rdb_storage(storage).engine.connect() as conn:  # the pool's one idle connection, afterwards
+        pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+    admin = psycopg2.connect(pg_url)
+    try:
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    finally:
+        admin.close()
+    monkeypatch.setattr(storage_module, "IDLE_PING_S", 0.0)  # every pooled connection counts as idle now
+    study.set_user_attr("after", 1)
+    assert study.user_attrs["after"] == 1
+
+
+def test_database_artifacts_are_compressed_when_that_pays(tmp_path):
+    """Sparse weights go into the table compressed and come back byte for byte; random bytes, and
+    bodies written before compression, are read as they are."""
+    import io
+
+    import sqlalchemy as sa
+
+    from autoprune.artifacts import PACKED, TABLE, DatabaseArtifactStore
+    from autoprune.storage import open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path}/a.db")
+    store = DatabaseArtifactStore(storage)
+    store.create_table()
+    sparse = (b"\0" * 3000 + os.urandom(1000)) * 600  # like a fine-grained trial's weights: mostly zeros
+    noise = os.urandom(300_000)
+    store.write("sparse", io.BytesIO(sparse))
+    store.write("noise", io.BytesIO(noise))
+    with sa.create_engine(f"sqlite:///{tmp_path}/a.db").begin() as conn:  # as an older autoprune stored it
+        conn.execute(sa.text(f"INSERT INTO {TABLE} (artifact_id, body) VALUES ('old', :body)"), {"body": sparse})
+        bodies = dict(conn.execute(sa.text(f"SELECT artifact_id, body FROM {TABLE}")).all())
+    assert bodies["sparse"].startswith(PACKED) and len(bodies["sparse"]) < len(sparse) / 2
+    assert bytes(bodies["noise"]) == noise
+    for artifact_id, body in (("sparse", sparse), ("noise", noise), ("old", sparse)):
+        with store.open_reader(artifact_id) as reader:
+            assert reader.read() == body
+
+
 # --- bad input ---------------------------------------------------------------
 
 
@@ -397,3 +550,37 @@ def test_worker_bad_trials_and_missing_journal(tmp_path):
     assert not (tmp_path / "none.log").exists()
     assert_one_line_error(run_cli("worker", "--storage", f"journal:{tmp_path}/none.log", "--study", "x",
                                   "--trials", "0"), "--trials must be >= 1")
+
+
+# --- the kill storm (benchmarks/coordination_load.py) ---------------------------------
+
+
+def test_kill_storm_keeps_the_count_exact(tmp_path, pg_url):
+    """Workers SIGKILLed in the middle of trials and restarted: exactly N complete, each killed
+    trial failed and retried once with its parameters, nothing left RUNNING.
+
+    The benchmark's own run (its stub trials, no torch in the workers), small: 4 workers, 2 killed.
+    """
+    import importlib.util
+    import random
+
+    spec = importlib.util.spec_from_file_location("coordination_load", REPO / "benchmarks" / "coordination_load.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    template = bench.tiny_template(tmp_path)
+    result = bench.run_load(pg_url, bench.Server(pg_url), template, tmp_path, workers=4, seconds=0.3,
+                            per_worker=4, rng=random.Random(0), kills=2, mid_trial=True, timeout=120,
+                            poll_seconds=0.5)
+    assert not result["timed_out"] and result["worker_errors"] == {}
+    assert result["problems"] == [], result["problems"]
+    assert result["complete"] == 16 and result["left_running_or_queued"] == 0
+    # Each kill caught a trial mid-run: it failed, and its one retry completed with its parameters.
+    assert len(result["kills"]) == 2
+    assert result["killed_trials"] == result["retried_once"] == result["killed_workers_unfinished_trials"] == 2
+    assert set(result["states"]) == {"COMPLETE", "FAIL"} and result["states"]["FAIL"] == 2
+    secret = _password(pg_url)
+    if secret:
+        assert secret not in json.dumps(result)
+    # The critical-section profile claims and tells trials on studies with R running ones.
+    claims = bench.profile_claims(pg_url, bench.Server(pg_url), template, running=(0, 2), complete=2, repeats=2)
+    assert [c["running"] for c in claims] == [0, 2] and all(c["held_ms"]["median"] is not None for c in claims)
