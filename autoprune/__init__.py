@@ -1,4 +1,4 @@
-"""autoprune: search per-layer pruning ratios for the lab's VGG with Optuna."""
+"""autoprune: search per-layer pruning ratios with Optuna, for the lab's VGG and any CNN Torch-Pruning can trace."""
 
 from .errors import AutopruneError
 
@@ -6,22 +6,26 @@ __version__ = "0.1.0"
 
 # The model helpers (and torch) load on first use, so the coordination layer (autoprune.workers)
 # imports without torch: a worker pool's benchmark runs it in many light processes.
-_MODEL_NAMES = ("build_model", "load_checkpoint", "save_checkpoint")
+_MODEL_NAMES = ("build_model", "load_checkpoint", "prunable", "save_checkpoint")
 
 
 def __getattr__(name):
     if name in _MODEL_NAMES:
-        from . import model
+        from . import sources
 
-        return getattr(model, name)
+        return getattr(sources, name)
     raise AttributeError(f"module 'autoprune' has no attribute {name!r}")
 
 
-def load(path):
-    """Load a checkpoint file or an export directory as a ready ``nn.Module`` (eval mode)."""
-    from .model import load_checkpoint
+def load(path, source: str | None = None):
+    """Load a checkpoint file or an export directory as a ready ``nn.Module`` (eval mode).
 
-    return load_checkpoint(path)[0]
+    ``source`` must name the checkpoint's ``module:package.module:factory``
+    source when it has one: autoprune imports user code only when asked to.
+    """
+    from .sources import load_checkpoint
+
+    return load_checkpoint(path, source)[0]
 
 
-__all__ = ["AutopruneError", "build_model", "load", "load_checkpoint", "save_checkpoint"]
+__all__ = ["AutopruneError", "build_model", "load", "load_checkpoint", "prunable", "save_checkpoint"]

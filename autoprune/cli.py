@@ -216,34 +216,74 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _profile_model(args):
+    """The model ``profile`` measures: a checkpoint, the lab's VGG at --width, or --model SOURCE."""
+    from .sources import build_model, load_checkpoint
+
+    source_options = (args.cifar_stem or args.model_kwargs is not None or args.num_classes is not None
+                      or args.exclude is not None)
+    if args.model == "vgg" and source_options:
+        raise AutopruneError("--cifar-stem, --model-kwargs, --num-classes and --exclude are for --model "
+                             "torchvision:NAME or module:...; the lab's VGG takes --width")
+    if args.model != "vgg" and args.width is not None:
+        raise AutopruneError(f"--width is for the lab's VGG; for {args.model} pass its own option, e.g. "
+                             "--model-kwargs '{\"width_mult\": 0.5}'")
+    if args.checkpoint:
+        if source_options:
+            raise AutopruneError("a checkpoint records its model; drop --cifar-stem, --model-kwargs, --num-classes "
+                                 "and --exclude")
+        return load_checkpoint(args.checkpoint, source=None if args.model == "vgg" else args.model)[0]
+    if args.model == "vgg":
+        return build_model("vgg", width=1.0 if args.width is None else args.width)
+    kwargs = {}
+    if args.model_kwargs is not None:
+        try:
+            kwargs = json.loads(args.model_kwargs)
+        except ValueError:
+            kwargs = None
+        if not isinstance(kwargs, dict):
+            raise AutopruneError(f"--model-kwargs must be a JSON object such as '{{\"width_mult\": 0.5}}', got "
+                                 f"{args.model_kwargs!r}")
+    if args.cifar_stem:
+        kwargs["cifar_stem"] = True
+    exclude = [n.strip() for n in (args.exclude or "").split(",") if n.strip()]
+    return build_model(args.model, 10 if args.num_classes is None else args.num_classes, exclude=exclude, **kwargs)
+
+
 def cmd_profile(args) -> int:
     from . import metrics
-    from .model import build_model, load_checkpoint
-    from .plan import PruningPlan, parse_ratio_spec, prune
+    from .plan import parse_ratio_spec, plan_for, prune
+    from .sources import prunable
 
     if args.sparsity is not None and args.channel_ratios is not None:
         raise AutopruneError("--sparsity and --channel-ratios cannot be combined; profile one kind "
                              "of pruning at a time")
     if args.criterion and args.sparsity is None and args.channel_ratios is None:
         raise AutopruneError("--criterion needs --sparsity or --channel-ratios")
-    if args.checkpoint:
-        model, _ = load_checkpoint(args.checkpoint)
-    else:
-        model = build_model("vgg", width=args.width)
+    if args.round_to != 1 and args.channel_ratios is None:
+        raise AutopruneError("--round-to needs --channel-ratios")
+    model = _profile_model(args)
     plan = None
-    if args.sparsity is not None:
-        plan = PruningPlan("fine_grained", parse_ratio_spec(args.sparsity, "fine_grained"), args.criterion or "")
-    elif args.channel_ratios is not None:
-        plan = PruningPlan("channel", parse_ratio_spec(args.channel_ratios, "channel"), args.criterion or "")
-    if plan is not None:
-        plan = plan.for_model(model)
-        model = prune(model, plan).model
+    for kind, spec in (("fine_grained", args.sparsity), ("channel", args.channel_ratios)):
+        if spec is not None:
+            view = prunable(model)
+            names = None if args.model == "vgg" else (
+                view.fine_layers() if kind == "fine_grained" else view.channel_groups())
+            plan = plan_for(model, kind, parse_ratio_spec(spec, kind, names), args.criterion or "", args.round_to)
+            model = prune(model, plan).model
     if args.no_latency and (args.predict or args.runtime != "torch"):
         raise AutopruneError("--no-latency skips the latency measurement; drop --predict / --runtime, or drop "
                              "--no-latency")
+    view = prunable(model)
+    example = view.example_input()
     result = metrics.profile(model.eval(), latency=not args.no_latency, batch_size=args.batch_size,
                              warmup=args.warmup, repeats=args.repeats, runtime=args.runtime,
-                             threads=args.threads or 1, predict=args.predict, cache_dir=args.latency_cache)
+                             threads=args.threads or 1, predict=args.predict, cache_dir=args.latency_cache,
+                             example_input=example)
+    if args.model != "vgg":  # the reference count a Torch-Pruning user knows
+        from .graph import torch_pruning_count
+
+        result["macs_torch_pruning"] = torch_pruning_count(model, example)["ops"]
     if args.onnx:
         from .files import atomic_write
         from .latency import onnx_export
@@ -251,7 +291,7 @@ def cmd_profile(args) -> int:
         data, result["onnx"] = onnx_export(model)
         atomic_write(args.onnx, data)
         result["onnx"]["path"] = str(args.onnx)
-    result["channels"] = list(model.channels)
+    result.update(view.describe())  # channels (the lab's VGG) or widths (group -> channels)
     if plan is not None:
         result["plan"] = plan.to_dict()
     if args.plots:
@@ -261,7 +301,11 @@ def cmd_profile(args) -> int:
         result["plots"] = {"weights": str(weight_histograms(model, out / "weights.png")),
                            "param_share": str(param_share_chart(model, out / "param_share.png"))}
         log.info("wrote %s and %s", result["plots"]["weights"], result["plots"]["param_share"])
-    human = _fmt_profile(result) + f"\nchannels          {result['channels']}"
+    human = _fmt_profile(result)
+    if "macs_torch_pruning" in result:
+        human += f"\nMACs (TP)         {result['macs_torch_pruning'] / 1e6:.2f} M by tp.utils.count_ops_and_params"
+    human += (f"\nchannels          {result['channels']}" if "channels" in result else
+              f"\nwidths            {', '.join(f'{k}={v}' for k, v in result['widths'].items()) or 'dense'}")
     if plan is not None:
         human += f"\npruned            {plan.kind} ({plan.criterion}): " + ", ".join(
             f"{k}={v:g}" for k, v in plan.ratios.items())
@@ -362,8 +406,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("profile", help="parameters, size, MACs and latency of a (pruned) VGG")
-    p.add_argument("--width", type=positive_float, default=1.0, help="width multiplier (default 1.0)")
+    p = sub.add_parser("profile", help="parameters, size, MACs and latency of a (pruned) model")
+    p.add_argument("--model", default="vgg", metavar="SOURCE",
+                   help="vgg (the lab's, default) | torchvision:NAME (e.g. resnet18; weights=None) | "
+                        "module:package.module:factory (your own; also names a checkpoint's user-code source)")
+    p.add_argument("--width", type=positive_float, help="the lab's VGG: width multiplier (default 1.0)")
+    p.add_argument("--cifar-stem", action="store_true",
+                   help="torchvision: adapt the stem to 32x32 inputs (ResNet: 3x3 stride-1 conv1, no maxpool; "
+                        "others: first conv at stride 1)")
+    p.add_argument("--model-kwargs", metavar="JSON", help='options for the source, e.g. \'{"width_mult": 0.5}\'')
+    p.add_argument("--num-classes", type=positive_int, metavar="N", help="classes (default 10)")
+    p.add_argument("--exclude", metavar="LAYER[,LAYER...]",
+                   help="layers whose channel groups stay dense (e.g. around a channel shuffle)")
     p.add_argument("--checkpoint", metavar="PATH", help="profile this checkpoint instead")
     p.add_argument("--batch-size", type=batch_sizes, default=[1], metavar="B[,B...]",
                    help="latency batch size(s) (default 1; latency_ms is at the first)")
@@ -382,8 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", metavar="SPEC",
                    help="fine-grained prune first: one sparsity for all layers (0.8) or layer=value,...")
     p.add_argument("--channel-ratios", metavar="SPEC",
-                   help="channel prune first: one ratio for conv0-conv6 (0.3) or layer=value,...")
-    p.add_argument("--criterion", help="fine-grained: magnitude; channel: norm (default), none, bn_scale, l1")
+                   help="channel prune first: one ratio for every group (VGG: conv0-conv6) (0.3) or group=value,...")
+    p.add_argument("--criterion", help="fine-grained: magnitude; channel: norm (default), none, bn_scale, l1; "
+                                       "other sources also tp_magnitude, tp_lamp, tp_bn_scale")
+    p.add_argument("--round-to", type=int, choices=(1, 4, 8, 16), default=1,
+                   help="channel: kept widths a multiple of this (default 1)")
     p.add_argument("--plots", type=out_dir, metavar="DIR", help="write weights.png and param_share.png here")
     _common(p)
     p.set_defaults(func=cmd_profile)

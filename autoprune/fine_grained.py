@@ -34,13 +34,20 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     return mask.view_as(weight)
 
 
-def magnitude_masks(model: nn.Module, sparsities: dict[str, float]) -> dict[str, torch.Tensor]:
-    """Masks keyed by parameter name for every layer with a sparsity > 0."""
+def magnitude_masks(model: nn.Module, sparsities: dict[str, float],
+                    layers: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Masks keyed by parameter name for every layer with a sparsity > 0.
+
+    ``layers`` maps layer names to weight parameter names (any model: see
+    ``autoprune.sources.prunable(model).fine_layers()``); by default the lab's
+    VGG names (``conv3`` -> ``backbone.conv3.weight``).
+    """
     params = dict(model.named_parameters())
+    name = layers.__getitem__ if layers is not None else param_name
     return {
-        param_name(layer): magnitude_mask(params[param_name(layer)], s)
+        name(layer): magnitude_mask(params[name(layer)], s)
         for layer, s in sparsities.items()
-        if num_zeros(params[param_name(layer)].numel(), s) > 0
+        if num_zeros(params[name(layer)].numel(), s) > 0
     }
 
 

@@ -58,18 +58,18 @@ def _example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
 
 
 @torch.no_grad()
-def count_macs(model: nn.Module) -> int:
-    """Conv + linear MACs for one 32x32 image (PyTorch's flop counter / 2)."""
+def count_macs(model: nn.Module, example_input: torch.Tensor | None = None) -> int:
+    """Conv + linear MACs for one example, by default a 32x32 image (PyTorch's flop counter / 2)."""
     was_training = model.training
     model.eval()
     with FlopCounterMode(display=False) as counter:
-        model(_example_input(model))
+        model(_example_input(model) if example_input is None else example_input)
     model.train(was_training)
     return counter.get_total_flops() // 2
 
 
 @torch.no_grad()
-def count_macs_torchprofile(model: nn.Module) -> int:
+def count_macs_torchprofile(model: nn.Module, example_input: torch.Tensor | None = None) -> int:
     """torchprofile's ``profile_macs`` total for one image (the lab's check)."""
     from torchprofile import profile_macs
 
@@ -77,7 +77,7 @@ def count_macs_torchprofile(model: nn.Module) -> int:
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings are noise here
-        macs = int(profile_macs(model, _example_input(model)))
+        macs = int(profile_macs(model, _example_input(model) if example_input is None else example_input))
     model.train(was_training)
     return macs
 
@@ -93,6 +93,7 @@ def profile(
     threads: int = 1,
     predict: bool = False,
     cache_dir=None,
+    example_input: torch.Tensor | None = None,
 ) -> dict:
     """The figures that ``autoprune profile --json`` prints, as a dict.
 
@@ -108,8 +109,8 @@ def profile(
         "size_mib": params_to_mib(params),
         "nonzero_size_mib": params_to_mib(nonzero),
         "sparse_storage_mib": sparse_storage_bits(model) / BITS_PER_MIB,
-        "macs": count_macs(model),
-        "macs_torchprofile": count_macs_torchprofile(model),
+        "macs": count_macs(model, example_input),
+        "macs_torchprofile": count_macs_torchprofile(model, example_input),
     }
     if latency:
         from .latency import Meter

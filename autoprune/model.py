@@ -9,6 +9,7 @@ checked before a model is built from them (:func:`model_from_checkpoint`).
 
 from __future__ import annotations
 
+import copy
 import operator
 import os
 import reprlib
@@ -77,6 +78,22 @@ class VGG(nn.Module):
         return {"name": "vgg", "channels": list(self.channels), "num_classes": self.num_classes}
 
 
+# The plain architecture description of a model from another source (autoprune.sources) rides on it here.
+ARCH_ATTR = "autoprune_arch"
+
+
+def arch_of(model: nn.Module) -> dict:
+    """The plain, JSON-able description that rebuilds ``model``'s architecture (a copy)."""
+    if isinstance(model, VGG):
+        return model.arch()
+    arch = getattr(model, ARCH_ATTR, None)
+    if not isinstance(arch, dict):
+        raise AutopruneError(f"this {type(model).__name__} carries no autoprune architecture description; build it "
+                             "with autoprune.build_model(source, ...) (a module:package.module:factory source for "
+                             "your own class)")
+    return copy.deepcopy(arch)
+
+
 def vgg_channels(width: float = 1.0) -> list[int]:
     """Conv widths of the lab's VGG scaled by ``width`` (rounded, at least 1)."""
     if not width > 0:
@@ -127,7 +144,8 @@ def width_of(channels: Sequence[int]) -> float | None:
 # --- checkpoints -------------------------------------------------------------
 
 
-def _read(path: str | os.PathLike) -> dict:
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """``{'state_dict', 'autoprune'?}`` of a checkpoint file or export directory, read weights-only."""
     path = Path(path)
     if path.is_dir():  # an export directory holds model.pt
         path = path / "model.pt"
@@ -200,6 +218,9 @@ def check_arch(arch: Any, state_dict: dict) -> dict:
     The tensor shapes are the truth; metadata of the wrong type, or that
     disagrees with them, is an error naming the first mismatch.
     """
+    if isinstance(arch, dict) and "source" in arch:
+        raise AutopruneError(f"checkpoint holds a {reprlib.repr(arch['source'])} model, not the lab's VGG; load it "
+                             "with autoprune.load_checkpoint (or autoprune.load)")
     inferred = infer_arch(state_dict)
     if arch is None:  # the lab's format: no metadata
         return inferred
@@ -294,15 +315,15 @@ def load_checkpoint(
 
     Returns ``(model, meta)``; see :func:`model_from_checkpoint` for the checks.
     """
-    return model_from_checkpoint(_read(path), width, num_classes)
+    return model_from_checkpoint(read_checkpoint(path), width, num_classes)
 
 
-def save_checkpoint(model: VGG, path: str | os.PathLike, **meta: Any) -> Path:
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, **meta: Any) -> Path:
     """Save in the lab's format plus plain metadata (JSON-able values only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    payload = {"state_dict": state_dict, "autoprune": {"arch": model.arch(), **meta}}
+    payload = {"state_dict": state_dict, "autoprune": {"arch": arch_of(model), **meta}}
     with atomic_path(path) as tmp:  # never leave a half-written checkpoint behind
         torch.save(payload, tmp)
     return path

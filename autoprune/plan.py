@@ -15,6 +15,12 @@ both kinds (like ``torch.nn.utils.prune``'s ``amount``):
 Layers a plan does not name are left dense. ``base_channels`` records the
 conv widths of the model the plan was made for, so that a plan is never
 applied to a model of another width by mistake.
+
+Models of other sources (:mod:`autoprune.sources`) name layers by module
+(``layer1.0.conv1``) and channel groups by their root layer
+(:mod:`autoprune.graph`); their plans carry ``layers`` (the names valid for
+that model: :func:`plan_for` fills it in), may use Torch-Pruning's criteria
+and ``round_to`` (kept widths a multiple of 4, 8 or 16).
 """
 
 from __future__ import annotations
@@ -25,16 +31,18 @@ from typing import NamedTuple
 
 import torch
 
-from .channel import check_round_to, prune_channels
+from .channel import check_round_to
 from .errors import AutopruneError
 from .fine_grained import magnitude_masks
+from .graph import CRITERIA as GRAPH_CRITERIA
 from .model import CONV_NAMES, PRUNABLE_LAYERS, VGG
+from .sources import prunable
 from .train import apply_masks
 
 KINDS = ("fine_grained", "channel")
 CHANNEL_LAYERS = CONV_NAMES[:-1]
 FINE_CRITERIA = ("magnitude",)
-CHANNEL_CRITERIA = ("norm", "none", "bn_scale", "l1")
+CHANNEL_CRITERIA = ("norm", "none", "bn_scale", "l1")  # the lab's VGG; other sources: GRAPH_CRITERIA
 
 
 def layers_for(kind: str) -> tuple[str, ...]:
@@ -56,15 +64,18 @@ class PruningPlan:
     ratios: dict = field(default_factory=dict)
     criterion: str = ""
     base_channels: tuple | None = None
-    round_to: int = 1  # channel plans: kept channels rounded to a multiple of this (1: the lab's rounding)
+    round_to: int = 1  # channel: kept widths a multiple of this (never 0, never above the dense width)
+    layers: tuple | None = None  # the names this plan may set; None: the lab's VGG names
 
     def __post_init__(self):
         check_kind(self.kind)
+        valid = layers_for(self.kind) if self.layers is None else tuple(self.layers)
+        object.__setattr__(self, "layers", None if self.layers is None else valid)
+        criteria = FINE_CRITERIA if self.kind == "fine_grained" else (
+            CHANNEL_CRITERIA if self.layers is None else GRAPH_CRITERIA)
         check_round_to(self.round_to)
         if self.round_to > 1 and self.kind != "channel":
             raise AutopruneError(f"round_to applies to channel plans, not {self.kind}; leave it 1")
-        valid = layers_for(self.kind)
-        criteria = FINE_CRITERIA if self.kind == "fine_grained" else CHANNEL_CRITERIA
         object.__setattr__(self, "criterion", self.criterion or criteria[0])
         if self.criterion not in criteria:
             raise AutopruneError(
@@ -94,26 +105,39 @@ class PruningPlan:
             "criterion": self.criterion,
             "base_channels": list(self.base_channels) if self.base_channels else None,
         }
-        if self.round_to > 1:  # absent at 1: plans (and the caches keyed by them) read as before
+        if self.round_to != 1:
             d["round_to"] = self.round_to
+        if self.layers is not None:
+            d["layers"] = list(self.layers)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "PruningPlan":
+        layers = d.get("layers")
         return cls(d["kind"], dict(d.get("ratios") or {}), d.get("criterion", ""), d.get("base_channels"),
-                   d.get("round_to", 1))
+                   d.get("round_to", 1), None if layers is None else tuple(layers))
 
     def for_model(self, model: VGG) -> "PruningPlan":
         """This plan, recording ``model``'s conv widths as its base."""
-        return PruningPlan(self.kind, self.ratios, self.criterion, tuple(model.channels), self.round_to)
+        return PruningPlan(self.kind, self.ratios, self.criterion, tuple(model.channels), self.round_to, self.layers)
 
 
-def parse_ratio_spec(spec: str, kind: str) -> dict[str, float]:
-    """``"0.3"`` (every layer of the kind) or ``"conv0=0.1,conv5=0.6"`` -> ratios."""
+def plan_for(model, kind: str, ratios: dict[str, float], criterion: str = "", round_to: int = 1) -> PruningPlan:
+    """A plan for ``model`` of any source, its names checked against the model's layers or groups."""
+    check_kind(kind)
+    if isinstance(model, VGG):
+        return PruningPlan(kind, ratios, criterion, round_to=round_to).for_model(model)
+    view = prunable(model)
+    layers = view.fine_layers() if kind == "fine_grained" else view.channel_groups()
+    return PruningPlan(kind, ratios, criterion, round_to=round_to, layers=tuple(layers))
+
+
+def parse_ratio_spec(spec: str, kind: str, layers=None) -> dict[str, float]:
+    """``"0.3"`` (every layer of the kind, or of ``layers``) or ``"conv0=0.1,conv5=0.6"`` -> ratios."""
     spec = spec.strip()
     try:
         if "=" not in spec:
-            return {name: float(spec) for name in layers_for(kind)}
+            return {name: float(spec) for name in (layers_for(kind) if layers is None else layers)}
         ratios = {}
         for item in spec.split(","):
             name, _, value = item.partition("=")
@@ -140,9 +164,10 @@ def prune(model: VGG, plan: PruningPlan) -> Pruned:
             f"the plan was made for a VGG with conv widths {list(plan.base_channels)}, this model has "
             f"{list(model.channels)}; make the plan for this width"
         )
+    view = prunable(model)
     if plan.kind == "fine_grained":
         pruned = copy.deepcopy(model)
-        masks = magnitude_masks(pruned, plan.ratios)
+        masks = magnitude_masks(pruned, plan.ratios, view.fine_layers())
         apply_masks(pruned, masks)
         return Pruned(pruned, masks)
-    return Pruned(prune_channels(model, plan.ratios, plan.criterion, plan.round_to), None)
+    return Pruned(view.prune_channels(plan.ratios, plan.criterion, plan.round_to), None)

@@ -31,32 +31,19 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 from torch import nn
 
 from .budget import channel_cost_fraction
 from .errors import AutopruneError
+from .graph import IMPORTANCES
+from .graph import require_torch_pruning as require
 from .model import CONV_NAMES, VGG, build_model
-
-# rule -> Torch-Pruning importance (given the torch_pruning module)
-IMPORTANCES: dict[str, Callable] = {
-    "tp_magnitude": lambda tp: tp.importance.MagnitudeImportance(p=2),
-    "tp_lamp": lambda tp: tp.importance.LAMPImportance(p=2),
-    "tp_bn_scale": lambda tp: tp.importance.BNScaleImportance(),
-}
 
 
 def require_torch_pruning(rule: str):
     """The ``torch_pruning`` module, or a one-line error naming the extra to install."""
-    try:
-        import torch_pruning
-    except ImportError:
-        raise AutopruneError(
-            f"one-shot rule {rule!r} needs Torch-Pruning, which is not installed; pip install 'autoprune[pruning]'"
-        ) from None
-    return torch_pruning
+    return require(f"one-shot rule {rule!r}")
 
 
 def _check_rule(rule: str) -> None:
