@@ -14,6 +14,12 @@ pruning.
   where set, and costed on those rounded widths), so the result is the
   reachable configuration closest to the target from below (a budget is a cap).
 
+Budgets run over a :class:`CostModel`: a model's fine-grained layers (weight
+elements), its channel groups (dense widths), its kept-width rule and its
+closed-form cost (``Prunable.cost_model()`` of :mod:`autoprune.sources` gives
+one for any model; the lab's VGG: :func:`vgg_cost_model`, and every function
+here still takes the VGG's conv widths as a list).
+
 Params and MACs are closed-form (no model is built), so a search can repair a
 sampled point in microseconds before spending any fine-tuning on it. Latency
 is a caller's function of the kept widths (:class:`autoprune.latency.PredictedFraction`,
@@ -25,16 +31,72 @@ by the predictor whatever its noise.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from functools import cached_property
+from typing import Callable, Sequence, Union
 
-from .channel import kept_channels
+from .channel import check_round_to, kept_channels
 from .errors import AutopruneError
 from .fine_grained import num_zeros
-from .model import CONV_NAMES, PRUNABLE_LAYERS, VGG_PLAN
+from .model import CONV_NAMES, VGG_PLAN
 
 _BISECT_STEPS = 100
 CHANNEL_METRICS = ("params", "macs", "latency")
 WidthsCost = Callable[[Sequence[int]], float]  # every conv's kept width -> cost as a fraction of dense
+
+
+class CostModel:
+    """What a budget needs of a model, whatever its source.
+
+    ``layers``: fine-grained layer -> weight elements; ``params``: dense parameter count (the size a
+    fine-grained fraction is of); ``groups``: called once, channel group -> dense width (a graph model
+    traces on that call, so a fine-grained budget never needs Torch-Pruning); ``kept(ratios, round_to)``:
+    channels each group keeps; ``cost(kept)``: exact ``{'params', 'macs'}`` with groups cut to ``kept``;
+    ``widths(kept)``: what a latency predictor is given; ``channels``: the lab's VGG conv widths (its plans
+    record them), None for other models.
+    """
+
+    def __init__(self, layers: dict[str, int], params: int, groups: Callable[[], dict[str, int]],
+                 kept: Callable[[dict, int], dict[str, int]], cost: Callable[[dict], dict[str, int]],
+                 widths: Callable[[dict], object] = dict, channels: Sequence[int] | None = None):
+        self.layers, self.params = dict(layers), int(params)
+        self._groups, self.kept, self.cost, self.widths = groups, kept, cost, widths
+        self.channels = None if channels is None else [int(c) for c in channels]
+
+    @cached_property
+    def groups(self) -> dict[str, int]:
+        return dict(self._groups())
+
+    @cached_property
+    def dense(self) -> dict[str, int]:
+        return self.cost({})
+
+    def names(self, kind: str) -> tuple[str, ...]:
+        """The layers (fine_grained) or channel groups (channel) a plan of ``kind`` sets."""
+        return tuple(self.layers if kind == "fine_grained" else self.groups)
+
+
+ModelCosts = Union[CostModel, Sequence[int]]  # a cost model, or the lab's VGG conv widths
+
+
+def vgg_cost_model(channels: Sequence[int], num_classes: int = 10) -> CostModel:
+    """The lab's VGG of these conv widths, in closed form: groups ``conv0``..``conv6``, latency on every
+    conv's width (:class:`autoprune.latency.PredictedFraction`)."""
+    channels = [int(c) for c in channels]
+    groups = dict(zip(CONV_NAMES[:-1], channels))
+
+    def kept(ratios, round_to=1):
+        return dict(zip(groups, kept_channels(channels, ratios, round_to)))
+
+    def widths(kept):
+        return [int(kept.get(n, c)) for n, c in groups.items()] + [channels[-1]]
+
+    return CostModel(layer_numels(channels, num_classes), vgg_cost(channels, num_classes)["params"],
+                     lambda: groups, kept, lambda k: vgg_cost(widths(k), num_classes), widths, channels)
+
+
+def as_cost_model(model: ModelCosts, num_classes: int = 10) -> CostModel:
+    """``model`` itself, or the lab's VGG of these conv widths."""
+    return model if isinstance(model, CostModel) else vgg_cost_model(model, num_classes)
 
 
 # --- closed-form costs ---------------------------------------------------------
@@ -67,26 +129,27 @@ def layer_numels(channels: Sequence[int], num_classes: int = 10) -> dict[str, in
     return numels
 
 
-def fine_size_fraction(channels: Sequence[int], sparsities: dict[str, float], num_classes: int = 10) -> float:
+def fine_size_fraction(model: ModelCosts, sparsities: dict[str, float], num_classes: int = 10) -> float:
     """Nonzero size / dense size of a fine-grained plan (the lab's convention)."""
-    total = vgg_cost(channels, num_classes)["params"]
-    zeros = sum(num_zeros(n, sparsities.get(layer, 0.0)) for layer, n in layer_numels(channels, num_classes).items())
-    return (total - zeros) / total
+    costs = as_cost_model(model, num_classes)
+    zeros = sum(num_zeros(n, sparsities.get(layer, 0.0)) for layer, n in costs.layers.items())
+    return (costs.params - zeros) / costs.params
 
 
 def channel_cost_fraction(
-    channels: Sequence[int], ratios: dict[str, float], metric: str = "params", num_classes: int = 10,
+    model: ModelCosts, ratios: dict[str, float], metric: str = "params", num_classes: int = 10,
     round_to: int = 1, latency: WidthsCost | None = None,
 ) -> float:
-    """Params, MACs or (with ``latency``, the predictor) latency of the channel-pruned VGG as a fraction of dense,
-    on the widths the plan keeps (rounded to multiples of ``round_to``)."""
-    kept = kept_channels(list(channels), ratios, round_to)
-    kept[-1] = channels[-1]
+    """Params, MACs or (with ``latency``, the predictor) latency of the channel-pruned model as a fraction of
+    dense, on the widths the plan keeps (rounded to multiples of ``round_to``)."""
+    costs = as_cost_model(model, num_classes)
+    check_round_to(round_to)
+    kept = costs.kept(ratios, round_to)
     if metric == "latency":
         if latency is None:
             raise AutopruneError("a latency budget needs the latency predictor; set [latency] predict = true")
-        return float(latency(kept))
-    return vgg_cost(kept, num_classes)[metric] / vgg_cost(channels, num_classes)[metric]
+        return float(latency(costs.widths(kept)))
+    return costs.cost(kept)[metric] / costs.dense[metric]
 
 
 # --- the shared shift rule -----------------------------------------------------
@@ -140,7 +203,7 @@ def _check_target(target: float, what: str) -> None:
 
 
 def fine_grained_budget(
-    channels: Sequence[int],
+    model: ModelCosts,
     target_fraction: float,
     preferences: dict[str, float] | None = None,
     lower: dict[str, float] | None = None,
@@ -149,9 +212,9 @@ def fine_grained_budget(
 ) -> dict[str, float]:
     """Per-layer sparsities whose nonzero size is ``target_fraction`` of dense, exactly."""
     _check_target(target_fraction, "size")
-    layers = PRUNABLE_LAYERS
-    numels = layer_numels(channels, num_classes)
-    total = vgg_cost(channels, num_classes)["params"]
+    costs = as_cost_model(model, num_classes)
+    numels, total = costs.layers, costs.params
+    layers = tuple(numels)
     lo, hi = _bounds(layers, lower, upper, {n: 1.0 for n in layers})
     # A budget is a cap: round the nonzero count down (the 1e-6 absorbs float error).
     zeros_wanted = total - math.floor(target_fraction * total + 1e-6)
@@ -199,13 +262,13 @@ def fine_grained_budget(
 # --- channel -------------------------------------------------------------------
 
 
-def channel_upper_bounds(channels: Sequence[int]) -> dict[str, float]:
-    """Largest prune ratio of each prunable conv that still keeps one channel."""
-    return {n: 1.0 - 1.0 / c for n, c in zip(CONV_NAMES[:-1], channels)}
+def channel_upper_bounds(model: ModelCosts) -> dict[str, float]:
+    """Largest prune ratio of each channel group that still keeps one channel."""
+    return {n: 1.0 - 1.0 / c for n, c in as_cost_model(model).groups.items()}
 
 
 def channel_budget(
-    channels: Sequence[int],
+    model: ModelCosts,
     target_fraction: float,
     metric: str = "params",
     preferences: dict[str, float] | None = None,
@@ -215,20 +278,21 @@ def channel_budget(
     round_to: int = 1,
     latency: WidthsCost | None = None,
 ) -> dict[str, float]:
-    """Per-conv prune ratios whose params, MACs or predicted latency (``latency``) are the largest reachable
+    """Per-group prune ratios whose params, MACs or predicted latency (``latency``) are the largest reachable
     <= target, on widths rounded to multiples of ``round_to``.
 
-    Ratios are returned as ``1 - kept / channels``, so the plan keeps exactly
+    Ratios are returned as ``1 - kept / width``, so the plan keeps exactly
     the channel counts found.
     """
     if metric not in CHANNEL_METRICS:
         raise AutopruneError(f"channel budget metric must be one of {', '.join(CHANNEL_METRICS)}, got {metric!r}")
     _check_target(target_fraction, metric)
-    layers = CONV_NAMES[:-1]
-    lo, hi = _bounds(layers, lower, upper, channel_upper_bounds(channels))
+    costs = as_cost_model(model, num_classes)
+    layers = tuple(costs.groups)
+    lo, hi = _bounds(layers, lower, upper, channel_upper_bounds(costs))
 
     def cost(ratios):
-        return channel_cost_fraction(channels, ratios, metric, num_classes, round_to, latency)
+        return channel_cost_fraction(costs, ratios, metric, num_classes, round_to, latency)
 
     smallest = cost(hi)
     if smallest > target_fraction:
@@ -238,5 +302,5 @@ def channel_budget(
         )
     t = _solve_shift(_prefs(layers, preferences), lo, hi, cost, target_fraction)
     ratios = _shifted(_prefs(layers, preferences), lo, hi, t)
-    kept = kept_channels(list(channels), ratios, round_to)
-    return {n: 1.0 - kept[i] / channels[i] for i, n in enumerate(layers)}
+    kept = costs.kept(ratios, round_to)
+    return {n: 1.0 - kept[n] / c for n, c in costs.groups.items()}

@@ -51,9 +51,10 @@ def magnitude_masks(model: nn.Module, sparsities: dict[str, float],
     }
 
 
-def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+def _weights(model: nn.Module, layers: dict[str, str] | None) -> dict[str, torch.Tensor]:
     params = dict(model.named_parameters())
-    return {layer: params[param_name(layer)].detach() for layer in PRUNABLE_LAYERS}
+    layers = layers if layers is not None else {layer: param_name(layer) for layer in PRUNABLE_LAYERS}
+    return {layer: params[p].detach() for layer, p in layers.items()}
 
 
 def _global_rule(scores: dict[str, torch.Tensor], total_zeros: int) -> dict[str, float]:
@@ -66,9 +67,10 @@ def _global_rule(scores: dict[str, torch.Tensor], total_zeros: int) -> dict[str,
     return {n: int(counts[i]) / scores[n].numel() for i, n in enumerate(names)}
 
 
-def global_magnitude_sparsities(model: nn.Module, total_zeros: int) -> dict[str, float]:
-    """One |w| threshold over all prunable tensors."""
-    return _global_rule({n: w.abs() for n, w in _weights(model).items()}, total_zeros)
+def global_magnitude_sparsities(model: nn.Module, total_zeros: int,
+                                layers: dict[str, str] | None = None) -> dict[str, float]:
+    """One |w| threshold over all prunable tensors (``layers``: as :func:`magnitude_masks`)."""
+    return _global_rule({n: w.abs() for n, w in _weights(model, layers).items()}, total_zeros)
 
 
 def lamp_scores(weight: torch.Tensor) -> torch.Tensor:
@@ -83,6 +85,6 @@ def lamp_scores(weight: torch.Tensor) -> torch.Tensor:
     return scores.view_as(weight)
 
 
-def lamp_sparsities(model: nn.Module, total_zeros: int) -> dict[str, float]:
+def lamp_sparsities(model: nn.Module, total_zeros: int, layers: dict[str, str] | None = None) -> dict[str, float]:
     """LAMP: one threshold on layer-normalised scores (keeps at least one weight per layer)."""
-    return _global_rule({n: lamp_scores(w) for n, w in _weights(model).items()}, total_zeros)
+    return _global_rule({n: lamp_scores(w) for n, w in _weights(model, layers).items()}, total_zeros)

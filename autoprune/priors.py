@@ -53,17 +53,19 @@ import numpy as np
 import pandas as pd
 
 from .budget import (
+    CostModel,
+    ModelCosts,
+    as_cost_model,
     channel_budget,
     channel_cost_fraction,
     fine_grained_budget,
     fine_size_fraction,
-    layer_numels,
-    vgg_cost,
 )
 from .errors import AutopruneError
 from .fine_grained import global_magnitude_sparsities, lamp_sparsities
-from .model import CONV_NAMES, VGG
-from .plan import KINDS, Pruned, PruningPlan, check_kind, layers_for, prune
+from .model import VGG
+from .plan import KINDS, Pruned, check_kind, plan_for, prune
+from .sources import prunable
 
 log = logging.getLogger("autoprune")
 
@@ -104,14 +106,14 @@ def _note(messages: list[str], text: str) -> None:
     log.info("%s", text)
 
 
-def _drops(scan_df: pd.DataFrame, dense_accuracy: float, kind: str) -> dict[str, list[tuple[float, float]]]:
-    """layer -> [(grid ratio, drop in points)], ratios ascending; checks the scan."""
+def _drops(scan_df: pd.DataFrame, dense_accuracy: float, kind: str,
+           layers: Sequence[str]) -> dict[str, list[tuple[float, float]]]:
+    """layer -> [(grid ratio, drop in points)], ratios ascending; checks the scan has exactly ``layers``."""
     missing = [c for c in ("layer", "ratio", "accuracy") if c not in scan_df.columns]
     if missing:
         raise AutopruneError(f"a sensitivity scan needs columns layer, ratio, accuracy; missing {missing[0]}")
     if dense_accuracy is None or not math.isfinite(float(dense_accuracy)):
         raise AutopruneError("dense_accuracy must be a number (the scan's dense accuracy, percent)")
-    layers = layers_for(kind)
     seen = set(scan_df["layer"].astype(str))
     extra = sorted(seen - set(layers))
     if extra:
@@ -152,12 +154,10 @@ def _upper_bounds(drops, tolerance: float) -> tuple[dict[str, float], dict[str, 
     return upper, why
 
 
-def _budget(kind, channels, target, metric, num_classes, preferences=None, upper=None):
+def _budget(kind, costs: CostModel, target, metric, preferences=None, upper=None):
     if kind == "fine_grained":
-        return fine_grained_budget(channels, target, preferences=preferences, upper=upper,
-                                   num_classes=num_classes)
-    return channel_budget(channels, target, metric=metric, preferences=preferences, upper=upper,
-                          num_classes=num_classes)
+        return fine_grained_budget(costs, target, preferences=preferences, upper=upper)
+    return channel_budget(costs, target, metric=metric, preferences=preferences, upper=upper)
 
 
 class _Curve:
@@ -182,12 +182,11 @@ def _channel_curve_points(points, c: int) -> list[tuple[float, float]]:
     return [(1.0 - int(round((1 - r) * c)) / c, d) for r, d in points]
 
 
-def _greedy(kind, channels, curves, upper, target, metric, num_classes):
+def _greedy(kind, costs: CostModel, curves, upper, target, metric):
     """Raise the cheapest layer (predicted drop per unit saved) until the cost meets the target."""
     layers = list(curves)
     if kind == "fine_grained":
-        numels = layer_numels(channels, num_classes)
-        total = vgg_cost(channels, num_classes)["params"]
+        numels, total = costs.layers, costs.params
         ratios = {n: 0.0 for n in layers}
 
         def cost(rs):  # continuous (no rounding of zero counts): the budget rounds later
@@ -198,13 +197,13 @@ def _greedy(kind, channels, curves, upper, target, metric, num_classes):
                 return None
             return min(ratios[n] + FINE_STEP, upper[n])
     else:
-        width = dict(zip(CONV_NAMES, channels))
+        width = costs.groups
         kept = {n: width[n] for n in layers}
         min_kept = {n: max(1, int(round((1 - upper[n]) * width[n]))) for n in layers}
         ratios = {n: 0.0 for n in layers}
 
         def cost(rs):
-            return channel_cost_fraction(channels, rs, metric, num_classes)
+            return channel_cost_fraction(costs, rs, metric)
 
         def next_ratio(n):
             if kept[n] - 1 < min_kept[n]:
@@ -235,18 +234,18 @@ def _greedy(kind, channels, curves, upper, target, metric, num_classes):
     return ratios
 
 
-def _loosen(kind, channels, drops, curve, upper, target, metric, num_classes, messages) -> None:
+def _loosen(kind, costs: CostModel, drops, curve, upper, target, metric, messages) -> None:
     """Open ``upper`` (in place) one grid step at a time, cheapest step first, until it reaches ``target``."""
     what = "size" if kind == "fine_grained" else metric
 
     def cost(bounds):
         if kind == "fine_grained":
-            return fine_size_fraction(channels, bounds, num_classes)
-        return channel_cost_fraction(channels, bounds, metric, num_classes)
+            return fine_size_fraction(costs, bounds)
+        return channel_cost_fraction(costs, bounds, metric)
 
     def reachable():
         try:
-            _budget(kind, channels, target, metric, num_classes, upper=upper)
+            _budget(kind, costs, target, metric, upper=upper)
             return True
         except AutopruneError:
             return False
@@ -279,7 +278,7 @@ def _loosen(kind, channels, drops, curve, upper, target, metric, num_classes, me
 def compute_priors(
     scan_df: pd.DataFrame,
     dense_accuracy: float,
-    channels: Sequence[int],
+    model: ModelCosts,
     kind: str,
     target_fraction: float,
     tolerance: float = DEFAULT_TOLERANCE,
@@ -288,6 +287,8 @@ def compute_priors(
 ) -> Priors:
     """Upper bounds and a least-predicted-loss allocation meeting ``target_fraction``.
 
+    ``model``: a :class:`autoprune.budget.CostModel` (``prunable(model).cost_model()``) or the lab's
+    VGG conv widths; the scan has one curve per fine-grained layer or channel group of it.
     ``target_fraction`` is the nonzero size fraction of dense (fine-grained) or
     the ``metric`` (params or MACs) fraction (channel). See the module doc for
     the rules.
@@ -300,28 +301,26 @@ def compute_priors(
         raise AutopruneError(f"tolerance must be >= 0 accuracy points, got {tolerance}")
     if kind == "channel" and metric not in ("params", "macs"):
         raise AutopruneError(f"channel metric must be params or macs, got {metric!r}")
-    channels = [int(c) for c in channels]
+    costs = as_cost_model(model, num_classes)
     what = "size" if kind == "fine_grained" else metric
-    drops = _drops(scan_df, dense_accuracy, kind)
+    drops = _drops(scan_df, dense_accuracy, kind, costs.names(kind))
     messages: list[str] = []
     tol = float(tolerance)
     if kind == "fine_grained":
         curve = {n: _Curve(pts) for n, pts in drops.items()}
     else:
-        width = dict(zip(CONV_NAMES, channels))
-        curve = {n: _Curve(_channel_curve_points(pts, width[n])) for n, pts in drops.items()}
+        curve = {n: _Curve(_channel_curve_points(pts, costs.groups[n])) for n, pts in drops.items()}
     upper, why = _upper_bounds(drops, tol)
     for layer in drops:
         _note(messages, f"prior: {layer} upper {upper[layer]:.2f} ({why[layer]})")
-    _loosen(kind, channels, drops, curve, upper, float(target_fraction), metric, num_classes, messages)
-    greedy = _greedy(kind, channels, curve, upper, float(target_fraction), metric, num_classes)
-    allocation = _budget(kind, channels, target_fraction, metric, num_classes,
-                         preferences=greedy, upper=upper)
+    _loosen(kind, costs, drops, curve, upper, float(target_fraction), metric, messages)
+    greedy = _greedy(kind, costs, curve, upper, float(target_fraction), metric)
+    allocation = _budget(kind, costs, target_fraction, metric, preferences=greedy, upper=upper)
     if kind == "fine_grained":
-        reached = fine_size_fraction(channels, allocation, num_classes)
+        reached = fine_size_fraction(costs, allocation)
         unit = "parameter"
     else:
-        reached = channel_cost_fraction(channels, allocation, metric, num_classes)
+        reached = channel_cost_fraction(costs, allocation, metric)
         unit = "parameter" if metric == "params" else "MAC"
     predicted = sum(curve[n](allocation[n]) for n in allocation)
     caveat = ""
@@ -400,28 +399,28 @@ def one_shot_pruned(rule: str, dense, kind: str, target_fraction: float,
     if chosen.pruned is not None:
         return chosen.pruned(dense, target_fraction, metric)
     ratios = chosen.allocation(dense, target_fraction, metric)
-    return prune(dense, PruningPlan(kind, ratios, "", tuple(dense.channels))), ratios
+    return prune(dense, plan_for(dense, kind, ratios)), ratios
 
 
 def _fine_zeros(model, target_fraction: float) -> int:
-    total = vgg_cost(model.channels, model.num_classes)["params"]
+    total = prunable(model).cost_model().params
     return total - math.floor(target_fraction * total + 1e-6)  # the budget's cap
 
 
 def _fine_uniform(model, target_fraction, metric):
-    return fine_grained_budget(model.channels, target_fraction, num_classes=model.num_classes)
+    return fine_grained_budget(prunable(model).cost_model(), target_fraction)
 
 
 def _fine_global(model, target_fraction, metric):
-    return global_magnitude_sparsities(model, _fine_zeros(model, target_fraction))
+    return global_magnitude_sparsities(model, _fine_zeros(model, target_fraction), prunable(model).fine_layers())
 
 
 def _fine_lamp(model, target_fraction, metric):
-    return lamp_sparsities(model, _fine_zeros(model, target_fraction))
+    return lamp_sparsities(model, _fine_zeros(model, target_fraction), prunable(model).fine_layers())
 
 
 def _channel_uniform(model, target_fraction, metric):
-    return channel_budget(model.channels, target_fraction, metric, num_classes=model.num_classes)
+    return channel_budget(prunable(model).cost_model(), target_fraction, metric)
 
 
 def _torch_pruning_rule(name: str) -> OneShotRule:
@@ -454,7 +453,7 @@ register_one_shot_rule("channel", "tp_bn_scale", _torch_pruning_rule("tp_bn_scal
 def by_hand_rule(
     scan_df: pd.DataFrame,
     dense_accuracy: float,
-    channels: Sequence[int],
+    model: ModelCosts,
     kind: str,
     target_fraction: float,
     drop: float = 2.0,
@@ -470,10 +469,10 @@ def by_hand_rule(
     """
     kind = {"fine": "fine_grained"}.get(kind, kind)
     check_kind(kind)
-    drops = _drops(scan_df, dense_accuracy, kind)
+    costs = as_cost_model(model, num_classes)
+    drops = _drops(scan_df, dense_accuracy, kind, costs.names(kind))
     prefs, why = _upper_bounds(drops, float(drop))
     for layer in drops:
         log.info("by hand: %s prefers %.2f (%s)", layer, prefs[layer], why[layer])
     upper = {layer: max(r for r, _ in points) for layer, points in drops.items()}
-    return _budget(kind, [int(c) for c in channels], target_fraction, metric, num_classes, preferences=prefs,
-                   upper=upper)
+    return _budget(kind, costs, target_fraction, metric, preferences=prefs, upper=upper)

@@ -1,10 +1,10 @@
 """Sensitivity scan: accuracy of the model with one layer pruned, for each layer and ratio.
 
 The lab's scan, made reusable: for every layer a plan of the kind may set
-(:func:`autoprune.plan.layers_for`), pruned **alone** at each ratio of a grid
+(the model's fine-grained layers or channel groups, :func:`autoprune.sources.prunable`), pruned **alone** at each ratio of a grid
 (default 0.4, 0.5, ..., 0.9, the lab's), the accuracy (percent) on a split with
 no fine-tuning. Fine-grained ratios are sparsities; channel ratios are prune
-ratios (``int(round((1 - r) * c))`` channels kept).
+ratios (``int(round((1 - r) * c))`` channels kept; for a group, of all its coupled layers).
 
 Accuracies are measured on the **validation** split carved from the training
 images (the lab scans on the test set, which leaks it into every choice made
@@ -32,12 +32,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .channel import kept_channels
 from .data import Data, Split
 from .errors import AutopruneError
 from .files import atomic_path, atomic_write
-from .model import CONV_NAMES, load_checkpoint
-from .plan import PruningPlan, check_kind, layers_for, prune
+from .model import load_checkpoint
+from .plan import PruningPlan, check_kind, plan_for, prune
+from .sources import prunable
 from .train import evaluate, resolve_device
 
 log = logging.getLogger("autoprune")
@@ -84,12 +84,6 @@ def parse_grid(text: str) -> tuple[float, ...]:
     return check_grid(values)
 
 
-def _check_channel_grid(channels: Sequence[int], grid: Sequence[float]) -> None:
-    """Fail before any work if a grid ratio leaves some conv with no channel."""
-    for r in grid:
-        kept_channels(list(channels), {name: r for name in CONV_NAMES[:-1]})
-
-
 def scan(
     model: nn.Module,
     split: Split,
@@ -106,22 +100,24 @@ def scan(
     """
     kind = normalize_kind(kind)
     grid = check_grid(grid)
-    criterion = normalize_criterion(kind, criterion)
+    criterion = plan_for(model, kind, {}, criterion).criterion  # the model's criteria
+    view = prunable(model)
+    layers = tuple(view.fine_layers() if kind == "fine_grained" else view.channel_groups())
     if kind == "channel":
-        _check_channel_grid(model.channels, grid)
+        for r in grid:  # fail before any work if a grid ratio leaves some group with no channel
+            view.kept({name: r for name in layers})
     device = next(model.parameters()).device
     split = split.to(device)
     dense = evaluate(model, split)
     log.info("sensitivity scan (%s, %s): dense accuracy %.2f%% on %d images",
              kind, criterion, dense, len(split))
-    layers = layers_for(kind)
     rows = []
     bar = tqdm(total=len(layers) * len(grid), desc=f"sensitivity {kind}", leave=False, unit="eval",
                disable=None if progress else True)  # None: only on a terminal
     for layer in layers:
         accs = []
         for r in grid:
-            pruned = prune(model, PruningPlan(kind, {layer: r}, criterion)).model
+            pruned = prune(model, plan_for(model, kind, {layer: r}, criterion)).model
             acc = evaluate(pruned, split)
             del pruned
             accs.append(acc)

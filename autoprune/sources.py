@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from . import model as lab
-from .budget import vgg_cost
+from .budget import CostModel, vgg_cost, vgg_cost_model
 from .channel import kept_channels
 from .channel import prune_channels as prune_vgg_channels
 from .errors import AutopruneError
@@ -91,6 +91,9 @@ class Prunable(Protocol):
     def prune_channels(self, ratios: dict[str, float], criterion: str, round_to: int = 1) -> nn.Module:
         """A channel-pruned copy (the model is untouched); its arch records the kept widths."""
 
+    def cost_model(self) -> CostModel:
+        """What a budget (:mod:`autoprune.budget`) needs of this model."""
+
     def describe(self) -> dict:
         """JSON-able widths for reports: ``channels`` (VGG) or ``widths`` (group -> kept; {} when dense)."""
 
@@ -124,6 +127,9 @@ class LabVGG:
     def prune_channels(self, ratios: dict[str, float], criterion: str, round_to: int = 1) -> nn.Module:
         _check_names(ratios, self.channel_groups(), "channel group")
         return prune_vgg_channels(self.model, ratios, criterion, round_to)
+
+    def cost_model(self) -> CostModel:
+        return vgg_cost_model(self.model.channels, self.model.num_classes)  # the closed form
 
     def describe(self) -> dict:
         return {"channels": list(self.model.channels)}
@@ -182,6 +188,11 @@ class GraphModel:
         widths = {**self.arch.get("widths", {}), **kept}
         setattr(pruned, lab.ARCH_ATTR, {**self.arch, "widths": widths})
         return pruned
+
+    def cost_model(self) -> CostModel:
+        params = dict(self.model.named_parameters())
+        layers = {n: params[p].numel() for n, p in self.fine_layers().items()}
+        return CostModel(layers, sum(p.numel() for p in params.values()), self.channel_groups, self.kept, self.cost)
 
     def describe(self) -> dict:
         return {"widths": dict(self.arch.get("widths", {}))}  # as recorded: no trace (nor Torch-Pruning) needed

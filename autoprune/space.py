@@ -47,7 +47,7 @@ import optuna
 
 from . import budget
 from .errors import AutopruneError
-from .plan import PruningPlan, layers_for
+from .plan import PruningPlan, check_kind
 
 log = logging.getLogger("autoprune")
 
@@ -60,7 +60,7 @@ BUDGET = "budget"
 @dataclass
 class SearchSpace:
     kind: str
-    channels: list  # conv widths of the dense model
+    channels: list | None  # the lab's VGG: conv widths of the dense model; other models: None (see ``costs``)
     upper: dict  # layer -> largest ratio searched
     max_size_fraction: float
     max_macs_fraction: float | None = None
@@ -72,19 +72,23 @@ class SearchSpace:
     round_to: int = 1  # channel: kept channels rounded to multiples of this
     max_latency_fraction: float | None = None  # channel: cap on the predicted latency, fraction of dense
     latency: Callable | None = None  # kept widths -> predicted latency fraction (autoprune.latency.PredictedFraction)
+    costs: budget.CostModel | None = None  # the model's layers, groups and costs (set by build)
 
     @classmethod
-    def build(cls, kind, channels, upper=None, *, max_size_fraction, max_macs_fraction=None,
+    def build(cls, kind, model, upper=None, *, max_size_fraction, max_macs_fraction=None,
               criterion="", num_classes=10, budget_low=None, centre=None, spread=math.log(2),
               starts=(), round_to=1, max_latency_fraction=None, latency=None) -> "SearchSpace":
-        """``centre``: sample deviations from this allocation (``spread``: half-range, log kept
+        """``model``: a :class:`autoprune.budget.CostModel` (``prunable(model).cost_model()``) or the lab's
+        VGG conv widths. ``centre``: sample deviations from this allocation (``spread``: half-range, log kept
         fraction), wide enough to hold each of ``starts`` (allocations enqueued as trials) exactly.
         ``latency``: the predictor a ``max_latency_fraction`` cap is repaired by."""
+        check_kind(kind)
+        costs = budget.as_cost_model(model, num_classes)
         default = NO_PRIOR_UPPER[kind]
-        hard = budget.channel_upper_bounds(channels) if kind == "channel" else {}
-        bounds = {n: min(default if upper is None else upper[n], hard.get(n, 1.0)) for n in layers_for(kind)}
-        space = cls(kind, list(channels), bounds, max_size_fraction, max_macs_fraction, criterion, num_classes,
-                    round_to=round_to, max_latency_fraction=max_latency_fraction, latency=latency)
+        hard = budget.channel_upper_bounds(costs) if kind == "channel" else {}
+        bounds = {n: min(default if upper is None else upper[n], hard.get(n, 1.0)) for n in costs.names(kind)}
+        space = cls(kind, costs.channels, bounds, max_size_fraction, max_macs_fraction, criterion, num_classes,
+                    round_to=round_to, max_latency_fraction=max_latency_fraction, latency=latency, costs=costs)
         if centre is not None:
             space.centre = {n: float(centre.get(n, 0.0)) for n in bounds}
             space.spread = {n: (-spread, spread) for n in bounds}
@@ -103,15 +107,17 @@ class SearchSpace:
         return space
 
     @classmethod
-    def for_study(cls, config, channels, upper=None, num_classes=10, centre=None, starts=(),
+    def for_study(cls, config, model, upper=None, num_classes=10, centre=None, starts=(),
                   latency_budget=None) -> "SearchSpace":
-        """The space a study config defines over a dense model with these conv widths.
+        """The space a study config defines over a dense model (a CostModel, or the lab's VGG conv widths).
 
         ``latency_budget``: :func:`latency_budget`'s (cap, predictor) when the caller made it already.
         """
         multi = len(config.objectives) > 1
-        cap, predictor = latency_budget or study_latency_budget(config, channels, num_classes) or (None, None)
-        return cls.build(config.study.kind, channels, upper,
+        costs = budget.as_cost_model(model, num_classes)
+        # the latency table times the lab's VGG: its conv widths
+        cap, predictor = latency_budget or study_latency_budget(config, costs.channels, num_classes) or (None, None)
+        return cls.build(config.study.kind, costs, upper,
                          max_size_fraction=config.constraints.max_size_fraction,
                          max_macs_fraction=config.constraints.max_macs_fraction,
                          criterion=config.study.criterion, num_classes=num_classes,
@@ -142,7 +148,9 @@ class SearchSpace:
         The latency cap is not in it: as a fraction of one machine's prediction it may differ
         between workers' machines (the config's constraints, which joiners must share, are).
         """
-        shape = {"kind": self.kind, "channels": self.channels,
+        # the lab's VGG: its conv widths, as before; other models: every layer's or group's dense size
+        shape = {"kind": self.kind, "channels": self.channels if self.channels is not None else (
+            self.costs.layers if self.kind == "fine_grained" else self.costs.groups),
                  "upper": {k: round(v, 6) for k, v in self.upper.items()},
                  "criterion": self.criterion, "budget_low": self.budget_low}
         if self.round_to > 1:  # absent at 1: a space's signature reads as before
@@ -207,16 +215,16 @@ class SearchSpace:
         """Size (and, for channel plans, MACs and, with a predictor, predicted latency) as fractions of dense."""
         ratios = {n: r for n, r in ratios.items() if n != BUDGET}
         if self.kind == "fine_grained":
-            return {"size": budget.fine_size_fraction(self.channels, ratios, self.num_classes)}
+            return {"size": budget.fine_size_fraction(self.costs, ratios)}
         metrics = (("size", "params"), ("macs", "macs")) + ((("latency", "latency"),) if self.latency else ())
-        return {m: budget.channel_cost_fraction(self.channels, ratios, p, self.num_classes, self.round_to,
+        return {m: budget.channel_cost_fraction(self.costs, ratios, p, self.num_classes, self.round_to,
                                                 self.latency) for m, p in metrics}
 
     def _project(self, ratios: dict[str, float], metric: str, target: float) -> dict[str, float]:
         if self.kind == "fine_grained":
-            return budget.fine_grained_budget(self.channels, target, ratios, upper=self.upper,
+            return budget.fine_grained_budget(self.costs, target, ratios, upper=self.upper,
                                               num_classes=self.num_classes)
-        return budget.channel_budget(self.channels, target, "params" if metric == "size" else metric, ratios,
+        return budget.channel_budget(self.costs, target, "params" if metric == "size" else metric, ratios,
                                      upper=self.upper, num_classes=self.num_classes, round_to=self.round_to,
                                      latency=self.latency)
 
@@ -245,8 +253,13 @@ class SearchSpace:
         raise AutopruneError(f"the budget repair did not settle on the caps {caps}; please report this")
 
     def plan(self, ratios: dict[str, float]) -> PruningPlan:
-        return PruningPlan(self.kind, {n: r for n, r in ratios.items() if r > 0}, self.criterion,
-                           tuple(self.channels), self.round_to)
+        """The plan :func:`autoprune.plan.prune` applies to the space's model (as :func:`autoprune.plan.plan_for`
+        makes it: the lab's VGG records its conv widths, other models their layer or group names)."""
+        ratios = {n: r for n, r in ratios.items() if r > 0}
+        if self.channels is not None:
+            return PruningPlan(self.kind, ratios, self.criterion, tuple(self.channels), self.round_to)
+        return PruningPlan(self.kind, ratios, self.criterion, round_to=self.round_to,
+                           layers=self.costs.names(self.kind))
 
 
 def study_latency_budget(config, channels, num_classes=10, table=None):

@@ -7,6 +7,7 @@ MobileNetV2 (depthwise convs) and a user model defined here (residual add, conca
 from __future__ import annotations
 
 import json
+import math
 import random
 import sys
 
@@ -15,12 +16,15 @@ import torch
 from torch import nn
 
 import autoprune
-from autoprune import metrics
+from autoprune import budget, metrics, sensitivity
 from autoprune.budget import vgg_cost
+from autoprune.data import Split
 from autoprune.errors import AutopruneError
 from autoprune.fine_grained import num_zeros
 from autoprune.graph import ChannelGraph, kept_width
 from autoprune.plan import plan_for, prune
+from autoprune.priors import compute_priors
+from autoprune.space import SearchSpace
 from autoprune.sources import build_model, from_arch, prunable, save_checkpoint
 
 from conftest import assert_cli_error, run_main
@@ -342,3 +346,70 @@ def test_profile_of_a_cifar_resnet18_equals_torch_pruning(capsys):
 ])
 def test_profile_bad_model_options(capsys, args, words):
     assert_cli_error(run_main(capsys, "profile", "--no-latency", *args), *words)
+
+
+# --- budgets, the search space and the sensitivity scan over any model ---------------------------
+
+
+@pytest.mark.parametrize("metric", ["macs", "params"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_channel_budget_meets_its_cap_by_the_pruned_models_own_count(name, metric):
+    model = dense(name)
+    view = view_of(model)
+    full, cap = measured(model)[metric], 0.45
+    ratios = budget.channel_budget(view.cost_model(), cap, metric)
+    pruned = prune(model, plan_for(model, "channel", ratios)).model
+    kept = view.kept(ratios)
+    assert measured(pruned)[metric] == view.cost(kept)[metric] <= cap * full
+    # the largest reachable by the shift: a shift just below it keeps at most one more channel per group
+    widths = view.channel_groups()
+    assert view.cost({g: min(k + 1, widths[g]) for g, k in kept.items()})[metric] > cap * full
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_fine_grained_budget_meets_a_size_cap_exactly(name):
+    model = dense(name)
+    costs = view_of(model).cost_model()
+    assert costs.params == metrics.count_params(model)
+    ratios = budget.fine_grained_budget(costs, 0.3, preferences={n: i % 3 / 10 for i, n in enumerate(costs.layers)})
+    pruned = prune(model, plan_for(model, "fine_grained", ratios)).model
+    # (weights are nonzero; a zero-initialised bias stays zero and dense)
+    zeroed = metrics.count_nonzero_params(model) - metrics.count_nonzero_params(pruned)
+    assert zeroed == costs.params - math.floor(0.3 * costs.params)
+
+
+@pytest.mark.parametrize("kind", ["channel", "fine_grained"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_repaired_search_space_proposal_applies_under_the_caps(name, kind):
+    model = dense(name)
+    costs = view_of(model).cost_model()
+    macs_cap = 0.4 if kind == "channel" else None
+    space = SearchSpace.build(kind, costs, max_size_fraction=0.5, max_macs_fraction=macs_cap)
+    assert tuple(space.upper) == costs.names(kind)
+    rng = random.Random(2)
+    ratios, _ = space.repair({n: rng.uniform(0.0, hi) for n, hi in space.upper.items()})
+    plan = space.plan(ratios)
+    pruned = prune(model, plan).model
+    dense_cost = measured(model)
+    if kind == "channel":
+        assert measured(pruned)["macs"] <= macs_cap * dense_cost["macs"]
+        assert measured(pruned)["params"] <= 0.5 * dense_cost["params"]
+    else:
+        assert metrics.count_nonzero_params(pruned) <= 0.5 * dense_cost["params"]
+    assert plan == plan_for(model, kind, plan.ratios, plan.criterion)  # the plan any caller would make
+
+
+@pytest.mark.parametrize("kind", ["channel", "fine_grained"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_sensitivity_scan_has_one_curve_per_layer_or_group(name, kind):
+    model = dense(name)
+    view = view_of(model)
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g),
+                  torch.randint(0, 10, (8,), generator=g))
+    df = sensitivity.scan(model, split, kind, grid=(0.5, 0.9), progress=False)
+    names = list(view.fine_layers() if kind == "fine_grained" else view.channel_groups())
+    assert list(sensitivity.curves(df)) == names
+    assert all(len(points) == 2 for points in sensitivity.curves(df).values())
+    priors = compute_priors(df, df.attrs["dense_accuracy"], view.cost_model(), kind, 0.5, tolerance=100.0)
+    assert list(priors.allocation) == names
