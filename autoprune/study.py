@@ -136,6 +136,25 @@ def load_existing_study(storage, name: str, url: str) -> optuna.Study:
     return study
 
 
+def open_existing(storage_url: str, study_name: str) -> tuple[optuna.Study, StudyConfig]:
+    """The study ``study_name`` in ``storage_url`` and its config; nothing is created."""
+    if not storage_url:
+        raise AutopruneError("no storage given; pass --storage URL (e.g. sqlite:///reports/NAME/study.db)")
+    for prefix in ("sqlite:///", "journal:"):
+        if storage_url.startswith(prefix):
+            path = Path(storage_url[len(prefix):])
+            if not path.is_file():
+                raise AutopruneError(f"no study storage at {path}; check --storage (a search writes "
+                                     f"sqlite:///reports/NAME/study.db by default)")
+    storage = open_storage(storage_url, create=False)
+    study = load_existing_study(storage, study_name, storage_url)
+    raw = study.user_attrs.get("config")
+    if not isinstance(raw, dict):
+        raise AutopruneError(f"study {study_name!r} in {redact(storage_url)} has no 'config' user attribute; "
+                             f"it was not made by autoprune search")
+    return study, StudyConfig.from_dict(raw)
+
+
 def is_ready(study: optuna.Study) -> bool:
     """Whether the study's creator finished setting it up (``ready``, or made before that mark)."""
     attrs = study.user_attrs
