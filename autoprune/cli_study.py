@@ -52,7 +52,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_pick(args) -> int:
-    from .pick import format_pick, open_existing, pick, pick_result, study_limits
+    from .pick import format_pick, pick, pick_result, study_limits
+    from .study import open_existing
 
     study, config = open_existing(args.storage, args.study)
     kw = _pick_kwargs(args)
