@@ -4,7 +4,7 @@ from .errors import AutopruneError
 
 __version__ = "0.1.0"
 
-# The model helpers (and torch) load on first use, so the coordination layer (autoprune.workers)
+# The model helpers (and torch) load on first use, so the coordination layer (autoprune.runner)
 # imports without torch: a worker pool's benchmark runs it in many light processes.
 _MODEL_NAMES = ("build_model", "load_checkpoint", "prunable", "save_checkpoint")
 

@@ -8,111 +8,15 @@ object on stdout; progress and logs go to stderr. Bad input ends with one line
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
-import re
 import sys
 from pathlib import Path
 
+from .cli_common import (Parser, batch_sizes, common_options, emit, nonneg_float, nonneg_int, out_dir, out_file,
+                         positive_float, positive_int, runtime_name, seed_int)
 from .errors import AutopruneError
 
 log = logging.getLogger("autoprune")
-
-
-# --- flag checks: each flag is checked once, by its argparse type -------------
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors follow the house format: one line, no usage dump.
-
-    The subcommands' parsers are of this class too (``add_subparsers`` makes
-    them with ``type(parser)``); :func:`main` prints the error and returns 2.
-    """
-
-    def error(self, message: str):
-        message = " ".join(message.split())
-        ours = re.fullmatch(r"argument ([^:]+): (must be .*)", message)  # our type checks: they name the fix
-        if ours:
-            raise AutopruneError(f"{ours[1]} {ours[2]}")
-        raise AutopruneError(f"{message.removeprefix('argument ')}; see {self.prog} --help")
-
-
-def _number(kind: type, ok, rule: str):
-    """An argparse type: ``kind`` parsed from the text, finite and ``ok``, else the one-line rule."""
-
-    def check(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not math.isfinite(value) or not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
-        return value
-
-    return check
-
-
-positive_int = _number(int, lambda v: v >= 1, ">= 1 (an integer)")
-nonneg_int = _number(int, lambda v: v >= 0, ">= 0 (an integer)")
-
-
-def seed_int(text: str) -> int:
-    from .data import MAX_SEED  # imported here: --help need not load torch
-
-    return _number(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]")(text)
-
-
-def batch_sizes(text: str) -> list[int]:
-    """argparse type: one batch size or several, comma-separated (1 or 1,8)."""
-    check = _number(int, lambda v: 1 <= v <= 4096, "in [1, 4096] (one batch size, or several comma-separated: 1,8)")
-    return [check(part.strip()) for part in text.split(",")]
-
-
-def runtime_name(text: str) -> str:
-    """argparse type: a registered latency runtime whose modules are installed (autoprune.latency)."""
-    from .latency import RUNTIMES
-
-    if text not in RUNTIMES:
-        raise argparse.ArgumentTypeError(f"must be one of {', '.join(RUNTIMES)}, got {text!r}")
-    try:
-        RUNTIMES[text].check()
-    except AutopruneError as exc:
-        raise argparse.ArgumentTypeError(f"must be installed: {exc}") from None
-    return text
-
-
-positive_float = _number(float, lambda v: v > 0, "> 0 (a finite number)")
-nonneg_float = _number(float, lambda v: v >= 0, ">= 0 (a finite number)")
-finite_float = _number(float, lambda v: True, "a finite number")
-
-
-def _file_in_the_way(path: Path) -> Path | None:
-    """The existing non-directory at ``path`` or above it, which would stop a mkdir; else None."""
-    for p in (path, *path.parents):
-        if p.exists():
-            return None if p.is_dir() else p
-    return None
-
-
-def out_dir(text: str) -> str:
-    """argparse type: a directory to write into, refused at once (before any work) if a file is in the way."""
-    blocker = _file_in_the_way(Path(text))
-    if blocker is not None:
-        raise argparse.ArgumentTypeError(f"must be a directory, but {blocker} is a file; pass a directory path")
-    return text
-
-
-def out_file(text: str) -> Path:
-    """argparse type: a file to write, refused at once if it is a directory or a file is in the way."""
-    path = Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"must be a file path, but {path} is a directory; "
-                                         f"name the file, e.g. {path / 'model.pt'}")
-    blocker = _file_in_the_way(path.parent)
-    if blocker is not None:
-        raise argparse.ArgumentTypeError(f"must be in a directory, but {blocker} is a file; pass another path")
-    return path
 
 
 # --- shared options ----------------------------------------------------------
@@ -133,21 +37,6 @@ def _load_data(args):
 
     return load_data(args.data, data_root=args.data_root, download=args.download,
                      val_size=args.val_size, seed=args.data_seed)
-
-
-def _common(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
-    p.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for torch")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
-    if json_flag:
-        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-
-
-def _emit(args, result: dict, human: str) -> None:
-    if getattr(args, "json", False):
-        print(json.dumps(result, default=str))
-    else:
-        print(human)
 
 
 def _fmt_profile(d: dict) -> str:
@@ -196,7 +85,7 @@ def cmd_train(args) -> int:
                     made_by="autoprune train", recipe=config.to_dict())
     result = {"checkpoint": str(args.out), "val_accuracy": val_acc, "test_accuracy": test_acc,
               "epochs": args.epochs, "seconds": sum(h["seconds"] for h in history)}
-    _emit(args, result, f"wrote {args.out}: val {val_acc:.2f}% ({len(data.val)} images), "
+    emit(args, result, f"wrote {args.out}: val {val_acc:.2f}% ({len(data.val)} images), "
                         f"test {test_acc:.2f}% ({len(data.test)} images)")
     return 0
 
@@ -212,7 +101,7 @@ def cmd_eval(args) -> int:
     model.to(resolve_device(args.device))
     result = {"accuracy": evaluate(model, split), "split": args.split, "images": len(split),
               **metrics.profile(model.cpu(), latency=False)}
-    _emit(args, result, _fmt_profile(result))
+    emit(args, result, _fmt_profile(result))
     return 0
 
 
@@ -314,7 +203,7 @@ def cmd_profile(args) -> int:
     if args.onnx:
         human += (f"\nonnx              {args.onnx} (ONNX Runtime matches torch within "
                   f"{result['onnx']['max_abs_difference']:.1e})")
-    _emit(args, result, human)
+    emit(args, result, human)
     return 0
 
 
@@ -337,7 +226,7 @@ def cmd_sensitivity(args) -> int:
         header, *rows,
         f"wrote {result['csv']} and {result['png']}",
     ])
-    _emit(args, result, human)
+    emit(args, result, human)
     return 0
 
 
@@ -348,23 +237,22 @@ def cmd_search(args) -> int:
     config = load_config(args.config, trials=args.trials, storage=args.storage, name=args.study_name,
                          seed=args.seed)
     if args.dry_run:
-        from .search import check_setup, format_setup
+        from .prepare import check_setup, format_setup
 
         setup = check_setup(config)
-        _emit(args, setup, format_setup(setup))
+        emit(args, setup, format_setup(setup))
         return 0
     summary = run_search(config, device=args.device, progress=not args.quiet)
-    _emit(args, summary, format_summary(summary))
+    emit(args, summary, format_summary(summary))
     return 0
 
 
 def cmd_worker(args) -> int:
-    from .search import format_summary
-    from .workers import run_worker
+    from .search import format_summary, run_worker
 
     summary = run_worker(args.storage, args.study, device=args.device, trials=args.trials,
                          progress=not args.quiet)
-    _emit(args, summary, format_summary(summary))
+    emit(args, summary, format_summary(summary))
     return 0
 
 
@@ -372,7 +260,7 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     result = run_demo(out_dir=Path(args.out), quiet=args.quiet)
-    _emit(args, result, result.pop("summary", ""))
+    emit(args, result, result.pop("summary", ""))
     return 0
 
 
@@ -395,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=nonneg_float, help="weight decay (default 5e-4)")
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", required=True, type=out_file, metavar="PATH", help="checkpoint file to write")
-    _common(p)
+    common_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="accuracy and size of a checkpoint or an export")
@@ -403,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_options(p)
     p.add_argument("--width", type=positive_float, help="expected width (default: from the checkpoint)")
     p.add_argument("--split", choices=("test", "val"), default="test", help="split to measure (default test)")
-    _common(p)
+    common_options(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("profile", help="parameters, size, MACs and latency of a (pruned) model")
@@ -442,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round-to", type=int, choices=(1, 4, 8, 16), default=1,
                    help="channel: kept widths a multiple of this (default 1)")
     p.add_argument("--plots", type=out_dir, metavar="DIR", help="write weights.png and param_share.png here")
-    _common(p)
+    common_options(p)
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("sensitivity", help="accuracy with each layer pruned alone, per ratio (cached)")
@@ -454,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criterion", help="fine: magnitude; channel: norm (default), none, bn_scale, l1")
     p.add_argument("--out", type=out_dir, default="reports/sensitivity", metavar="DIR",
                    help="where the CSV, PNG and cache go (default reports/sensitivity)")
-    _common(p)
+    common_options(p)
     p.set_defaults(func=cmd_sensitivity)
 
     p = sub.add_parser("search", help="run (or resume) an Optuna study from a TOML config")
@@ -468,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed_int, help="sampler and fine-tune seed (default: the config's)")
     p.add_argument("--dry-run", action="store_true",
                    help="check the config, folders, data and checkpoint, print what would run; write nothing")
-    _common(p)
+    common_options(p)
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("worker", help="join an existing study from any machine and run its trials")
@@ -477,17 +365,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", required=True, metavar="NAME", help="the study's name (made by autoprune search)")
     p.add_argument("--trials", type=positive_int,
                    help="complete trials the study should end with (default: its config's)")
-    _common(p)
+    common_options(p)
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("demo", help="the whole pipeline offline on synthetic data (minutes on a CPU)")
     p.add_argument("--out", type=out_dir, default="reports/demo", help="output directory (default reports/demo)")
-    _common(p)
+    common_options(p)
     p.set_defaults(func=cmd_demo)
 
     from .cli_study import add_commands  # report, pick, export: reading a finished study
 
-    add_commands(sub, _common)
+    add_commands(sub, common_options)
     return parser
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from .cli_common import emit, finite_float, nonneg_int  # ranges: pick.study_limits checks them, for library callers too
+
 log = logging.getLogger("autoprune")
 
 
@@ -18,8 +20,6 @@ def _study_options(p: argparse.ArgumentParser) -> None:
 
 
 def _pick_options(p: argparse.ArgumentParser) -> None:
-    from .cli import finite_float  # ranges are checked by pick.study_limits, for library callers too
-
     g = p.add_argument_group("pick options (defaults: the study's own constraints)")
     g.add_argument("--max-size", type=finite_float, metavar="F", help="largest nonzero size as a fraction of dense")
     g.add_argument("--min-accuracy", type=finite_float, metavar="A", help="lowest validation accuracy, percent")
@@ -41,20 +41,19 @@ def _pick_kwargs(args) -> dict:
 
 
 def cmd_report(args) -> int:
-    from .cli import _emit
     from .report import write_report
 
     written = write_report(args.storage, args.study, args.out, baseline=not args.no_baseline, device=args.device,
                            progress=not args.quiet)
     human = "\n".join([f"wrote the report of study {args.study} to {written['report.html']}"] +
                       [f"  {name:<26} {path}" for name, path in written.items()])
-    _emit(args, {"study": args.study, "files": written}, human)
+    emit(args, {"study": args.study, "files": written}, human)
     return 0
 
 
 def cmd_pick(args) -> int:
-    from .cli import _emit
-    from .pick import format_pick, open_existing, pick, pick_result, study_limits
+    from .pick import format_pick, pick, pick_result, study_limits
+    from .study import open_existing
 
     study, config = open_existing(args.storage, args.study)
     kw = _pick_kwargs(args)
@@ -62,12 +61,11 @@ def cmd_pick(args) -> int:
     limits = study_limits(study, config, kw["max_size"], kw["min_accuracy"], kw["max_macs"], kw["max_latency_ms"],
                           kw["max_latency_fraction"])
     result = pick_result(study, config, best, runners, limits, args.prefer)
-    _emit(args, result, format_pick(result, config.cost_attr))
+    emit(args, result, format_pick(result, config.cost_attr))
     return 0
 
 
 def cmd_export(args) -> int:
-    from .cli import _emit
     from .errors import AutopruneError
     from .export import export, format_export
 
@@ -78,14 +76,12 @@ def cmd_export(args) -> int:
         raise AutopruneError("--trial N cannot be combined with --pick or pick options; use one")
     result = export(args.storage, args.study, args.out, trial=args.trial,
                     pick_kwargs=_pick_kwargs(args) if args.pick else None, force=args.force)
-    _emit(args, result, format_export(result))
+    emit(args, result, format_export(result))
     return 0
 
 
 def add_commands(sub, common) -> None:
     """Add report, pick and export to the main parser's subcommands; ``common`` adds --json etc."""
-    from .cli import nonneg_int
-
     p = sub.add_parser("report", help="trials.csv, figures and an HTML report of a study")
     _study_options(p)
     p.add_argument("--out", metavar="DIR", help="output directory (default reports/<study>, the name made safe "

@@ -45,7 +45,8 @@ from optuna.trial import FrozenTrial, TrialState
 from . import latency, metrics
 from .errors import AutopruneError
 from .model import build_model, load_state_dict_strict, save_checkpoint
-from .pick import WEIGHTS_ATTR, has_weights, is_feasible, not_deployable_reason, open_existing, pick, trial_summary
+from .pick import WEIGHTS_ATTR, has_weights, is_feasible, not_deployable_reason, pick, trial_summary
+from .study import open_existing
 
 SPARSE_FORMAT = "autoprune-sparse-v1"
 

@@ -63,3 +63,8 @@ def safe_name(name: str) -> str:
     if safe == name and safe:
         return safe
     return f"{safe or 'study'}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The sha256 of the file at ``path``, in hex."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -1,8 +1,5 @@
-"""Reading a finished study: open it by URL and name, and pick a deployable config.
+"""Reading a finished study (opened by :func:`autoprune.study.open_existing`): pick a deployable config.
 
-* :func:`open_existing` opens a study that already exists (never creates a
-  storage file or a study) and rebuilds its :class:`StudyConfig` from the
-  ``config`` user attribute the search recorded.
 * :func:`is_deployable` is the one rule for "fully fine-tuned, safe to ship":
   a COMPLETE trial that was not stopped early, ran every fine-tune epoch of the
   study's recipe and (for multi-fidelity studies) ran at full fidelity. Pick,
@@ -19,7 +16,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -32,31 +28,6 @@ from .rescore import Score, rescores, scores
 WEIGHTS_ATTR = "weights_artifact_id"
 PREFER = ("accuracy", "size", "macs", "latency")
 _PREFER_ATTR = {"size": "size_fraction", "macs": "macs_fraction", "latency": "latency_ms"}
-
-
-# --- opening a study -----------------------------------------------------------
-
-
-def open_existing(storage_url: str, study_name: str) -> tuple[optuna.Study, StudyConfig]:
-    """The study ``study_name`` in ``storage_url`` and its config; nothing is created."""
-    from .storage import open_storage, redact
-    from .workers import load_existing_study
-
-    if not storage_url:
-        raise AutopruneError("no storage given; pass --storage URL (e.g. sqlite:///reports/NAME/study.db)")
-    for prefix in ("sqlite:///", "journal:"):
-        if storage_url.startswith(prefix):
-            path = Path(storage_url[len(prefix):])
-            if not path.is_file():
-                raise AutopruneError(f"no study storage at {path}; check --storage (a search writes "
-                                     f"sqlite:///reports/NAME/study.db by default)")
-    storage = open_storage(storage_url, create=False)
-    study = load_existing_study(storage, study_name, storage_url)
-    raw = study.user_attrs.get("config")
-    if not isinstance(raw, dict):
-        raise AutopruneError(f"study {study_name!r} in {redact(storage_url)} has no 'config' user attribute; "
-                             f"it was not made by autoprune search")
-    return study, StudyConfig.from_dict(raw)
 
 
 # --- trial predicates ----------------------------------------------------------

@@ -56,10 +56,11 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .config import StudyConfig
 from .errors import AutopruneError, NothingQualifies
-from .files import atomic_path, safe_name
-from .pick import (format_score, has_weights, is_deployable, is_feasible, named_constraints, open_existing,
-                   pick, study_limits, study_scores)
+from .files import atomic_path, file_digest, safe_name
+from .pick import (format_score, has_weights, is_deployable, is_feasible, named_constraints, pick, study_limits,
+                   study_scores)
 from .storage import redact, redacted_config
+from .study import open_existing
 
 log = logging.getLogger("autoprune")
 
@@ -224,7 +225,6 @@ def uniform_baseline(study: optuna.Study, config: StudyConfig, out_dir: Path, de
     from .model import load_checkpoint
     from .objective import finetune
     from .plan import prune
-    from .search import file_digest
     from .train import evaluate, resolve_device
 
     ua = study.user_attrs
@@ -232,7 +232,7 @@ def uniform_baseline(study: optuna.Study, config: StudyConfig, out_dir: Path, de
     if ckpt is None and ua.get("checkpoint_artifact_id"):  # studies that upload their dense checkpoint
         try:
             from .export import artifact_store
-            from .workers import study_checkpoint
+            from .study import study_checkpoint
 
             ckpt = Path(study_checkpoint(study, artifact_store(study)[0]))
         except ImportError:

@@ -1,39 +1,37 @@
-"""Run a study: config -> dense model, priors, space -> Optuna trials -> summary.
+"""Run a study: config -> set up (or join) the study -> Optuna trials -> re-scores -> summary.
 
 ``run_search`` is what ``autoprune search`` calls. It checks the setup first
-(:func:`check_setup`, what ``--dry-run`` runs: writable folders, the data, the
-checkpoint), then prepares the dense model (a checkpoint, or one trained here
-and cached), the sensitivity priors and the search space once, then asks
-Optuna for trials until the study holds the requested number of finished
-(complete) trials; re-running the same command resumes. The study's user attributes record the config, the dense
-figures, the priors and the space signature, so a study is self-describing.
+(:func:`autoprune.prepare.check_setup`, what ``--dry-run`` runs), creates the
+study (:mod:`autoprune.study`: the dense model, priors and space of
+:func:`autoprune.prepare.prepare`, published in the study) or joins it, then
+runs trials (:func:`autoprune.runner.run_trials`) until the study holds the
+requested number of finished (complete) trials; re-running the same command
+resumes. ``run_worker`` is what ``autoprune worker`` calls: it joins an
+existing study from any machine and runs the same trial loop. The study's user
+attributes record the config, the dense figures, the priors and the space
+signature, so a study is self-describing.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import logging
-import os
+import sys
 import time
+import zlib
 from pathlib import Path
 
 import optuna
-import torch
 from optuna.trial import TrialState
 
-from . import metrics
 from .config import StudyConfig
 from .errors import AutopruneError
-from .latency import Meter
-from .model import build_model, load_checkpoint, save_checkpoint, vgg_channels
 from .objective import Objective, TrialContext
-from .plan import PruningPlan
 from .pick import format_score, is_feasible, leaders, qualified, study_scores
+from .prepare import check_setup
 from .rescore import rescore_trials, rescores
-from .space import SearchSpace, study_latency_budget
-from .storage import redact, redacted_config, storage_file
-from .train import DENSE_RECIPE, TrainConfig, evaluate, fit, resolve_device
+from .runner import run_trials
+from .storage import open_storage, redact, worker_id
+from .study import connect_storage, create_or_join, load_existing_study, study_config, wait_ready, worker_context
 
 log = logging.getLogger("autoprune")
 
@@ -54,322 +52,11 @@ def make_sampler(name: str, seed: int, n_trials: int) -> optuna.samplers.BaseSam
     raise AutopruneError(f"unknown sampler {name!r}; use tpe, random, gp or nsga2")
 
 
-def file_digest(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def load_dense_checkpoint(config: StudyConfig):
-    """The ``[model] checkpoint``, refused unless it has the study's conv widths."""
-    m = config.model
-    expected = vgg_channels(m.width)
-    model, _ = load_checkpoint(m.checkpoint)
-    if list(model.channels) != expected:
-        raise AutopruneError(
-            f"checkpoint {m.checkpoint} has conv widths {list(model.channels)}, but the study asks "
-            f"for width {m.width} ({expected}); set [model] width to match or use another checkpoint"
-        )
-    return model
-
-
-def _dense_recipe(config: StudyConfig, data) -> dict:
-    m = config.model
-    return dict(data=data.spec, width=m.width, epochs=m.train_epochs, val_size=len(data.val),
-                data_seed=config.data.seed, seed=config.study.seed)
-
-
-def dense_cache_path(config: StudyConfig, data) -> Path:
-    """Where a dense model trained here is cached: by recipe beside the study's folder (shared by studies)."""
-    key = hashlib.sha256(repr(sorted(_dense_recipe(config, data).items())).encode()).hexdigest()[:12]
-    return config.out_dir.parent / "cache" / f"dense-vgg-w{config.model.width:g}-{key}.pt"
-
-
-def dense_model(config: StudyConfig, data, device, progress: bool):
-    """The study's dense model: its checkpoint, or one trained here (cached)."""
-    m = config.model
-    if m.checkpoint:
-        return load_dense_checkpoint(config), m.checkpoint
-    path = dense_cache_path(config, data)
-    if path.is_file():
-        log.info("dense model: reusing %s (trained earlier with the same recipe)", path)
-        return load_checkpoint(path)[0], str(path)
-    log.info("dense model: training vgg width %s for %d epochs on %s (no [model] checkpoint given)",
-             m.width, m.train_epochs, data.describe())
-    torch.manual_seed(config.study.seed)  # the initial weights too: the same config trains the same dense model
-    model = build_model(m.name, width=m.width, num_classes=m.num_classes).to(device)
-    history = fit(model, data, TrainConfig(epochs=m.train_epochs, seed=config.study.seed, **DENSE_RECIPE),
-                  progress=progress, desc="dense")
-    save_checkpoint(model, path, made_by="autoprune search (dense)", val_accuracy=history[-1]["val_accuracy"],
-                    **_dense_recipe(config, data))
-    return model.cpu().eval(), str(path)
-
-
-# --- checks before any work ----------------------------------------------------
-
-
-def check_writable(folder: Path, what: str, fix: str) -> None:
-    """Refuse a folder that can be neither written nor created; creates nothing."""
-    try:
-        if "\0" in str(folder):
-            raise ValueError("it holds a NUL character")
-        probe = Path(os.path.abspath(folder))
-        while not probe.exists():
-            if probe.is_symlink():
-                raise AutopruneError(f"cannot write the {what} {folder}: {probe} is a broken link; {fix}")
-            probe = probe.parent
-        if not probe.is_dir():
-            raise AutopruneError(f"cannot write the {what} {folder}: {probe} is a file, not a folder; {fix}")
-        if not os.access(probe, os.W_OK | os.X_OK):
-            raise AutopruneError(f"cannot write the {what} {folder}: {probe} is not writable "
-                                 f"(permissions or a read-only file system); {fix}")
-    except (OSError, ValueError) as exc:  # a name too long, a NUL byte
-        raise AutopruneError(f"cannot use the {what} {str(folder)[:200]!r}: {exc}; {fix}") from None
-
-
-def check_setup(config: StudyConfig) -> dict:
-    """Check everything ``autoprune search`` needs before it does any work; what it would do.
-
-    The folders it writes (the study's out_dir, the storage file's folder, the artifact
-    directory, the dense-model cache) must be writable or creatable; the data spec and the
-    checkpoint must load. Bad setup raises a one-line :class:`AutopruneError`. Writes nothing
-    (``autoprune search --dry-run`` prints the returned dict).
-    """
-    from .artifacts import descriptor_for, is_server_url
-
-    config.validate()
-    url, out = config.storage_url, config.out_dir
-    storage = storage_file(url)
-    if storage is None and not is_server_url(url):
-        raise AutopruneError(f"storage {redact(url)} is not sqlite:///PATH, journal:PATH or a database server "
-                             f"URL (postgresql://USER:PASSWORD@HOST:5432/DB); fix [study] storage or --storage")
-    m, d = config.model, config.data
-    check_writable(out, "study's out_dir", "set [study] out_dir to a writable folder")
-    if not m.checkpoint:
-        check_writable(out.parent / "cache", "dense-model cache", "set [study] out_dir to a writable folder "
-                       "(the dense model is cached beside it) or give [model] checkpoint")
-    if storage is not None:
-        check_writable(storage.parent, "storage file's folder", "fix [study] storage or --storage")
-        if storage.exists() and not storage.is_file():
-            raise AutopruneError(f"the storage file {storage} is a folder; point [study] storage or --storage "
-                                 f"at a file")
-    artifacts = descriptor_for(config.study.artifacts, url, out)
-    if artifacts["kind"] == "file":
-        check_writable(Path(artifacts["path"]), "artifact directory", "fix [study] artifacts")
-    if m.checkpoint:
-        try:
-            model = load_dense_checkpoint(config)
-            dense = f"checkpoint {m.checkpoint} (vgg width {m.width:g}, {metrics.count_params(model):,} params)"
-        except AutopruneError as exc:
-            if storage is not None and not storage.exists():  # a new study: it needs the checkpoint
-                raise
-            # A search joining the study on another machine uses the study's copy instead.
-            dense = f"only the study's copy: {exc} (fine if the study exists, else the search stops there)"
-    try:  # never downloads: that is work, and a dry run writes nothing
-        data = dataclasses.replace(config, data=dataclasses.replace(d, download=False)).load_data()
-        data_text = data.describe()
-    except AutopruneError:
-        if not (d.download and d.spec == "cifar10"):
-            raise
-        root = Path(d.root or "data")
-        check_writable(root, "CIFAR-10 download folder", "fix [data] root")
-        data, data_text = None, f"cifar10: downloaded into {root} first"
-    if not m.checkpoint:
-        cache = dense_cache_path(config, data) if data is not None else None
-        dense = (f"reuse the dense model cached at {cache}" if cache is not None and cache.is_file() else
-                 f"train a dense vgg width {m.width:g} for {m.train_epochs} epochs (cached in {out.parent / 'cache'})")
-    return {"study": config.study.name, "kind": config.study.kind, "objectives": config.objectives,
-            "trials": config.study.trials, "storage": redact(url), "out_dir": str(out),
-            "artifacts": artifacts.get("path", "in the study's database"), "data": data_text, "dense": dense,
-            "priors": (f"sensitivity scan over {scan_grid(config)} (cached in the out_dir)"
-                       if config.priors.enabled else "off"),
-            "latency": _latency_setup(config)}
-
-
-def _latency_setup(config: StudyConfig) -> str:
-    lat = config.latency
-    if config.study.kind != "channel":
-        return "not measured (fine-grained trials run dense-shaped)"
-    return (f"{lat.runtime} on {lat.device}, {lat.threads or 'all'} thread(s), batch {lat.batch_sizes}, "
-            f"{lat.repeats} repeats beside the dense model" + (
-                f"; per-layer tables cached in {config.latency_cache_dir}" if lat.predict else ""))
-
-
-def format_setup(s: dict) -> str:
-    rows = [("study", f"{s['study']} ({s['kind']}, objectives {', '.join(s['objectives'])}): "
-                      f"{s['trials']} complete trials wanted"),
-            ("storage", s["storage"]), ("out dir", s["out_dir"]), ("artifacts", s["artifacts"]),
-            ("data", s["data"]), ("dense model", s["dense"]), ("priors", s["priors"]),
-            ("latency", s.get("latency", ""))]
-    return "\n".join(["dry run: the setup checks passed; nothing was written"]
-                     + [f"{k:<13}{v}" for k, v in rows])
-
-
-def prepare(config: StudyConfig, device="auto", progress: bool = True) -> tuple[TrialContext, dict]:
-    """Load data and the dense model, compute priors and the space: a worker's context."""
-    device = resolve_device(device)
-    data = config.load_data().to(device)
-    dense, checkpoint = dense_model(config, data, device, progress)
-    dense.to(device).eval()
-    dense_val = evaluate(dense, data.val)
-    floor = config.accuracy_floor(dense_val)
-    figures = {"params": metrics.count_params(dense), "macs": metrics.count_macs(dense),
-               "val_accuracy": dense_val, "test_accuracy": evaluate(dense, data.test)}
-    meter, lat_budget = None, None
-    if config.study.kind == "channel":
-        meter = Meter.from_config(config.latency, config.latency_cache_dir)
-        lat = meter.figures(dense)
-        figures.update({k: lat[k] for k in ("latency_ms", "latency_iqr_ms", "latency_batch_size", "latency_runtime",
-                                            "latency_threads", "latency_device", "latency_predicted_ms",
-                                            "latency_prediction_error") if k in lat})
-        lat_budget = study_latency_budget(config, dense.channels, dense.num_classes, meter.table)
-        if lat_budget is not None:
-            figures["latency_budget_fraction"] = lat_budget[0]
-    targets = PriorTargets(config, dense.channels, dense.num_classes, lat_budget)
-    log.info("dense model %s: val %.2f%% on %d images; accuracy floor %.2f%%", checkpoint, dense_val,
-             len(data.val), floor)
-    upper, allocation, prior_info, warm, centre = None, None, {}, {}, None
-    if config.priors.enabled:
-        upper, allocation, prior_info = compute_study_priors(config, dense, checkpoint, data, progress, targets)
-        warm = warm_starts(config, dense, targets)
-        starts = {"prior allocation": allocation, **warm}
-        upper = widen_for_starts(upper, starts)
-        if config.priors.centre:
-            name, scores = choose_centre(config, dense, data, starts)
-            centre = starts[name]
-            prior_info.update(space_centre=name, centre_scores=scores)
-    space = SearchSpace.for_study(config, dense.channels, upper, dense.num_classes, centre=centre,
-                                  starts=list(warm.values()) + ([allocation] if allocation else []),
-                                  latency_budget=lat_budget)
-    # Stored redacted: anyone who opens the study (optuna-dashboard too) reads it; workers take the
-    # real URL from their own command line.
-    info = {"config": redacted_config(config), "space_signature": space.signature(), "space_upper": space.upper,
-            "space_centre_ratios": space.centre, "space_spread": space.spread or None,
-            "dense": figures, "accuracy_floor": floor, "checkpoint": str(checkpoint),
-            "checkpoint_sha256": file_digest(checkpoint), "data": data.describe(),
-            "prior_allocation": allocation, "warm_starts": warm, **prior_info}
-    ctx = TrialContext(config=config, space=space, dense=dense, data=data, floor=floor, dense_figures=figures,
-                       progress=progress, latency=meter)
-    return ctx, info
-
-
-def _budget_low(config) -> float:
-    """The lowest budget a trial samples, as a fraction of the cap (1: single-objective, always the cap)."""
-    return config.study.budget_low if len(config.objectives) > 1 else 1.0
-
-
-def scan_grid(config) -> list[float]:
-    """The sensitivity scan's ratios: the configured grid, or one that reaches the lowest sampled budget."""
-    return config.priors.scan_grid(config.study.kind, config.budget_cap * _budget_low(config))
-
-
-def widen_for_starts(upper: dict[str, float], starts: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Bounds that hold every enqueued start exactly as its rule made it (never clipped, never shifted)."""
-    wide = dict(upper)
-    for name, ratios in starts.items():
-        opened = [n for n, r in ratios.items() if n in wide and r > wide[n] + 1e-12]
-        for n in opened:
-            wide[n] = float(ratios[n])
-        if opened:
-            log.info("bounds: %s opened to hold the %s warm start as the rule made it", ", ".join(
-                f"{n} {upper[n]:.2f} -> {wide[n]:.3f}" for n in opened), name)
-    return wide
-
-
-def choose_centre(config, dense, data, starts: dict[str, dict]) -> tuple[str, dict[str, float]]:
-    """The start a centred space is built around, and each start's cheap score (percent).
-
-    Fine-grained: the start with the best BatchNorm-recalibrated validation
-    score, which ranks fine-grained configs like the fine-tune does. Channel:
-    that score hardly ranks channel configs, so the first one-shot rule
-    (uniform by default), as the rule a person would try first.
-    """
-    from .objective import cheap_score
-
-    kind = config.study.kind
-    if kind == "channel":
-        rules = [n for n in starts if n != "prior allocation"] or list(starts)
-        log.info("space: centred on the %s allocation (the cheap score does not rank channel configs)", rules[0])
-        return rules[0], {}
-    # scored as its warm-start trial will run: the study's criterion, zero ratios left out
-    scores = {name: cheap_score(dense, PruningPlan(kind, {n: r for n, r in ratios.items() if r > 0},
-                                                   config.study.criterion, tuple(dense.channels)), data, config)
-              for name, ratios in starts.items()}
-    best = max(scores, key=lambda n: (scores[n], -list(starts).index(n)))
-    log.info("space: centred on the %s allocation, the best cheap score (BatchNorm-recalibrated val: %s)", best,
-             ", ".join(f"{n} {v:.2f}%" for n, v in scores.items()))
-    return best, scores
-
-
-class PriorTargets:
-    """The closed-form cost (params or MACs) and targets that priors and warm starts are made at.
-
-    The study's budget metric and cap; with a latency budget, MACs at the MACs of the uniform plan
-    at each latency target: the priors' costs are closed-form, and uniform pruning at that MACs
-    fraction is uniform pruning at the latency target, which the repair then holds every trial to.
-    """
-
-    def __init__(self, config, channels, num_classes=10, latency_budget=None):
-        self.config, self.channels, self.num_classes = config, list(channels), num_classes
-        self.latency_budget = latency_budget
-        self.metric = "macs" if latency_budget is not None else config.budget_metric
-
-    def at(self, share: float = 1.0) -> float:
-        """The target for ``share`` x the cap, a fraction of dense in ``metric``."""
-        if self.latency_budget is None:
-            return self.config.budget_cap * share
-        from . import budget
-
-        cap, predictor = self.latency_budget
-        round_to = self.config.pruning.round_to
-        try:
-            ratios = budget.channel_budget(self.channels, cap * share, "latency", num_classes=self.num_classes,
-                                           round_to=round_to, latency=predictor)
-        except AutopruneError:  # below what uniform pruning reaches: as far as it goes
-            ratios = budget.channel_upper_bounds(self.channels)
-        return budget.channel_cost_fraction(self.channels, ratios, "macs", self.num_classes, round_to)
-
-
-def warm_starts(config, dense, targets: PriorTargets | None = None) -> dict[str, dict[str, float]]:
-    """The one-shot rules' allocations at the cap ([priors] warm_start): rule -> ratios."""
-    from .priors import one_shot_allocation
-
-    kind = config.study.kind
-    targets = targets or PriorTargets(config, dense.channels, dense.num_classes)
-    cap = targets.at(1.0)
-    return {rule: one_shot_allocation(rule, dense, kind, cap, targets.metric)
-            for rule in config.priors.warm_start_rules(kind)}
-
-
-def compute_study_priors(config, dense, checkpoint, data, progress, targets: PriorTargets | None = None):
-    """Sensitivity scan (cached) -> per-layer upper bounds and a prior allocation at the cap.
-
-    The bounds must leave room for the whole budget range the study samples
-    (down to ``budget_low`` x the cap), or every proposal is projected onto the
-    same corner of the space; the allocation, the study's first trial, is made
-    for the cap itself, with the bounds the cap alone needs.
-    """
-    from .priors import compute_priors
-    from .sensitivity import scan_cached
-
-    kind = config.study.kind
-    df, dense_acc, cached = scan_cached(checkpoint, data, kind, scan_grid(config), config.study.criterion,
-                                        config.out_dir, progress)
-    low = _budget_low(config)
-    targets = targets or PriorTargets(config, dense.channels, dense.num_classes)
-    metric = targets.metric
-
-    def at(share):
-        target = targets.at(share)
-        log.info("priors at %s fraction %.4f (%s%s):", "size" if metric == "params" else metric, target,
-                 "the cap" if share == 1.0 else f"the lowest sampled budget, {low:g} x the cap: the bounds",
-                 "; MACs of uniform pruning at the latency budget" if targets.latency_budget else "")
-        return compute_priors(df, dense_acc, dense.channels, kind, target, tolerance=config.priors.tolerance,
-                              metric=metric, num_classes=dense.num_classes)
-
-    bounds = at(low)
-    first = bounds if low == 1.0 else at(1.0)
-    info = {"prior_upper": bounds.upper, "prior_rule": bounds.rule, "prior_tolerance": bounds.tolerance,
-            "sensitivity_cached": cached}
-    return bounds.upper, first.allocation, info
+def worker_seed(config: StudyConfig, study: optuna.Study, created: bool) -> int:
+    """The sampler seed: reproducible for the creator, distinct for each joining worker."""
+    existing = len(study.get_trials(deepcopy=False))
+    seed = config.study.seed + existing
+    return seed if created else seed + 1 + zlib.crc32(worker_id().encode()) % 1_000_003
 
 
 def _line(study: optuna.Study, trial: optuna.trial.FrozenTrial, done: int, total: int, cost: str) -> str:
@@ -423,9 +110,6 @@ def rescore_leaders(study: optuna.Study, ctx: TrialContext) -> list[int]:
 
 def run_search(config: StudyConfig, *, device="auto", progress: bool = True) -> dict:
     """Run (or resume) the study until it holds ``config.study.trials`` complete trials."""
-    # Creating and joining, and the trial loop, are shared with `autoprune worker`: see workers.py.
-    from .workers import _printer, connect_storage, create_or_join, run_trials, worker_seed
-
     start = time.perf_counter()
     check_setup(config)  # an unwritable folder or a bad checkpoint is found now, not after the dense training
     url = config.storage_url
@@ -487,3 +171,39 @@ def format_summary(s: dict) -> str:
         lines.append(f"  trial {r['trial']:>4}  {cost} {r[cost]:.4f}  val {r['val_accuracy']:.2f}%  "
                      f"test {r['test_accuracy']:.2f}%" + (f"  {rescored}" if rescored else ""))
     return "\n".join(lines)
+
+
+# --- the worker command ------------------------------------------------------
+
+
+def run_worker(url: str, study_name: str, *, device="auto", trials: int | None = None,
+               progress: bool = True) -> dict:
+    """``autoprune worker``: join an existing study and run trials until it holds N complete ones."""
+    if trials is not None and trials < 1:
+        raise AutopruneError(f"--trials must be >= 1, got {trials}")
+    if url.startswith("journal:") and not Path(url[len("journal:"):]).is_file():
+        raise AutopruneError(f"journal file {url[len('journal:'):]} not found; no study to join there")
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+        raise AutopruneError(f"database file {url[len('sqlite:///'):]} not found; no study to join there")
+    start = time.perf_counter()
+    # The heartbeat period is the study's: read it from the study's config before opening for real.
+    storage = connect_storage(url, create=False)
+    study = load_existing_study(storage, study_name, url)
+    wait_ready(study)
+    heartbeat = int(study_config(study, url).study.heartbeat_seconds)
+    if heartbeat != 30:
+        storage = open_storage(url, heartbeat_seconds=heartbeat, create=False)
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    ctx = worker_context(study, url, device, progress)
+    config = ctx.config
+    total = trials or config.study.trials
+    study.sampler = make_sampler(config.study.sampler, worker_seed(config, study, created=False), total)
+    ran = run_trials(study, Objective(ctx), total, url, on_trial=_printer(study, total, config.cost_attr, _line))
+    return summarize(study, config, time.perf_counter() - start, ran)
+
+
+def _printer(study, total, cost, line):
+    def on_trial(frozen, done):
+        print(line(study, frozen, done, total, cost), flush=True, file=sys.stderr)
+
+    return on_trial

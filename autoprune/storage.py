@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import re
@@ -211,6 +212,21 @@ def file_lock(path: str | Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def pg_lock(engine, key: int):
+    """A PostgreSQL advisory lock on ``key`` (see :func:`lock_key`) held for the block; released if we die."""
+    import sqlalchemy as sa
+
+    with engine.connect() as conn, conn.begin():  # released at the end of the transaction, or if we die
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+        yield
+
+
+def lock_key(name: str) -> int:
+    """A PostgreSQL advisory lock key for ``name``."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
 def setup_lock_path(url: str) -> Path | None:
     """The lock file that serialises creating the schema and studies in a storage file."""
     path = storage_file(url)
@@ -242,7 +258,7 @@ def open_storage(url: str, heartbeat_seconds: int = 30, create: bool = True) -> 
                 url,
                 heartbeat_interval=heartbeat_seconds,
                 grace_period=3 * heartbeat_seconds,
-                heartbeat_stale_trial_callback=_retry(),
+                heartbeat_stale_trial_callback=retry_callback(),
             )
             if not url.startswith("sqlite"):
                 _ping_when_idle(storage.engine)
@@ -320,7 +336,8 @@ class _RetryCallback(RetryHeartbeatStaleTrialCallback):
         super().__call__(study, trial)
 
 
-def _retry():
+def retry_callback() -> RetryHeartbeatStaleTrialCallback:
+    """Optuna's retry of a failed trial (same parameters), as autoprune retries: see ``_RetryCallback``."""
     with warnings.catch_warnings():  # experimental in Optuna 5, and the documented way
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return _RetryCallback(max_retry=MAX_RETRY)
@@ -341,21 +358,21 @@ def recover_dead_local_trials(study: optuna.Study) -> list[int]:
         worker = t.user_attrs.get("worker", "")
         wh, _, pid = worker.rpartition(":")
         started = t.datetime_start.timestamp() if t.datetime_start else None
-        if wh != host or not pid.isdigit() or _alive(int(pid), started):
+        if wh != host or not pid.isdigit() or alive(int(pid), started):
             continue
         try:
             if not study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:  # finished (or failed by another worker) meanwhile
             continue
-        _retry()(study, study._storage.get_trial(t._trial_id))
+        retry_callback()(study, study._storage.get_trial(t._trial_id))
         log.info("trial %d was left running by process %s, which is gone: marked failed and queued again",
                  t.number, pid)
         recovered.append(t.number)
     return recovered
 
 
-def _alive(pid: int, since: float | None = None) -> bool:
+def alive(pid: int, since: float | None = None) -> bool:
     """Whether process ``pid`` lives and is the one that started a trial at ``since`` (epoch seconds).
 
     On Linux a zombie (killed, not yet reaped) counts as gone, and so does a process

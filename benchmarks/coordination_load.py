@@ -1,6 +1,6 @@
 """Coordination load: how far one PostgreSQL study scales, measured with N worker processes and stub trials.
 
-Each worker process runs the real trial loop (``autoprune.workers.run_trials``: the
+Each worker process runs the real trial loop (``autoprune.runner.run_trials``: the
 quota lock around count-and-ask, dead-worker reclaiming, heartbeats, the tell)
 around a stub objective that replays one real trial instead of training: it
 suggests the real trial's parameters, waits ``T`` seconds (the training), then
@@ -228,7 +228,7 @@ def worker_main(spec_path: str, index: int) -> None:
 
     from autoprune.artifacts import open_store
     from autoprune.storage import open_storage, worker_id
-    from autoprune.workers import run_trials
+    from autoprune.runner import run_trials
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = os.environ[URL_ENV]
@@ -367,7 +367,7 @@ def template_trial(workdir: Path) -> dict:
 
     from autoprune.config import load_config
     from autoprune.objective import Objective
-    from autoprune.search import prepare
+    from autoprune.prepare import prepare
 
     torch.set_num_threads(1)
     out = workdir / "template"
@@ -684,7 +684,7 @@ def profile_claims(url: str, server: Server, template: dict, running=(0, 64, 256
     from optuna.trial import TrialState, create_trial
 
     from autoprune.storage import open_storage, worker_id
-    from autoprune.workers import claim_trial, quota_lock
+    from autoprune.runner import claim_trial, quota_lock
 
     storage = open_storage(url, heartbeat_seconds=HEARTBEAT)
     dists = {n: od.json_to_distribution(t) for n, t in template["distributions"].items()}

@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 from autoprune import budget  # noqa: E402
 from autoprune.config import load_config  # noqa: E402
 from autoprune.plan import PruningPlan, layers_for, prune  # noqa: E402
-from autoprune.search import dense_model  # noqa: E402
+from autoprune.prepare import dense_model  # noqa: E402
 from autoprune.train import evaluate, fit, recalibrate_bn  # noqa: E402
 
 STUDIES = {"fine_grained": "subset-fine-grained", "channel": "subset-channel"}

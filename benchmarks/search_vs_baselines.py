@@ -804,7 +804,7 @@ def main() -> None:
 
     if not args.summarize:
         from autoprune.model import build_model
-        from autoprune.search import dense_model
+        from autoprune.prepare import dense_model
         from autoprune.sensitivity import scan_cached
         from autoprune.train import evaluate, resolve_device
 

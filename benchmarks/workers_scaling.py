@@ -76,7 +76,7 @@ tolerance = 10.0
 
 def create(workdir: Path, storage: str, name: str, trials: int, spec: str, val_size: str) -> None:
     from autoprune.config import load_config
-    from autoprune.workers import connect_storage, create_or_join
+    from autoprune.study import connect_storage, create_or_join
 
     path = workdir / f"{name}.toml"
     path.write_text(CONFIG.format(name=name, trials=trials, out=workdir / "out", storage=storage, spec=spec,

@@ -156,7 +156,7 @@ def dense_cache(tmp_path_factory):
     import dataclasses
     import shutil
 
-    from autoprune.search import dense_cache_path, dense_model
+    from autoprune.prepare import dense_cache_path, dense_model
 
     store = tmp_path_factory.mktemp("dense-cache")
 

@@ -588,7 +588,7 @@ def test_dense_training_is_reproducible(tmp_path):
     import dataclasses
 
     from autoprune.config import StudyConfig
-    from autoprune.search import dense_model
+    from autoprune.prepare import dense_model
 
     weights = []
     for run in ("a", "b"):

@@ -25,10 +25,11 @@ import autoprune
 from autoprune.config import load_config
 from autoprune.errors import AutopruneError, NothingQualifies
 from autoprune.export import export, load_sparse
-from autoprune.pick import is_deployable, open_existing, pick
+from autoprune.pick import is_deployable, pick
 from autoprune.report import redacted_config, uniform_baseline, write_report
 from autoprune.search import run_search
 from autoprune.storage import redact
+from autoprune.study import open_existing
 
 from conftest import run_cli, run_main, write_study
 

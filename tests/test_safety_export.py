@@ -26,10 +26,11 @@ from autoprune.config import load_config
 from autoprune.errors import AutopruneError
 from autoprune.export import export
 from autoprune.files import atomic_write, safe_name
-from autoprune.pick import open_existing, pick
+from autoprune.pick import pick
 from autoprune.report import trials_frame, uniform_baseline, write_report
 from autoprune.search import run_search
 from autoprune.storage import redact
+from autoprune.study import open_existing
 
 from conftest import run_cli
 from test_report import fabricate, study_toml
@@ -241,7 +242,7 @@ class _Store:
 
 
 def test_cache_file_is_named_by_a_hash_not_by_the_artifact_id(tmp_path, monkeypatch, tiny_checkpoint):
-    from autoprune.workers import cache_dir, study_checkpoint
+    from autoprune.study import cache_dir, study_checkpoint
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a" / "b" / "c"))
     data = tiny_checkpoint.read_bytes()

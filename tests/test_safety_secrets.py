@@ -113,7 +113,8 @@ def tiny_study(tmp_path_factory, tiny_checkpoint):
     ``[study] storage`` holds passwords; a floor of 100% makes every trial infeasible."""
     from autoprune.objective import Objective
     from autoprune.storage import open_storage
-    from autoprune.workers import create_or_join, run_trials
+    from autoprune.runner import run_trials
+    from autoprune.study import create_or_join
 
     root = tmp_path_factory.mktemp("secrets")
     config = load_config(tiny_config(root, tiny_checkpoint, PASSWORD_URL, trials=3,

@@ -111,7 +111,7 @@ def test_study_of_a_dead_creator_is_set_up_anew(tmp_path, tiny_checkpoint):
 
 
 def test_which_half_made_studies_are_abandoned(tmp_path):
-    from autoprune.workers import abandoned
+    from autoprune.study import abandoned
 
     url = f"journal:{tmp_path}/half.log"
     host = socket.gethostname()
@@ -203,7 +203,7 @@ def test_dry_run_reports_and_writes_nothing(tmp_path, tiny_checkpoint, capsys):
     ({"out": "bad\0name"}, "cannot use the study's out_dir"),
 ])
 def test_dry_run_bad_setup_is_a_library_error(tmp_path, kwargs, fragment):
-    from autoprune.search import check_setup
+    from autoprune.prepare import check_setup
 
     path = write_config(tmp_path, None, **kwargs)
     with pytest.raises(AutopruneError, match=fragment):
@@ -214,7 +214,7 @@ def test_dry_run_bad_setup_is_a_library_error(tmp_path, kwargs, fragment):
 
 RACE = """
 import os, sys, time
-import autoprune.search, autoprune.workers  # imported before the start signal
+import autoprune.search  # imported (with the study and the runner) before the start signal
 from autoprune.cli import main
 go = sys.argv[1]
 print("ready", flush=True)

@@ -182,7 +182,7 @@ def channel_study(tmp_path, warm_start: list[str]):
 
 
 def test_a_channel_study_warm_starts_from_a_tp_rule(dense, tmp_path):
-    from autoprune.search import warm_starts
+    from autoprune.prepare import warm_starts
 
     config = load_config(channel_study(tmp_path, ["uniform", "tp_lamp"]))
     starts = warm_starts(config, dense)

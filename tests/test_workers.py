@@ -64,7 +64,7 @@ def make_study(tmp_path, tiny_checkpoint, url, *, trials, epochs=1, remove_check
     ``priors`` its first three trials are the enqueued warm starts.
     """
     from autoprune.config import load_config
-    from autoprune.workers import connect_storage, create_or_join
+    from autoprune.study import connect_storage, create_or_join
 
     name = f"w-{uuid.uuid4().hex[:10]}"
     ckpt = tmp_path / "dense.pt"
@@ -219,7 +219,7 @@ QUOTA_SCRIPT = textwrap.dedent("""
     import os, sys, time
     import optuna
     from autoprune.storage import open_storage
-    from autoprune.workers import run_trials
+    from autoprune.runner import run_trials
     url, name, total, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     study = optuna.load_study(study_name=name, storage=open_storage(url, heartbeat_seconds=2),
                               sampler=optuna.samplers.RandomSampler())
@@ -259,26 +259,26 @@ def test_trial_count_is_exact_under_contention(tmp_path, storage_url):
 
 def test_creation_race_joins_the_winner(tmp_path, tiny_checkpoint, monkeypatch):
     """`autoprune search` on two machines at once: the loser of create_study joins the winner's study."""
-    import autoprune.workers as workers
+    import autoprune.study as study_module
     from autoprune.config import load_config
 
     url = f"journal:{tmp_path}/race.log"
     name, path = make_study(tmp_path, tiny_checkpoint, url, trials=2, remove_checkpoint=False)
-    real = workers.find_study
+    real = study_module.find_study
     calls = []
 
     def not_yet(storage, study_name):  # the study did not exist when this process looked
         calls.append(study_name)
         return None if len(calls) == 1 else real(storage, study_name)
 
-    monkeypatch.setattr(workers, "find_study", not_yet)
-    import autoprune.search
+    monkeypatch.setattr(study_module, "find_study", not_yet)
+    import autoprune.prepare
 
     # The loser's own preparation is thrown away when create_study finds the name taken: skip its cost.
-    monkeypatch.setattr(autoprune.search, "prepare", lambda config, device, progress: (None, {}))
+    monkeypatch.setattr(autoprune.prepare, "prepare", lambda config, device, progress: (None, {}))
     config = load_config(path)
-    storage = workers.connect_storage(url)
-    study, ctx, created = workers.create_or_join(config, storage, url, device="cpu", progress=False)
+    storage = study_module.connect_storage(url)
+    study, ctx, created = study_module.create_or_join(config, storage, url, device="cpu", progress=False)
     assert not created and study.study_name == name
     assert ctx.space.signature() == study.user_attrs["space_signature"]
     assert len(optuna.get_all_study_names(storage)) == 1
@@ -330,7 +330,7 @@ def test_trial_of_a_worker_killed_inside_its_ask_is_retried_at_once(storage_url)
     """Killed between ask and recording itself (both under the quota lock): the next worker to take
     the lock fails that trial and runs it again, instead of waiting ORPHAN_S (10 minutes)."""
     from autoprune.storage import open_storage
-    from autoprune.workers import run_trials
+    from autoprune.runner import run_trials
 
     name = f"o-{uuid.uuid4().hex[:10]}"
     study = optuna.create_study(study_name=name, storage=open_storage(storage_url, heartbeat_seconds=HEARTBEAT),
@@ -353,7 +353,7 @@ def test_trial_with_a_stale_heartbeat_is_failed_and_retried_by_the_next_ask(pg_u
     import sqlalchemy as sa
 
     from autoprune.storage import open_storage, rdb_storage
-    from autoprune.workers import claim_trial
+    from autoprune.runner import claim_trial
 
     storage = open_storage(pg_url, heartbeat_seconds=HEARTBEAT)
     study = optuna.create_study(study_name=f"h-{uuid.uuid4().hex[:10]}", storage=storage,
@@ -377,7 +377,7 @@ def test_trial_with_a_stale_heartbeat_is_failed_and_retried_by_the_next_ask(pg_u
 def test_result_of_a_trial_failed_elsewhere_meanwhile_is_dropped(storage_url):
     """A trial another worker declared dead while it ran (a late heartbeat) is not told; another runs."""
     from autoprune.storage import open_storage
-    from autoprune.workers import run_trials
+    from autoprune.runner import run_trials
 
     study = optuna.create_study(study_name=f"d-{uuid.uuid4().hex[:10]}", sampler=optuna.samplers.RandomSampler(0),
                                 storage=open_storage(storage_url, heartbeat_seconds=HEARTBEAT))
@@ -410,7 +410,7 @@ class _SeenSampler(optuna.samplers.RandomSampler):
 def test_the_loop_ask_shows_the_sampler_every_finished_trial(tmp_path, kind, request):
     """The loop's own ask (no read of every unfinished trial) still gives the sampler a fresh view."""
     from autoprune.storage import open_storage
-    from autoprune.workers import run_trials
+    from autoprune.runner import run_trials
 
     url = request.getfixturevalue("pg_url") if kind == "postgres" else f"sqlite:///{tmp_path}/s.db"
     sampler = _SeenSampler()
