@@ -8,6 +8,7 @@ object on stdout; progress and logs go to stderr. Bad input ends with one line
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
