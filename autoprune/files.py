@@ -68,3 +68,18 @@ def safe_name(name: str) -> str:
 def file_digest(path: str | os.PathLike) -> str:
     """The sha256 of the file at ``path``, in hex."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def replace_marked(path: str | os.PathLike, start: str, end: str, block: str) -> bool:
+    """Replace what lies between the marker lines ``start`` and ``end`` of a text file with ``block``.
+
+    How benchmarks rewrite their figures in README.md; False (nothing written) when a marker is missing.
+    """
+    path = Path(path)
+    text = path.read_text()
+    if start not in text or end not in text:
+        return False
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    atomic_write(path, head + start + "\n" + block + end + tail)
+    return True

@@ -65,6 +65,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from autoprune.files import replace_marked  # noqa: E402  (no torch: the workers stay light)
+
 URL_ENV = "AUTOPRUNE_BENCH_URL"  # the storage URL reaches the workers here, never on a command line
 HEARTBEAT = 30  # seconds: the studies' default
 WEIGHTS_KEY = "weights_artifact_id"
@@ -950,14 +952,7 @@ def readme_block(result: dict, before: dict | None = None) -> str:
 
 
 def update_readme(block: str) -> bool:
-    readme = REPO / "README.md"
-    text = readme.read_text()
-    if MARK_START not in text or MARK_END not in text:
-        return False
-    head, rest = text.split(MARK_START, 1)
-    _, tail_text = rest.split(MARK_END, 1)
-    readme.write_text(head + MARK_START + "\n" + block + MARK_END + tail_text)
-    return True
+    return replace_marked(REPO / "README.md", MARK_START, MARK_END, block)
 
 
 # --- main ----------------------------------------------------------------------------

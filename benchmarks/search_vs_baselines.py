@@ -66,7 +66,7 @@ sys.path.insert(0, str(REPO))
 
 from autoprune import metrics  # noqa: E402
 from autoprune.config import StudyConfig, load_config  # noqa: E402
-from autoprune.files import atomic_write  # noqa: E402
+from autoprune.files import atomic_write, replace_marked  # noqa: E402
 from autoprune.priors import ONE_SHOT_RULES  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -643,14 +643,7 @@ def figure(s: dict, path: Path) -> None:
 
 
 def update_readme(table_md: str) -> bool:
-    readme = REPO / "README.md"
-    text = readme.read_text()
-    if MARK_START not in text or MARK_END not in text:
-        return False
-    head, rest = text.split(MARK_START, 1)
-    _, tail = rest.split(MARK_END, 1)
-    readme.write_text(head + MARK_START + "\n" + table_md + MARK_END + tail)
-    return True
+    return replace_marked(REPO / "README.md", MARK_START, MARK_END, table_md)
 
 
 def summarize(args, results: list[dict], dense: dict) -> dict:

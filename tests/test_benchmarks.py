@@ -162,3 +162,14 @@ def test_readme_table_is_replaced_between_the_markers_only(bench, tmp_path, monk
     monkeypatch.setattr(bench, "REPO", tmp_path)
     assert bench.update_readme("| new |\n")
     assert readme.read_text() == f"top\n{bench.MARK_START}\n| new |\n{bench.MARK_END}\nbottom\n"
+
+
+def test_replace_marked_rewrites_only_between_the_markers(tmp_path):
+    from autoprune.files import replace_marked
+
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- a:start -->\nold\n<!-- a:end -->\nrest\n")
+    assert replace_marked(readme, "<!-- a:start -->", "<!-- a:end -->", "new 1\nnew 2\n")
+    assert readme.read_text() == "intro\n<!-- a:start -->\nnew 1\nnew 2\n<!-- a:end -->\nrest\n"
+    assert not replace_marked(readme, "<!-- b:start -->", "<!-- b:end -->", "x\n")  # no markers: nothing written
+    assert readme.read_text() == "intro\n<!-- a:start -->\nnew 1\nnew 2\n<!-- a:end -->\nrest\n"
