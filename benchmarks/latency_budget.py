@@ -38,6 +38,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
+from statistics import median
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -60,7 +61,8 @@ METRICS = (("test_accuracy", "test accuracy (points)", "{:+.2f}"),
            ("latency_fraction", "measured latency fraction", "{:+.3f}"),
            ("macs_fraction", "MACs fraction", "{:+.3f}"))
 PICK_KEYS = ("trial", "val_accuracy", "val_first", "test_accuracy", "latency_fraction", "latency_ms",
-             "latency_dense_ms", "latency_predicted_fraction", "macs_fraction", "size_fraction")
+             "latency_dense_ms", "latency_predicted_fraction", "latency_predicted_ms", "latency_prediction_error",
+             "macs_fraction", "size_fraction")
 
 
 def job_name(seed: int, arm: str) -> str:
@@ -85,14 +87,14 @@ def study_config(args, seed: int, arm: str, cap: float, checkpoint: str) -> Stud
     return config.validate()
 
 
-def pick_record(config: StudyConfig) -> dict:
+def pick_record(storage_url: str, name: str) -> dict:
     """The study's pick as ``autoprune pick`` chooses it (None when nothing qualifies), and every trial."""
     from optuna.trial import TrialState
 
     from autoprune.errors import NothingQualifies
     from autoprune.pick import is_feasible, open_existing, pick, study_scores
 
-    study, own = open_existing(config.storage_url, config.study.name)
+    study, own = open_existing(storage_url, name)
     score = study_scores(study)
     try:
         best = pick(study, own)[0]
@@ -140,7 +142,7 @@ def run_seed(args, seed: int, checkpoint: str, index: int, total: int) -> list[d
         load_before = os.getloadavg()
         start = time.perf_counter()
         run_search(config, device="cpu", progress=False)
-        record = pick_record(config)
+        record = pick_record(config.storage_url, config.study.name)
         record.update(seed=seed, arm=arm, cap=cap, seconds=time.perf_counter() - start,
                       load_before=list(load_before), load_after=list(os.getloadavg()))
         atomic_write(path, json.dumps(record, indent=2))
@@ -168,14 +170,22 @@ def compare(jobs: list[dict]) -> dict:
         row = {"seed": s, "A": pa, "B": pb, "L": b["cap"] if b else None}
         for key, _, _ in METRICS:
             row[key] = pb[key] - pa[key] if pa and pb and pb.get(key) is not None and pa.get(key) is not None else None
-        row["B_within_L"] = None if not (pb and b) else bool(pb["latency_fraction"] <= b["cap"] + 1e-12)
+        # B ran and picked nothing within L: the latency budget gave no deployable config there (a miss)
+        row["B_within_L"] = None if not b else bool(pb and pb["latency_fraction"] <= b["cap"] + 1e-12)
+        row["B_trials_within_L"] = None if not (b and b.get("trials")) else (
+            f"{sum(t.get('latency_fraction', math.inf) <= b['cap'] + 1e-12 for t in b['trials'])} of "
+            f"{len(b['trials'])}")
         rows.append(row)
     diffs = {key: paired([r[key] for r in rows]) for key, _, _ in METRICS}
     within = [r["B_within_L"] for r in rows if r["B_within_L"] is not None]
     t = diffs["test_accuracy"]
     # The goal: B's pick at least as accurate (mean test difference >= 0) within A's measured latency.
     met = None if not within else bool(all(within) and t["mean"] >= 0)
-    return {"rows": rows, "diffs": diffs, "within": f"{sum(within)} of {len(within)}", "goal_met": met,
+    # The lookup table's error on the measured latency (predicted / measured - 1), per arm over every trial
+    errors = {arm: [t["latency_prediction_error"] for j in jobs if j["arm"] == arm for t in j.get("trials", [])
+                    if t.get("latency_prediction_error") is not None] for arm in ARMS}
+    prediction = {arm: {"n": len(e), "median": float(median(e)) if e else None} for arm, e in errors.items()}
+    return {"rows": rows, "diffs": diffs, "prediction": prediction, "within": f"{sum(within)} of {len(within)}", "goal_met": met,
             "goal_shown": None if met is None else bool(met and t["lo"] >= 0)}
 
 
@@ -204,6 +214,14 @@ def markdown(s: dict) -> str:
                          f"{cell(p, 'test_accuracy', '{:.2f}')} |")
     lines += ["", "| B - A (paired over seeds) | mean [95% t interval] |", "| --- | --- |"]
     lines += [f"| {label} | {ci(s['diffs'][key], fmt)} |" for key, label, fmt in METRICS]
+    trials = ", ".join(f"seed {r['seed']} {r['B_trials_within_L']}" for r in s["rows"] if r["B_trials_within_L"])
+    if trials:
+        lines += ["", f"B's trials measured within L: {trials}."]
+    pred = s.get("prediction", {})
+    if any(pred.get(a, {}).get("median") is not None for a in ARMS):
+        lines += ["", "Lookup table's error on the measured latency (predicted / measured - 1), median over trials: "
+                  + ", ".join(f"{label} {pred[a]['median']:+.1%} ({pred[a]['n']} trials)" for a, label in
+                              zip(ARMS, ("A", "B")) if pred.get(a, {}).get("median") is not None) + "."]
     verdict = {True: "met", False: "not met", None: "undecided (no pair)"}[s["goal_met"]]
     lines += ["", f"B's pick measured within L: {s['within']}. Goal (B's pick at least as accurate on test, "
                   f"mean difference >= 0, within A's measured latency): **{verdict}**"
@@ -283,6 +301,10 @@ def main() -> None:
     meta = json.loads(meta_file.read_text())
     jobs = [json.loads(f.read_text()) for f in sorted((args.work / "jobs").glob("s*.json"))]
     jobs = [j for j in jobs if j["seed"] in meta["seeds"]]
+    for j in jobs:  # the picks and trials again from the kept study files (nothing is retrained)
+        db = args.work / f"{job_name(j['seed'], j['arm'])}.db"
+        if args.summarize and db.is_file():
+            j.update(pick_record(f"sqlite:///{db}", job_name(j["seed"], j["arm"])))
     if not jobs:
         sys.exit(f"latency_budget: no finished study in {args.work / 'jobs'}")
     print(write_outputs(args, summarize(args, jobs, meta)))

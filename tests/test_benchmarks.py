@@ -217,6 +217,24 @@ def test_latency_budget_goal_fails_over_l_or_below_a(lb):
     assert one["rows"][0]["B"] is None and one["goal_met"] is None and one["diffs"]["test_accuracy"]["n"] == 0
 
 
+def test_latency_budget_b_without_a_pick_misses_the_goal(lb):
+    jobs = lb_jobs()
+    jobs[1].update(pick=None, trials=[{"latency_fraction": 0.71, "latency_prediction_error": -0.30},
+                                      {"latency_fraction": 0.69, "latency_prediction_error": -0.10}])
+    jobs[0]["trials"] = [{"latency_fraction": 0.70, "latency_prediction_error": 0.05}]
+    s = lb.compare(jobs)
+    assert s["rows"][0]["B_within_L"] is False and s["rows"][0]["B_trials_within_L"] == "1 of 2"
+    assert s["within"] == "2 of 3" and s["goal_met"] is False
+    assert s["diffs"]["test_accuracy"]["n"] == 2  # the pairs that exist
+    assert s["prediction"] == {"macs": {"n": 1, "median": 0.05}, "latency": {"n": 2, "median": -0.2}}
+    s["macs"] = 0.5
+    md = lb.markdown(s)
+    assert "| 0 | B: latency | 0.700 | none | - | - | - | - |" in md
+    assert "B's trials measured within L: seed 0 1 of 2." in md
+    assert "median over trials: A +5.0% (1 trials), B -20.0% (2 trials)." in md
+    assert md.endswith("within A's measured latency): **not met**.\n")
+
+
 def test_latency_budget_table_is_exact(lb):
     s = lb.compare(lb_jobs()[:2])
     s["macs"] = 0.5
