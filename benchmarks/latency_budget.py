@@ -237,7 +237,9 @@ def summarize(args, jobs: list[dict], meta: dict) -> dict:
     s["macs"] = meta["macs"]
     loads = [(j["seed"], j["arm"], j["load_before"][0], j["load_after"][0]) for j in jobs]
     s.update(meta=meta, loads=[{"seed": a, "arm": b, "load_before": c, "load_after": d} for a, b, c, d in loads],
-             summarized=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+             summarized=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             studies=[{k: j.get(k) for k in ("seed", "arm", "cap", "seconds", "trial_seconds", "no_pick", "trials")}
+                      for j in jobs])
     return s
 
 
