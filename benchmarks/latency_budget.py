@@ -20,7 +20,7 @@ fraction and MACs fraction, then the mean with a 95% t interval over seeds, and 
 Each finished study is one JSON file in ``--work``/jobs (written atomically); a rerun skips it and a study
 resumes from its SQLite file. ``--summarize`` rebuilds the outputs from the kept files alone.
 
-    python benchmarks/latency_budget.py --checkpoint /work/cache/dense-w0.125.pt --trials 8   # ~30 min, 2 cores
+    python benchmarks/latency_budget.py --checkpoint DENSE.pt --trials 8 --seeds 0,1,2,3,4   # ~36 min, 2 cores
     python benchmarks/latency_budget.py --summarize
 
 Writes ``benchmarks/results/latency-budget.json`` and ``latency-budget.md``.
