@@ -173,3 +173,106 @@ def test_replace_marked_rewrites_only_between_the_markers(tmp_path):
     assert readme.read_text() == "intro\n<!-- a:start -->\nnew 1\nnew 2\n<!-- a:end -->\nrest\n"
     assert not replace_marked(readme, "<!-- b:start -->", "<!-- b:end -->", "x\n")  # no markers: nothing written
     assert readme.read_text() == "intro\n<!-- a:start -->\nnew 1\nnew 2\n<!-- a:end -->\nrest\n"
+
+
+# --- benchmarks/latency_budget.py: latency-budgeted vs MACs-budgeted picks, paired by seed -------------------
+
+
+@pytest.fixture(scope="module")
+def lb(bench):  # after bench: latency_budget imports search_vs_baselines' statistics
+    spec = importlib.util.spec_from_file_location("latency_budget", REPO / "benchmarks" / "latency_budget.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def lb_job(seed, arm, cap, val, test, lat, macs, trial=3):
+    pick = {"trial": trial, "val_accuracy": val, "test_accuracy": test, "latency_fraction": lat,
+            "macs_fraction": macs}
+    return {"seed": seed, "arm": arm, "cap": cap, "pick": pick, "load_before": [2.0], "load_after": [3.5]}
+
+
+def lb_jobs():
+    # seed s: A at MACs 0.5 measures L; B within L, test +1, +2, +3 over A
+    out = []
+    for s, (l, d) in enumerate([(0.70, 1.0), (0.72, 2.0), (0.68, 3.0)]):
+        out += [lb_job(s, "macs", 0.5, 60.0, 58.0, l, 0.5), lb_job(s, "latency", l, 60.5, 58.0 + d, l - 0.02, 0.55)]
+    return out
+
+
+def test_latency_budget_pairs_b_minus_a_per_seed(lb):
+    s = lb.compare(lb_jobs())
+    half = 4.303 * 1.0 / math.sqrt(3)  # t(0.975, 2 df) x sd 1 / sqrt(3)
+    t = s["diffs"]["test_accuracy"]
+    assert [r["test_accuracy"] for r in s["rows"]] == [1.0, 2.0, 3.0]
+    assert (t["n"], t["mean"]) == (3, 2.0)
+    assert (t["lo"], t["hi"]) == (pytest.approx(2.0 - half), pytest.approx(2.0 + half))
+    assert s["diffs"]["val_accuracy"]["mean"] == 0.5
+    assert s["diffs"]["latency_fraction"]["mean"] == pytest.approx(-0.02)
+    assert s["diffs"]["macs_fraction"]["mean"] == pytest.approx(0.05)
+    assert [r["L"] for r in s["rows"]] == [0.70, 0.72, 0.68]
+    assert s["within"] == "3 of 3" and s["goal_met"] is True
+    assert s["goal_shown"] is False  # mean +2, but the interval reaches -0.48
+
+
+def test_latency_budget_goal_fails_over_l_or_below_a(lb):
+    jobs = lb_jobs()
+    jobs[1]["pick"]["latency_fraction"] = 0.71  # B over A's 0.70
+    s = lb.compare(jobs)
+    assert s["within"] == "2 of 3" and s["rows"][0]["B_within_L"] is False and s["goal_met"] is False
+    worse = [lb_job(s, "macs", 0.5, 60.0, 58.0, 0.7, 0.5) for s in range(2)]
+    worse += [lb_job(s, "latency", 0.7, 60.0, 58.0 + d, 0.7, 0.5) for s, d in enumerate([-1.0, 0.5])]
+    s = lb.compare(worse)
+    assert s["diffs"]["test_accuracy"]["mean"] == -0.25 and s["goal_met"] is False
+    one = lb.compare(worse[:1])  # A alone (B not run): no pair, undecided
+    assert one["rows"][0]["B"] is None and one["goal_met"] is None and one["diffs"]["test_accuracy"]["n"] == 0
+
+
+def test_latency_budget_b_without_a_pick_misses_the_goal(lb):
+    jobs = lb_jobs()
+    jobs[1].update(pick=None, trials=[{"latency_fraction": 0.71, "latency_prediction_error": -0.30},
+                                      {"latency_fraction": 0.69, "latency_prediction_error": -0.10}])
+    jobs[0]["trials"] = [{"latency_fraction": 0.70, "latency_prediction_error": 0.05}]
+    s = lb.compare(jobs)
+    assert s["rows"][0]["B_within_L"] is False and s["rows"][0]["B_trials_within_L"] == "1 of 2"
+    assert s["within"] == "2 of 3" and s["goal_met"] is False
+    assert s["diffs"]["test_accuracy"]["n"] == 2  # the pairs that exist
+    assert s["prediction"] == {"macs": {"n": 1, "median": 0.05}, "latency": {"n": 2, "median": -0.2}}
+    s["macs"] = 0.5
+    md = lb.markdown(s)
+    assert "| 0 | B: latency | 0.700 | none | - | - | - | - |" in md
+    assert "B's trials measured within L: seed 0 1 of 2." in md
+    assert "median over trials: A +5.0% (1 trials), B -20.0% (2 trials)." in md
+    assert md.endswith("within A's measured latency): **not met**.\n")
+
+
+def test_latency_budget_table_is_exact(lb):
+    s = lb.compare(lb_jobs()[:2])
+    s["macs"] = 0.5
+    assert lb.markdown(s) == (
+        "| seed | arm | cap | pick | MACs | measured latency | val (picked by) | test |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- |\n"
+        "| 0 | A: MACs | 0.500 | #3 | 0.500 | 0.700 | 60.00 | 58.00 |\n"
+        "| 0 | B: latency | 0.700 | #3 | 0.550 | 0.680 | 60.50 | 59.00 |\n"
+        "\n"
+        "| B - A (paired over seeds) | mean [95% t interval] |\n"
+        "| --- | --- |\n"
+        "| test accuracy (points) | +1.00 (n=1, no interval) |\n"
+        "| validation accuracy, as picked (points) | +0.50 (n=1, no interval) |\n"
+        "| measured latency fraction | -0.020 (n=1, no interval) |\n"
+        "| MACs fraction | +0.050 (n=1, no interval) |\n"
+        "\n"
+        "B's pick measured within L: 1 of 1. Goal (B's pick at least as accurate on test, mean difference >= 0, "
+        "within A's measured latency): **met** (the interval does not exclude a loss).\n")
+    three = lb.compare(lb_jobs())
+    three["macs"] = 0.5
+    assert "| test accuracy (points) | +2.00 [-0.48, +4.48] (n=3) |" in lb.markdown(three)
+
+
+def test_latency_budget_outputs_from_kept_jobs(lb, tmp_path):
+    args = SimpleNamespace(out=tmp_path)
+    meta = {"command": "python benchmarks/latency_budget.py --trials 8", "macs": 0.5}
+    md = lb.write_outputs(args, lb.summarize(args, lb_jobs(), meta))
+    assert md.startswith("`python benchmarks/latency_budget.py --trials 8`\n\n| seed |")
+    assert "Load average (1 min) around the studies: 2.0 to 3.5 on" in md
+    assert {p.name for p in tmp_path.iterdir()} == {"latency-budget.json", "latency-budget.md"}
