@@ -465,7 +465,7 @@ def test_batches_scale_and_order():
 
 def test_error_missing_checkpoint(tmp_path, capsys):
     missing = tmp_path / "nope.pt"
-    assert_cli_error(run_cli("eval", "--checkpoint", missing, "--data", TINY_DATA), "not found", str(missing))
+    assert_cli_error(run_main(capsys, "eval", "--checkpoint", missing, "--data", TINY_DATA), "not found", str(missing))
     assert_cli_error(run_main(capsys, "profile", "--checkpoint", missing), "not found")
 
 
@@ -523,7 +523,7 @@ def test_error_wrong_shapes(tiny_checkpoint):
 
 
 def test_error_unknown_data_spec(tiny_checkpoint, capsys):
-    assert_cli_error(run_cli("eval", "--checkpoint", tiny_checkpoint, "--data", "imagenet"),
+    assert_cli_error(run_main(capsys, "eval", "--checkpoint", tiny_checkpoint, "--data", "imagenet"),
                      "unknown data spec", "'imagenet'")
     assert_cli_error(run_main(capsys, "eval", "--checkpoint", tiny_checkpoint, "--data", "synthetic:ten"),
                      "synthetic size")
@@ -537,11 +537,10 @@ def test_error_missing_npz(tiny_checkpoint, tmp_path, capsys):
 
 @pytest.mark.parametrize("width", ["0", "-1"])
 def test_error_bad_width(tmp_path, capsys, width):
-    run = run_cli if width == "-1" else partial(run_main, capsys)
-    assert_cli_error(run("profile", "--width", width, "--no-latency"), "width must be > 0")
+    assert_cli_error(run_main(capsys, "profile", "--width", width, "--no-latency"), "width must be > 0")
     out = tmp_path / "never.pt"
-    assert_cli_error(run("train", "--data", TINY_DATA, "--width", width, "--epochs", "1",
-                             "--out", out), "width must be > 0")
+    assert_cli_error(run_main(capsys, "train", "--data", TINY_DATA, "--width", width, "--epochs", "1",
+                              "--out", out), "width must be > 0")
     assert not out.exists()
 
 

@@ -26,7 +26,7 @@ from autoprune.fine_grained import global_magnitude_sparsities, lamp_sparsities,
 from autoprune.model import CONV_NAMES, PRUNABLE_LAYERS, build_model, param_name, vgg_channels
 from autoprune.plan import CHANNEL_CRITERIA, PruningPlan, parse_ratio_spec, prune
 
-from conftest import randomized_model, run_cli
+from conftest import randomized_model, run_main
 
 
 def state_copy(model):
@@ -94,8 +94,8 @@ def test_fine_grained_plan_on_a_model_exact_counts_and_input_unchanged():
 # --- channel pruning ---------------------------------------------------------------
 
 
-def test_profile_channel_ratios_03_matches_the_lab():
-    out = run_cli("profile", "--channel-ratios", "0.3", "--json", "--no-latency")
+def test_profile_channel_ratios_03_matches_the_lab(capsys):
+    out = run_main(capsys, "profile", "--channel-ratios", "0.3", "--json", "--no-latency")
     assert out.returncode == 0, out.stderr
     d = json.loads(out.stdout)
     assert d["channels"] == [45, 90, 179, 179, 358, 358, 358, 512]
@@ -265,8 +265,8 @@ def test_lamp_keeps_at_least_one_weight_per_layer():
         (["--sparsity", "0.5", "--channel-ratios", "0.3"], ["cannot be combined"]),
     ],
 )
-def test_bad_input_via_cli(args, words):
-    out = run_cli("profile", "--width", "0.125", "--no-latency", *args)
+def test_bad_input_via_cli(capsys, args, words):
+    out = run_main(capsys, "profile", "--width", "0.125", "--no-latency", *args)
     assert out.returncode == 2
     assert out.stdout == ""
     lines = out.stderr.strip().splitlines()
