@@ -400,7 +400,7 @@ def test_a_repaired_search_space_proposal_applies_under_the_caps(name, kind):
 
 
 @pytest.mark.parametrize("kind", ["channel", "fine_grained"])
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", [n for n in MODELS if n != "mobilenet_v2"])  # its groups: the contract test's
 def test_a_sensitivity_scan_has_one_curve_per_layer_or_group(name, kind):
     model = dense(name)
     view = view_of(model)
