@@ -34,7 +34,7 @@ import math
 from functools import cached_property
 from typing import Callable, Sequence, Union
 
-from .channel import check_round_to, kept_channels
+from .channel import kept_channels
 from .errors import AutopruneError
 from .fine_grained import num_zeros
 from .model import CONV_NAMES, VGG_PLAN
@@ -143,8 +143,7 @@ def channel_cost_fraction(
     """Params, MACs or (with ``latency``, the predictor) latency of the channel-pruned model as a fraction of
     dense, on the widths the plan keeps (rounded to multiples of ``round_to``)."""
     costs = as_cost_model(model, num_classes)
-    check_round_to(round_to)
-    kept = costs.kept(ratios, round_to)
+    kept = costs.kept(ratios, round_to)  # checks round_to (kept_channels / kept_width)
     if metric == "latency":
         if latency is None:
             raise AutopruneError("a latency budget needs the latency predictor; set [latency] predict = true")
