@@ -17,6 +17,13 @@ def __getattr__(name):
     raise AttributeError(f"module 'autoprune' has no attribute {name!r}")
 
 
+def prune(model, train, val, test=None, **options):
+    """Search pruning ratios for a model you hold, on your tensors; see :func:`autoprune.api.prune`."""
+    from .api import prune as search_and_pick
+
+    return search_and_pick(model, train, val, test, **options)
+
+
 def load(path, source: str | None = None):
     """Load a checkpoint file or an export directory as a ready ``nn.Module`` (eval mode).
 
@@ -28,4 +35,4 @@ def load(path, source: str | None = None):
     return load_checkpoint(path, source)[0]
 
 
-__all__ = ["AutopruneError", "build_model", "load", "load_checkpoint", "prunable", "save_checkpoint"]
+__all__ = ["AutopruneError", "build_model", "load", "load_checkpoint", "prunable", "prune", "save_checkpoint"]

@@ -52,11 +52,40 @@ class StudySection:
 
 @dataclass
 class ModelSection:
-    name: str = "vgg"
-    width: float = 1.0
+    # Where the dense model comes from (autoprune.sources): "vgg" (the lab's), "torchvision:NAME",
+    # "cifar:resnet20" (He et al.'s CIFAR ResNets) or "module:package.module:factory" (your own).
+    source: str = "vgg"
+    name: str = "vgg"  # the lab's model name, kept for studies stored before [model] source
+    width: float = 1.0  # the lab's VGG and the CIFAR ResNets: channel multiplier of the dense model
+    kwargs: dict = field(default_factory=dict)  # the source's options (e.g. width_mult for mobilenet_v2)
+    cifar_stem: bool = False  # torchvision: adapt the stem to 32x32 inputs (3x3 stride-1 conv, no max pool)
+    exclude: list[str] = field(default_factory=list)  # graph models: layers whose channel groups stay dense
     num_classes: int = 10
     checkpoint: str = ""  # empty: train a dense model first (cached in the study's out_dir)
     train_epochs: int = 30  # only when training the dense model here
+
+    def build_kwargs(self) -> dict:
+        """The source's options as :func:`autoprune.sources.build_model` takes them (with num_classes, exclude)."""
+        kwargs = dict(self.kwargs)
+        if self.source == "vgg" or self.width != 1.0:
+            kwargs["width"] = self.width
+        if self.cifar_stem:
+            kwargs["cifar_stem"] = True
+        return kwargs
+
+    def check(self) -> None:
+        """The source's name and the options it takes (the model itself is built by the setup check)."""
+        from .sources import split_source
+
+        split_source(self.source)
+        if self.name != "vgg":
+            raise AutopruneError(f"[model] name {self.name!r}: models other than the lab's VGG are chosen by "
+                                 f"[model] source (e.g. source = \"torchvision:{self.name}\"); drop name")
+        if self.source == "vgg" and (self.kwargs or self.exclude):
+            raise AutopruneError("[model] kwargs and exclude are for other sources; the lab's VGG takes width")
+        if self.cifar_stem and not self.source.startswith("torchvision:"):
+            raise AutopruneError(f"[model] cifar_stem adapts torchvision models to 32x32 inputs; {self.source} "
+                                 "needs none: drop it")
 
 
 @dataclass
@@ -342,6 +371,7 @@ class StudyConfig:
         from .data import MAX_SEED
 
         m, d, fi, p = self.model, self.data, self.fidelity, self.priors
+        m.check()
         ranges = [  # (table, key, ok, rule); types (and finiteness) are checked above
             ("study", "trials", s.trials >= 1, ">= 1"),
             ("study", "seed", 0 <= s.seed <= MAX_SEED, f"in [0, {MAX_SEED}]"),
@@ -471,6 +501,8 @@ def _fits(value, hint) -> bool:
         return isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
     if typing.get_origin(hint) is list:
         return isinstance(value, list) and all(_fits(v, typing.get_args(hint)[0]) for v in value)
+    if hint is dict:  # a source's options: their own check is the source's (autoprune.sources)
+        return isinstance(value, dict)
     if isinstance(hint, types.UnionType):
         return any(_fits(value, h) for h in typing.get_args(hint))
     raise TypeError(f"no check for field type {hint}")  # a field added with a new type: add it above
@@ -481,7 +513,8 @@ def _wanted(hint) -> str:
         return "a list of " + {float: "finite numbers", int: "integers"}.get(typing.get_args(hint)[0], "strings")
     if isinstance(hint, types.UnionType):  # X | None: TOML has no null, so just X
         return " or ".join(_wanted(h) for h in typing.get_args(hint) if h is not type(None))
-    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}[hint]
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+            dict: "a table"}[hint]
 
 
 def _toml(value) -> str:
@@ -535,6 +568,16 @@ def _resolve_storage(base: Path, url: str) -> str:
     return url
 
 
+def config_from_tables(raw: dict, where: str) -> StudyConfig:
+    """A config from TOML-like tables (``{"study": {...}, ...}``), every key and type checked (not yet
+    :meth:`StudyConfig.validate`); ``where`` names the origin in errors."""
+    for key in raw:
+        if key not in _TABLES:
+            raise AutopruneError(f"unknown table [{key}] in {where}; valid tables: {', '.join(_TABLES)}")
+    sections = {name: _section(name, cls, raw.get(name, {}), where) for name, cls in _TABLES.items()}
+    return StudyConfig(**sections, source=where).check_types()
+
+
 def load_config(path: str | Path, **overrides) -> StudyConfig:
     """Read a study TOML file; ``overrides`` set ``[study]`` keys (e.g. trials=12)."""
     path = Path(path)
@@ -544,11 +587,7 @@ def load_config(path: str | Path, **overrides) -> StudyConfig:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise AutopruneError(f"{path} is not valid TOML: {exc}") from None
-    for key in raw:
-        if key not in _TABLES:
-            raise AutopruneError(f"unknown table [{key}] in {path}; valid tables: {', '.join(_TABLES)}")
-    sections = {name: _section(name, cls, raw.get(name, {}), str(path)) for name, cls in _TABLES.items()}
-    config = StudyConfig(**sections, source=str(path)).check_types()
+    config = config_from_tables(raw, str(path))
     base = path.resolve().parent
     d = config.data
     if d.spec.startswith("npz:"):

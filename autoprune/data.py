@@ -5,7 +5,8 @@ Data specs:
 * ``cifar10`` - torchvision's CIFAR-10 under ``data_root`` (downloaded only
   when ``download=True``).
 * ``npz:PATH`` - arrays ``x_train, y_train, x_test, y_test`` (uint8 HWC images,
-  integer labels 0-9; checked on load), the format of ``../shared/data/cifar10-subset.npz``.
+  integer labels 0-9; checked on load), the format of ``../shared/data/cifar10-subset.npz``;
+  with ``x_val, y_val`` too, those are the validation split (nothing is carved).
 * ``synthetic`` or ``synthetic:N`` - N (default 2560) generated training images
   and N/5 test images in 10 classes of coloured shapes and textures,
   deterministic by seed; for the offline demo and fast tests.
@@ -88,7 +89,12 @@ def load_data(
     """Load a data spec and carve the validation split (``val_size`` images, seeded)."""
     if not (isinstance(seed, int) and 0 <= seed <= MAX_SEED):
         raise AutopruneError(f"the data seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
-    x_train, y_train, x_test, y_test = _load_arrays(spec, data_root, download, seed)
+    x_train, y_train, x_test, y_test, *given_val = _load_arrays(spec, data_root, download, seed)
+    if given_val:  # the file's own validation split (autoprune.api saves the user's this way)
+        x_val, y_val = given_val
+        return Data(spec=spec, train=Split(_to_nchw(x_train), torch.as_tensor(y_train, dtype=torch.int64)),
+                    val=Split(_to_nchw(x_val), torch.as_tensor(y_val, dtype=torch.int64)),
+                    test=Split(_to_nchw(x_test), torch.as_tensor(y_test, dtype=torch.int64)), seed=seed)
     n = len(y_train)
     val_size = default_val_size(n) if val_size is None else int(val_size)
     if not 0 < val_size < n:
@@ -137,11 +143,15 @@ def _npz(path: Path):
     try:
         with np.load(path, allow_pickle=False) as d:
             arrays = [d[k] for k in ("x_train", "y_train", "x_test", "y_test")]
+            if "x_val" in d or "y_val" in d:
+                arrays += [d["x_val"], d["y_val"]]
     except KeyError as exc:
         raise AutopruneError(f"{path} lacks array {exc}; expected x_train, y_train, x_test, y_test") from None
     except Exception as exc:
         raise AutopruneError(f"{path} is not a readable .npz file: {exc}") from None
-    for split, x, y in (("train", arrays[0], arrays[1]), ("test", arrays[2], arrays[3])):
+    splits = [("train", arrays[0], arrays[1]), ("test", arrays[2], arrays[3])] + (
+        [("val", arrays[4], arrays[5])] if len(arrays) > 4 else [])
+    for split, x, y in splits:
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3):
             raise AutopruneError(f"{path}: x_{split} must be uint8 [N, 32, 32, 3], got {x.dtype} {list(x.shape)}")
         if y.ndim != 1 or y.dtype.kind not in "iu":
@@ -154,8 +164,9 @@ def _npz(path: Path):
             bad = y[(y < 0) | (y >= NUM_CLASSES)][0]
             raise AutopruneError(f"{path}: y_{split} holds label {bad}; labels must be class numbers 0 to "
                                  f"{NUM_CLASSES - 1} (CIFAR-10)")
-    if len(arrays[3]) == 0:
-        raise AutopruneError(f"{path}: x_test holds no images; save at least one test image")
+    for split, _, y in splits[1:]:
+        if len(y) == 0:
+            raise AutopruneError(f"{path}: x_{split} holds no images; save at least one {split} image")
     if len(arrays[1]) < MIN_TRAIN:
         raise AutopruneError(f"{path}: x_train holds {len(arrays[1])} images; at least {MIN_TRAIN} are needed "
                              "to carve a validation split from them")

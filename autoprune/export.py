@@ -44,8 +44,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from . import latency, metrics
 from .errors import AutopruneError
-from .model import build_model, load_state_dict_strict, save_checkpoint
 from .pick import WEIGHTS_ATTR, has_weights, is_feasible, not_deployable_reason, pick, trial_summary
+from .sources import model_from_checkpoint, prunable, save_checkpoint
 from .study import open_existing
 
 SPARSE_FORMAT = "autoprune-sparse-v1"
@@ -301,14 +301,8 @@ def export(storage_url: str, study_name: str, out_dir, trial: int | None = None,
 
     obj = load_trial_weights(study, t)
     meta = dict(obj.get("autoprune") or {})
-    arch = dict(meta.get("arch") or {})
-    state_dict = obj["state_dict"]
-    from .model import infer_arch
-
-    arch = arch or infer_arch(state_dict)
-    model = build_model(arch.get("name", "vgg"), channels=arch["channels"], num_classes=arch["num_classes"])
-    load_state_dict_strict(model, state_dict)
-    model.eval()
+    # the kept arch rebuilds the network (any source; user code only as the study's config names it)
+    model, _ = model_from_checkpoint(obj, config.model.source)
     plan = PruningPlan.from_dict(meta["plan"]) if "plan" in meta else None
     a = t.user_attrs
     dense = study.user_attrs.get("dense", {})
@@ -329,7 +323,7 @@ def export(storage_url: str, study_name: str, out_dir, trial: int | None = None,
         ckpt_meta["latency_ms"] = a["latency_ms"]
     result = {
         "study": study_name, "storage": redact(storage_url), "kind": config.study.kind, "trial": t.number,
-        "out": str(out), "plan": ckpt_meta["plan"], "channels": list(model.channels),
+        "out": str(out), "plan": ckpt_meta["plan"], **prunable(model).describe(),
         "size_fraction": size_fraction, "macs_fraction": macs_fraction,
         "val_accuracy": a["val_accuracy"], "test_accuracy": a["test_accuracy"],
         "accuracy_note": "val_accuracy: validation split carved from training (used to select); "
@@ -404,7 +398,7 @@ def _torchscript(model) -> bytes:
     """The (eval-mode) model traced to TorchScript, checked to reproduce its outputs once saved and loaded."""
     import warnings
 
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, *prunable(model).example_input().shape[1:], generator=torch.Generator().manual_seed(0))
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer / deprecation notices are not the user's concern
@@ -431,7 +425,7 @@ def format_export(r: dict) -> str:
              f"  size_fraction {r['size_fraction']:.4f}  macs_fraction {r['macs_fraction']:.4f}  "
              f"val {r['val_accuracy']:.2f}% (selection)  test {r['test_accuracy']:.2f}% (reported only)"
              + (f"  latency {r['latency_ms']:.2f} ms" if "latency_ms" in r else ""),
-             f"  channels {r['channels']}"]
+             f"  channels {r['channels']}" if "channels" in r else f"  widths {r.get('widths') or 'dense'}"]
     if "sparse_bytes" in r:
         lines.append(f"  sparse.npz {r['sparse_bytes']:,} bytes vs dense model.pt {r['dense_bytes']:,} bytes "
                      f"({100 * r['sparse_vs_dense']:.1f}%)")

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .model import ARCH_ATTR
+
 BITS_PER_MIB = 8 * 1024 * 1024
 FLOAT_BITS = 32
 
@@ -53,8 +55,10 @@ def sparse_storage_bits(model: nn.Module) -> int:
 
 
 def _example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
+    """Zeros of the model's input size (its arch's ``input_size``; a 32x32 image by default)."""
     p = next(model.parameters())
-    return torch.zeros(batch_size, 3, 32, 32, device=p.device, dtype=p.dtype)
+    size = getattr(model, ARCH_ATTR, {}).get("input_size", (3, 32, 32))
+    return torch.zeros(batch_size, *size, device=p.device, dtype=p.dtype)
 
 
 @torch.no_grad()

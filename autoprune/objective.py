@@ -42,14 +42,16 @@ import numpy as np
 import optuna
 import torch
 from optuna.trial import TrialState
+from torch import nn
 
 from . import metrics
 from .config import StudyConfig
 from .data import Data
 from .errors import AutopruneError
 from .latency import Meter
-from .model import VGG
+from .model import arch_of
 from .plan import prune
+from .sources import prunable
 from .space import BUDGET, SearchSpace
 from .storage import set_user_attrs, worker_id
 from .train import evaluate, fit, recalibrate_bn
@@ -68,7 +70,7 @@ class TrialContext:
 
     config: StudyConfig
     space: SearchSpace
-    dense: VGG
+    dense: nn.Module  # any source's dense model (autoprune.sources)
     data: Data
     floor: float  # accuracy floor, percent
     dense_figures: dict  # params, macs, latency_ms of the dense model
@@ -83,7 +85,7 @@ class TrialContext:
         return self.latency
 
 
-def finetune(pruned, dense: VGG, data: Data, config: StudyConfig, seed: int, *, on_epoch=None,
+def finetune(pruned, dense: nn.Module, data: Data, config: StudyConfig, seed: int, *, on_epoch=None,
              progress: bool = False, desc: str = "fine-tune") -> list[dict]:
     """Fine-tune a pruned model (:class:`autoprune.plan.Pruned`) in place by the study's recipe.
 
@@ -103,7 +105,7 @@ def finetune(pruned, dense: VGG, data: Data, config: StudyConfig, seed: int, *, 
         raise AutopruneError(f"{desc} fine-tune: {exc}") from None
 
 
-def cheap_score(dense: VGG, plan, data: Data, config: StudyConfig) -> float:
+def cheap_score(dense: nn.Module, plan, data: Data, config: StudyConfig) -> float:
     """Validation accuracy (percent) of ``dense`` pruned by ``plan`` after BatchNorm recalibration, no fine-tune.
 
     EagleEye's adaptive-BN score: it ranks fine-grained configs like the fine-tune
@@ -202,7 +204,7 @@ class Objective:
             "finetune_seconds": seconds,
             "finetune_epochs_done": len(history),
             "fidelity": stage,
-            "channels": list(model.channels),
+            **prunable(model).describe(),  # channels (the lab's VGG) or widths (group -> channels kept)
         })
         if plan.kind == "channel":  # the dense model in the same run: a latency ratio from one load level
             attrs.update(ctx.latency_meter().figures(model, ctx.dense))
@@ -306,7 +308,7 @@ class Objective:
         values = [attrs[names[o]] for o in self.ctx.config.objectives]
         return values[0] if len(values) == 1 else tuple(values)
 
-    def save_weights(self, trial: optuna.Trial, model: VGG, plan, attrs: dict) -> None:
+    def save_weights(self, trial: optuna.Trial, model: nn.Module, plan, attrs: dict) -> None:
         """Keep the fine-tuned weights so that export needs no retraining."""
         from optuna.artifacts import upload_artifact
 
@@ -318,7 +320,7 @@ class Objective:
         path = Path(name)
         try:
             torch.save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                        "autoprune": {"arch": model.arch(), "plan": plan.to_dict(), "trial": trial.number}}, path)
+                        "autoprune": {"arch": arch_of(model), "plan": plan.to_dict(), "trial": trial.number}}, path)
             artifact_id = upload_artifact(artifact_store=self.ctx.artifact_store, file_path=str(path),
                                           study_or_trial=trial)
         finally:

@@ -281,6 +281,8 @@ def trial_summary(trial: FrozenTrial, config: StudyConfig | None = None, score: 
     out["plan"] = dict(a.get("plan") or {})
     if "channels" in a:
         out["channels"] = list(a["channels"])
+    if a.get("widths"):  # a channel-pruned model of another source: group -> channels kept
+        out["widths"] = dict(a["widths"])
     out["feasible"] = is_feasible(trial)
     if config is not None:
         out["deployable"] = is_deployable(trial, config)

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -24,9 +25,11 @@ from .config import StudyConfig
 from .errors import AutopruneError
 from .files import file_digest
 from .latency import Meter
-from .model import build_model, load_checkpoint, save_checkpoint, vgg_channels
+from . import model as lab
+from .model import vgg_channels
 from .objective import TrialContext
-from .plan import PruningPlan
+from .plan import plan_for
+from .sources import build_model, prunable, save_checkpoint
 from .space import SearchSpace, study_latency_budget
 from .storage import redact, redacted_config, storage_file
 from .train import DENSE_RECIPE, TrainConfig, evaluate, fit, resolve_device
@@ -34,44 +37,108 @@ from .train import DENSE_RECIPE, TrainConfig, evaluate, fit, resolve_device
 log = logging.getLogger("autoprune")
 
 
-def load_dense_checkpoint(config: StudyConfig):
-    """The ``[model] checkpoint``, refused unless it has the study's conv widths."""
+def build_dense(config: StudyConfig, device: str | None = None):
+    """The study's dense model, untrained, as ``[model]`` describes it (``device="meta"``: shapes only)."""
     m = config.model
-    expected = vgg_channels(m.width)
-    model, _ = load_checkpoint(m.checkpoint)
-    if list(model.channels) != expected:
-        raise AutopruneError(
-            f"checkpoint {m.checkpoint} has conv widths {list(model.channels)}, but the study asks "
-            f"for width {m.width} ({expected}); set [model] width to match or use another checkpoint"
-        )
-    return model
+    with torch.device(device or "cpu"):
+        return build_model(m.source, m.num_classes, exclude=m.exclude, **m.build_kwargs())
+
+
+def load_dense_checkpoint(config: StudyConfig, path: str | None = None):
+    """The ``[model] checkpoint`` (or ``path``, the study's copy), refused unless it is the dense model
+    ``[model]`` describes: the lab's VGG at its width, or the source's model with these options."""
+    m = config.model
+    path = path or m.checkpoint
+    if m.source == "vgg":
+        expected = vgg_channels(m.width)
+        model, _ = lab.load_checkpoint(path)
+        if list(model.channels) != expected:
+            raise AutopruneError(
+                f"checkpoint {path} has conv widths {list(model.channels)}, but the study asks "
+                f"for width {m.width} ({expected}); set [model] width to match or use another checkpoint"
+            )
+        return model
+    obj = lab.read_checkpoint(path)
+    meta = obj.get("autoprune") if isinstance(obj.get("autoprune"), dict) else {}
+    arch = meta.get("arch") if isinstance(meta.get("arch"), dict) else {}
+    said = arch.get("source", arch.get("name"))
+    if said is not None and said != m.source:
+        raise AutopruneError(f"checkpoint {path} holds a {said} model, but the study asks for {m.source}; set "
+                             f"[model] source to match or use another checkpoint")
+    if arch.get("widths"):
+        raise AutopruneError(f"checkpoint {path} is a channel-pruned model; a study starts from the dense one: "
+                             f"give its checkpoint")
+    try:
+        lab.check_state_dict(build_dense(config, "meta").state_dict(), obj["state_dict"])
+    except AutopruneError as exc:
+        raise AutopruneError(f"checkpoint {path} does not fit [model] source {m.source} as configured: {exc}; "
+                             f"fix [model] (kwargs, width, cifar_stem, num_classes) or use another checkpoint") from None
+    model = build_dense(config)
+    model.load_state_dict(obj["state_dict"])
+    return model.eval()
 
 
 def _dense_recipe(config: StudyConfig, data) -> dict:
     m = config.model
-    return dict(data=data.spec, width=m.width, epochs=m.train_epochs, val_size=len(data.val),
-                data_seed=config.data.seed, seed=config.study.seed)
+    recipe = dict(data=data.spec, width=m.width, epochs=m.train_epochs, val_size=len(data.val),
+                  data_seed=config.data.seed, seed=config.study.seed)
+    if m.source != "vgg":  # the lab's VGG keeps its recipe (and its cached models)
+        recipe.update(source=m.source, kwargs=m.build_kwargs(), exclude=list(m.exclude), num_classes=m.num_classes)
+    return recipe
+
+
+def model_text(config: StudyConfig) -> str:
+    """``vgg width 0.25``, or the source with its options (``cifar:resnet20 width=0.5``)."""
+    m = config.model
+    if m.source == "vgg":
+        return f"vgg width {m.width:g}"
+    options = {**m.build_kwargs(), **({"exclude": m.exclude} if m.exclude else {})}
+    return " ".join([m.source, *(f"{k}={v}" for k, v in options.items())])
+
+
+def _model_slug(config: StudyConfig) -> str:
+    m = config.model
+    if m.source == "vgg":
+        return f"vgg-w{m.width:g}"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", m.source)[:60]
 
 
 def dense_cache_path(config: StudyConfig, data) -> Path:
     """Where a dense model trained here is cached: by recipe beside the study's folder (shared by studies)."""
     key = hashlib.sha256(repr(sorted(_dense_recipe(config, data).items())).encode()).hexdigest()[:12]
-    return config.out_dir.parent / "cache" / f"dense-vgg-w{config.model.width:g}-{key}.pt"
+    return config.out_dir.parent / "cache" / f"dense-{_model_slug(config)}-{key}.pt"
+
+
+def study_checkpoint(config: StudyConfig, model, path: str) -> str:
+    """The checkpoint the study records and publishes: ``path`` when it describes ``model`` (the lab's VGG,
+    or a checkpoint saved with its arch), else a copy saved with the arch beside the dense-model cache, so that
+    the scan and every worker rebuild the model from the file alone."""
+    obj = lab.read_checkpoint(path)
+    meta = obj.get("autoprune") if isinstance(obj.get("autoprune"), dict) else {}
+    if config.model.source == "vgg" or meta.get("arch") == lab.arch_of(model):
+        return path
+    copy = config.out_dir.parent / "cache" / f"dense-{_model_slug(config)}-{file_digest(path)[:12]}.pt"
+    if not copy.is_file():
+        save_checkpoint(model, copy, made_by="autoprune search (the dense checkpoint with its arch)",
+                        checkpoint=str(path))
+        log.info("dense model: %s saved with its architecture as %s (what the study records)", path, copy)
+    return str(copy)
 
 
 def dense_model(config: StudyConfig, data, device, progress: bool):
-    """The study's dense model: its checkpoint, or one trained here (cached)."""
+    """The study's dense model: its checkpoint, or one trained here (cached); ``(model, checkpoint path)``."""
     m = config.model
     if m.checkpoint:
-        return load_dense_checkpoint(config), m.checkpoint
+        model = load_dense_checkpoint(config)
+        return model, study_checkpoint(config, model, m.checkpoint)
     path = dense_cache_path(config, data)
     if path.is_file():
         log.info("dense model: reusing %s (trained earlier with the same recipe)", path)
-        return load_checkpoint(path)[0], str(path)
-    log.info("dense model: training vgg width %s for %d epochs on %s (no [model] checkpoint given)",
-             m.width, m.train_epochs, data.describe())
+        return load_dense_checkpoint(config, str(path)), str(path)
+    log.info("dense model: training %s for %d epochs on %s (no [model] checkpoint given)",
+             model_text(config), m.train_epochs, data.describe())
     torch.manual_seed(config.study.seed)  # the initial weights too: the same config trains the same dense model
-    model = build_model(m.name, width=m.width, num_classes=m.num_classes).to(device)
+    model = build_dense(config).to(device)
     history = fit(model, data, TrainConfig(epochs=m.train_epochs, seed=config.study.seed, **DENSE_RECIPE),
                   progress=progress, desc="dense")
     save_checkpoint(model, path, made_by="autoprune search (dense)", val_accuracy=history[-1]["val_accuracy"],
@@ -130,10 +197,11 @@ def check_setup(config: StudyConfig) -> dict:
     artifacts = descriptor_for(config.study.artifacts, url, out)
     if artifacts["kind"] == "file":
         check_writable(Path(artifacts["path"]), "artifact directory", "fix [study] artifacts")
+    build_dense(config, "meta")  # the source and its options, checked without allocating the model
     if m.checkpoint:
         try:
             model = load_dense_checkpoint(config)
-            dense = f"checkpoint {m.checkpoint} (vgg width {m.width:g}, {metrics.count_params(model):,} params)"
+            dense = f"checkpoint {m.checkpoint} ({model_text(config)}, {metrics.count_params(model):,} params)"
         except AutopruneError as exc:
             if storage is not None and not storage.exists():  # a new study: it needs the checkpoint
                 raise
@@ -151,7 +219,7 @@ def check_setup(config: StudyConfig) -> dict:
     if not m.checkpoint:
         cache = dense_cache_path(config, data) if data is not None else None
         dense = (f"reuse the dense model cached at {cache}" if cache is not None and cache.is_file() else
-                 f"train a dense vgg width {m.width:g} for {m.train_epochs} epochs (cached in {out.parent / 'cache'})")
+                 f"train a dense {model_text(config)} for {m.train_epochs} epochs (cached in {out.parent / 'cache'})")
     return {"study": config.study.name, "kind": config.study.kind, "objectives": config.objectives,
             "trials": config.study.trials, "storage": redact(url), "out_dir": str(out),
             "artifacts": artifacts.get("path", "in the study's database"), "data": data_text, "dense": dense,
@@ -185,6 +253,8 @@ def prepare(config: StudyConfig, device="auto", progress: bool = True) -> tuple[
     data = config.load_data().to(device)
     dense, checkpoint = dense_model(config, data, device, progress)
     dense.to(device).eval()
+    costs = prunable(dense).cost_model()  # the model's layers, channel groups and exact costs
+    num_classes = config.model.num_classes
     dense_val = evaluate(dense, data.val)
     floor = config.accuracy_floor(dense_val)
     figures = {"params": metrics.count_params(dense), "macs": metrics.count_macs(dense),
@@ -196,10 +266,10 @@ def prepare(config: StudyConfig, device="auto", progress: bool = True) -> tuple[
         figures.update({k: lat[k] for k in ("latency_ms", "latency_iqr_ms", "latency_batch_size", "latency_runtime",
                                             "latency_threads", "latency_device", "latency_predicted_ms",
                                             "latency_prediction_error") if k in lat})
-        lat_budget = study_latency_budget(config, dense.channels, dense.num_classes, meter.table)
+        lat_budget = study_latency_budget(config, costs.channels, num_classes, meter.table)
         if lat_budget is not None:
             figures["latency_budget_fraction"] = lat_budget[0]
-    targets = PriorTargets(config, dense.channels, dense.num_classes, lat_budget)
+    targets = PriorTargets(config, costs, num_classes, lat_budget)
     log.info("dense model %s: val %.2f%% on %d images; accuracy floor %.2f%%", checkpoint, dense_val,
              len(data.val), floor)
     upper, allocation, prior_info, warm, centre = None, None, {}, {}, None
@@ -212,7 +282,7 @@ def prepare(config: StudyConfig, device="auto", progress: bool = True) -> tuple[
             name, scores = choose_centre(config, dense, data, starts)
             centre = starts[name]
             prior_info.update(space_centre=name, centre_scores=scores)
-    space = SearchSpace.for_study(config, dense.channels, upper, dense.num_classes, centre=centre,
+    space = SearchSpace.for_study(config, costs, upper, num_classes, centre=centre,
                                   starts=list(warm.values()) + ([allocation] if allocation else []),
                                   latency_budget=lat_budget)
     # Stored redacted: anyone who opens the study (optuna-dashboard too) reads it; workers take the
@@ -266,8 +336,8 @@ def choose_centre(config, dense, data, starts: dict[str, dict]) -> tuple[str, di
         log.info("space: centred on the %s allocation (the cheap score does not rank channel configs)", rules[0])
         return rules[0], {}
     # scored as its warm-start trial will run: the study's criterion, zero ratios left out
-    scores = {name: cheap_score(dense, PruningPlan(kind, {n: r for n, r in ratios.items() if r > 0},
-                                                   config.study.criterion, tuple(dense.channels)), data, config)
+    scores = {name: cheap_score(dense, plan_for(dense, kind, {n: r for n, r in ratios.items() if r > 0},
+                                                config.study.criterion), data, config)
               for name, ratios in starts.items()}
     best = max(scores, key=lambda n: (scores[n], -list(starts).index(n)))
     log.info("space: centred on the %s allocation, the best cheap score (BatchNorm-recalibrated val: %s)", best,
@@ -283,8 +353,11 @@ class PriorTargets:
     fraction is uniform pruning at the latency target, which the repair then holds every trial to.
     """
 
-    def __init__(self, config, channels, num_classes=10, latency_budget=None):
-        self.config, self.channels, self.num_classes = config, list(channels), num_classes
+    def __init__(self, config, costs, num_classes=10, latency_budget=None):
+        """``costs``: the dense model's :class:`autoprune.budget.CostModel` (or the lab's VGG conv widths)."""
+        from .budget import as_cost_model
+
+        self.config, self.costs, self.num_classes = config, as_cost_model(costs, num_classes), num_classes
         self.latency_budget = latency_budget
         self.metric = "macs" if latency_budget is not None else config.budget_metric
 
@@ -297,11 +370,11 @@ class PriorTargets:
         cap, predictor = self.latency_budget
         round_to = self.config.pruning.round_to
         try:
-            ratios = budget.channel_budget(self.channels, cap * share, "latency", num_classes=self.num_classes,
+            ratios = budget.channel_budget(self.costs, cap * share, "latency", num_classes=self.num_classes,
                                            round_to=round_to, latency=predictor)
         except AutopruneError:  # below what uniform pruning reaches: as far as it goes
-            ratios = budget.channel_upper_bounds(self.channels)
-        return budget.channel_cost_fraction(self.channels, ratios, "macs", self.num_classes, round_to)
+            ratios = budget.channel_upper_bounds(self.costs)
+        return budget.channel_cost_fraction(self.costs, ratios, "macs", self.num_classes, round_to)
 
 
 def warm_starts(config, dense, targets: PriorTargets | None = None) -> dict[str, dict[str, float]]:
@@ -309,7 +382,7 @@ def warm_starts(config, dense, targets: PriorTargets | None = None) -> dict[str,
     from .priors import one_shot_allocation
 
     kind = config.study.kind
-    targets = targets or PriorTargets(config, dense.channels, dense.num_classes)
+    targets = targets or PriorTargets(config, prunable(dense).cost_model(), config.model.num_classes)
     cap = targets.at(1.0)
     return {rule: one_shot_allocation(rule, dense, kind, cap, targets.metric)
             for rule in config.priors.warm_start_rules(kind)}
@@ -328,9 +401,9 @@ def compute_study_priors(config, dense, checkpoint, data, progress, targets: Pri
 
     kind = config.study.kind
     df, dense_acc, cached = scan_cached(checkpoint, data, kind, scan_grid(config), config.study.criterion,
-                                        config.out_dir, progress)
+                                        config.out_dir, progress, source=config.model.source)
     low = _budget_low(config)
-    targets = targets or PriorTargets(config, dense.channels, dense.num_classes)
+    targets = targets or PriorTargets(config, prunable(dense).cost_model(), config.model.num_classes)
     metric = targets.metric
 
     def at(share):
@@ -338,8 +411,8 @@ def compute_study_priors(config, dense, checkpoint, data, progress, targets: Pri
         log.info("priors at %s fraction %.4f (%s%s):", "size" if metric == "params" else metric, target,
                  "the cap" if share == 1.0 else f"the lowest sampled budget, {low:g} x the cap: the bounds",
                  "; MACs of uniform pruning at the latency budget" if targets.latency_budget else "")
-        return compute_priors(df, dense_acc, dense.channels, kind, target, tolerance=config.priors.tolerance,
-                              metric=metric, num_classes=dense.num_classes)
+        return compute_priors(df, dense_acc, targets.costs, kind, target, tolerance=config.priors.tolerance,
+                              metric=metric, num_classes=config.model.num_classes)
 
     bounds = at(low)
     first = bounds if low == 1.0 else at(1.0)

@@ -35,9 +35,8 @@ from tqdm.auto import tqdm
 from .data import Data, Split
 from .errors import AutopruneError
 from .files import atomic_path, atomic_write
-from .model import load_checkpoint
 from .plan import PruningPlan, check_kind, plan_for, prune
-from .sources import prunable
+from .sources import load_checkpoint, prunable
 from .train import evaluate, resolve_device
 
 log = logging.getLogger("autoprune")
@@ -201,8 +200,12 @@ def scan_cached(
     out_dir: str | os.PathLike = "reports/sensitivity",
     progress: bool = True,
     device: str | torch.device | None = "auto",
+    source: str | None = None,
 ) -> tuple[pd.DataFrame, float, bool]:
     """Scan a checkpoint on ``data.val``, or reuse an identical earlier scan.
+
+    The checkpoint may be of any source (its arch rebuilds it); ``source`` must
+    name its ``module:`` source for user code to be imported.
 
     Writes ``<out_dir>/sensitivity-<kind>.csv`` (layer, ratio, accuracy,
     drop in points from dense) and ``<out_dir>/sensitivity-<kind>.png``, and keeps
@@ -213,7 +216,7 @@ def scan_cached(
     grid = check_grid(grid)
     criterion = normalize_criterion(kind, criterion)
     ckpt = _checkpoint_file(Path(checkpoint_path))
-    model, meta = load_checkpoint(ckpt)  # validates the file before anything is hashed
+    model, meta = load_checkpoint(ckpt, source)  # validates the file before anything is hashed
     dev = resolve_device(device)
     inputs = {
         "version": _CACHE_VERSION,

@@ -7,6 +7,8 @@ A **source** names where a dense model comes from:
   (nothing is downloaded); the option ``cifar_stem`` adapts the stem to 32x32
   inputs as usual for CIFAR (ResNet: conv1 3x3 stride 1 and no maxpool; other
   families: the first conv at stride 1);
+* ``cifar:resnet20`` (``resnet32``, ``resnet44``, ``resnet56``, ``resnet110``):
+  He et al.'s CIFAR ResNets (:mod:`autoprune.cifar_resnet`), option ``width``;
 * ``module:package.module:factory``: a user's own ``nn.Module`` factory,
   called with the source's kwargs (and ``num_classes`` when given).
 
@@ -261,6 +263,24 @@ class TorchvisionSource:
         return GraphModel(model)
 
 
+class CifarSource:
+    imports_user_code = False
+
+    def build(self, name: str, kwargs: dict, num_classes: int | None) -> nn.Module:
+        from .cifar_resnet import DEPTHS, CifarResNet
+
+        if name not in DEPTHS:
+            raise AutopruneError(f"unknown CIFAR model {name!r}; use one of {', '.join(DEPTHS)}")
+        _check_kwargs(kwargs, {"width"}, f"cifar:{name}")
+        width = kwargs.get("width", 1.0)
+        if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width <= 64:
+            raise AutopruneError(f"cifar:{name} width is a channel multiplier in (0, 64], got {width!r}")
+        return CifarResNet(DEPTHS[name], num_classes or 10, float(width))
+
+    def prunable(self, model: nn.Module) -> Prunable:
+        return GraphModel(model)
+
+
 class ModuleSource:
     imports_user_code = True
 
@@ -281,7 +301,11 @@ class ModuleSource:
         kwargs = dict(kwargs)
         if num_classes is not None and _takes(factory, "num_classes"):
             kwargs["num_classes"] = num_classes
-        model = factory(**kwargs)
+        try:
+            model = factory(**kwargs)
+        except TypeError as exc:
+            raise AutopruneError(f"factory {module_name}:{factory_name} does not take these options ({exc}); "
+                                 "check [model] kwargs") from None
         if not isinstance(model, nn.Module):
             raise AutopruneError(f"factory {module_name}:{factory_name} returned a {type(model).__name__}, not an "
                                  "nn.Module; return the model")
@@ -299,7 +323,8 @@ def _takes(factory, name: str) -> bool:
     return any(p.name == name or p.kind == p.VAR_KEYWORD for p in params)
 
 
-SOURCES: dict[str, Source] = {"vgg": VGGSource(), "torchvision": TorchvisionSource(), "module": ModuleSource()}
+SOURCES: dict[str, Source] = {"vgg": VGGSource(), "torchvision": TorchvisionSource(), "cifar": CifarSource(),
+                               "module": ModuleSource()}
 
 
 def split_source(source: Any) -> tuple[Source, str]:
@@ -309,7 +334,7 @@ def split_source(source: Any) -> tuple[Source, str]:
                              f"{reprlib.repr(source)}")
     prefix, _, name = source.partition(":")
     if prefix not in SOURCES:
-        raise AutopruneError(f"unknown model source {source!r}; use vgg, torchvision:NAME or "
+        raise AutopruneError(f"unknown model source {source!r}; use vgg, torchvision:NAME, cifar:resnet20 or "
                              "module:package.module:factory")
     if prefix != "vgg" and not name:
         raise AutopruneError(f"model source {source!r} needs a name: {prefix}:NAME")

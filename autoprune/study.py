@@ -192,7 +192,8 @@ def wait_ready(study: optuna.Study, timeout: float = READY_TIMEOUT_S) -> dict:
 # --- creating and joining ----------------------------------------------------
 
 # The parts of a config that define the search: a study refuses a joiner whose differ.
-_IDENTITY = {"study": ("kind", "criterion", "budget_low"), "model": ("name", "width", "num_classes"),
+_IDENTITY = {"study": ("kind", "criterion", "budget_low"),
+             "model": ("source", "name", "width", "kwargs", "cifar_stem", "exclude", "num_classes"),
              "constraints": None, "pruning": None, "finetune": None, "priors": ("enabled", "grid", "tolerance")}
 
 
@@ -383,8 +384,9 @@ def study_config(study: optuna.Study, url: str) -> StudyConfig:
 
 def worker_context(study: optuna.Study, url: str, device="auto", progress: bool = True) -> TrialContext:
     """A worker's TrialContext, built from what the study records (no dense training, no scan)."""
-    from .model import load_checkpoint
     from .objective import TrialContext
+    from .prepare import load_dense_checkpoint
+    from .sources import prunable
     from .space import SearchSpace
     from .train import resolve_device
 
@@ -393,8 +395,9 @@ def worker_context(study: optuna.Study, url: str, device="auto", progress: bool 
     device = resolve_device(device)
     data = config.load_data().to(device)
     store = study_artifact_store(study)
-    dense, _ = load_checkpoint(study_checkpoint(study, store))
-    space = SearchSpace.for_study(config, dense.channels, attrs.get("space_upper"), dense.num_classes)
+    dense = load_dense_checkpoint(config, study_checkpoint(study, store))
+    space = SearchSpace.for_study(config, prunable(dense).cost_model(), attrs.get("space_upper"),
+                                  config.model.num_classes)
     if attrs.get("space_centre_ratios") is not None:  # a centred space: its centre and ranges as recorded
         space.centre = dict(attrs["space_centre_ratios"])
         space.spread = {n: tuple(v) for n, v in attrs["space_spread"].items()}

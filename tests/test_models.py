@@ -255,7 +255,8 @@ def test_rebuild_from_arch_is_built_on_meta_then_loaded(tmp_path):
 
 
 @pytest.mark.parametrize("source, message", [
-    ("resnet18", "unknown model source 'resnet18'; use vgg, torchvision:NAME or module:package.module:factory"),
+    ("resnet18", "unknown model source 'resnet18'; use vgg, torchvision:NAME, cifar:resnet20 or "
+                  "module:package.module:factory"),
     ("torchvision:resnet_19", "unknown torchvision model 'resnet_19'; use a classifier such as resnet18, "
                               "resnet50, mobilenet_v2, mobilenet_v3_small or efficientnet_b0"),
     ("module:no_such_pkg.nets:f", "cannot import 'no_such_pkg.nets' for model source module:no_such_pkg.nets:f "
