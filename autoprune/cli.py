@@ -64,6 +64,12 @@ def _fmt_profile(d: dict) -> str:
 # --- commands ----------------------------------------------------------------
 
 
+def source_option(p) -> None:
+    p.add_argument("--source", metavar="module:PKG.MOD:FACTORY",
+                   help="the checkpoint's module: source, named to let autoprune import that code (other "
+                        "sources need nothing: the checkpoint's arch names them)")
+
+
 def cmd_train(args) -> int:
     import torch
 
@@ -93,10 +99,12 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from . import metrics
-    from .model import load_checkpoint
+    from .model import load_checkpoint as load_vgg
+    from .sources import load_checkpoint
     from .train import evaluate, resolve_device
 
-    model, meta = load_checkpoint(args.checkpoint, width=args.width)
+    model, meta = (load_vgg(args.checkpoint, width=args.width) if args.width is not None
+                   else load_checkpoint(args.checkpoint, args.source))
     data = _load_data(args)
     split = getattr(data, args.split)
     model.to(resolve_device(args.device))
@@ -215,12 +223,13 @@ def cmd_sensitivity(args) -> int:
     grid = parse_grid(args.grid) if args.grid else DEFAULT_GRID
     data = _load_data(args)
     df, dense, from_cache = scan_cached(args.checkpoint, data, kind, grid, args.criterion or "", args.out,
-                                        progress=not args.quiet, device=args.device)
+                                        progress=not args.quiet, device=args.device, source=args.source)
     result = {"kind": kind, "criterion": df.attrs.get("criterion"), "dense_accuracy": dense,
               "from_cache": from_cache, "csv": str(csv_path(args.out, kind)), "png": str(png_path(args.out, kind)),
               "curves": curves(df)}
-    header = "layer       " + "".join(f"{100 * r:>8g}%" for r in grid)
-    rows = [f"{layer:<12}" + "".join(f"{a:>8.2f}%" for _, a in points) for layer, points in result["curves"].items()]
+    w = max([12, *(len(layer) + 1 for layer in result["curves"])])  # graph models' names are longer
+    header = "layer".ljust(w) + "".join(f"{100 * r:>8g}%" for r in grid)
+    rows = [f"{layer:<{w}}" + "".join(f"{a:>8.2f}%" for _, a in points) for layer, points in result["curves"].items()]
     human = "\n".join([
         f"{kind} sensitivity ({result['criterion']}), accuracy on {len(data.val)} validation images, "
         f"dense {dense:.2f}%{' (cached)' if from_cache else ''}",
@@ -290,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="accuracy and size of a checkpoint or an export")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint file or export directory")
     _data_options(p)
-    p.add_argument("--width", type=positive_float, help="expected width (default: from the checkpoint)")
+    p.add_argument("--width", type=positive_float, help="the lab's VGG: expected width (default: from the checkpoint)")
+    source_option(p)
     p.add_argument("--split", choices=("test", "val"), default="test", help="split to measure (default test)")
     common_options(p)
     p.set_defaults(func=cmd_eval)
@@ -341,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine (weights, default) or channel")
     p.add_argument("--grid", metavar="R,R,...", help="ratios to scan (default 0.4,0.5,...,0.9, as the lab)")
     p.add_argument("--criterion", help="fine: magnitude; channel: norm (default), none, bn_scale, l1")
+    source_option(p)
     p.add_argument("--out", type=out_dir, default="reports/sensitivity", metavar="DIR",
                    help="where the CSV, PNG and cache go (default reports/sensitivity)")
     common_options(p)

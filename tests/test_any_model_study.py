@@ -113,3 +113,40 @@ def test_bad_model_tables_name_the_fix(tmp_path, model, message):
     with pytest.raises(AutopruneError) as exc:
         check_setup(load_config(path, out_dir=str(tmp_path / "bad")))
     assert str(exc.value) == message
+
+
+def test_a_worker_joins_a_user_model_study_from_what_the_study_holds(tmp_path):
+    """The arch and the dense checkpoint travel in the study: a worker on a machine without the file rebuilds
+    the user's model (its module: source named by the study's config) and runs trials on it."""
+    from pathlib import Path
+
+    from autoprune.search import run_worker
+    from autoprune.study import open_existing
+
+    config = study_config(tmp_path, "user")
+    config.study.trials = 1
+    run_search(config, device="cpu", progress=False)
+    study, _ = open_existing(config.storage_url, config.study.name)
+    Path(study.user_attrs["checkpoint"]).unlink()  # not on this "machine": fetched from the artifact store
+    run_worker(config.storage_url, config.study.name, device="cpu", trials=2, progress=False)
+    study, _ = open_existing(config.storage_url, config.study.name)
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(done) == 2
+    assert all(set(t.user_attrs["widths"]) <= set(autoprune.prunable(autoprune.build_model(
+        USER, 10, width=8)).channel_groups()) for t in done)
+
+
+def test_eval_and_sensitivity_import_a_user_models_code_only_when_named(tmp_path, capsys):
+    from conftest import assert_cli_error, run_main
+
+    ckpt = autoprune.save_checkpoint(autoprune.build_model(USER, 10, width=4), tmp_path / "user.pt")
+    data = ["--data", "synthetic:50"]
+    assert_cli_error(run_main(capsys, "eval", "--checkpoint", ckpt, *data),
+                     f"this checkpoint's model comes from user code ({USER}); autoprune imports it only when you "
+                     f"name it")
+    assert run_main(capsys, "eval", "--checkpoint", ckpt, "--source", USER, *data).returncode == 0
+    result = run_main(capsys, "sensitivity", "--checkpoint", ckpt, "--source", USER, "--kind", "channel",
+                      "--grid", "0.5", "--out", tmp_path / "scan", "--quiet", *data)
+    assert result.returncode == 0, result.stderr
+    groups = autoprune.prunable(autoprune.build_model(USER, 10, width=4)).channel_groups()
+    assert [line.split()[0] for line in result.stdout.splitlines()[2:2 + len(groups)]] == list(groups)
