@@ -150,6 +150,7 @@ def _profile_model(args):
 
 def cmd_profile(args) -> int:
     from . import metrics
+    from .kinds import KINDS
     from .plan import parse_ratio_spec, plan_for, prune
     from .sources import prunable
 
@@ -164,9 +165,7 @@ def cmd_profile(args) -> int:
     plan = None
     for kind, spec in (("fine_grained", args.sparsity), ("channel", args.channel_ratios)):
         if spec is not None:
-            view = prunable(model)
-            names = None if args.model == "vgg" else (
-                view.fine_layers() if kind == "fine_grained" else view.channel_groups())
+            names = None if args.model == "vgg" else KINDS[kind].layers(prunable(model))
             plan = plan_for(model, kind, parse_ratio_spec(spec, kind, names), args.criterion or "", args.round_to)
             model = prune(model, plan).model
     if args.no_latency and (args.predict or args.runtime != "torch"):

@@ -44,6 +44,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from . import latency, metrics
 from .errors import AutopruneError
+from .kinds import KINDS
 from .pick import WEIGHTS_ATTR, has_weights, is_feasible, not_deployable_reason, pick, trial_summary
 from .sources import model_from_checkpoint, prunable, save_checkpoint
 from .study import open_existing
@@ -332,7 +333,7 @@ def export(storage_url: str, study_name: str, out_dir, trial: int | None = None,
     }
     if "latency_ms" in a:
         result["latency_ms"] = a["latency_ms"]
-    script = _torchscript(model) if config.study.kind == "channel" else None
+    script = _torchscript(model) if KINDS[config.study.kind].changes_shape else None
     onnx_bytes = None
     if script is not None:
         onnx_bytes, result["onnx"] = _onnx(model)

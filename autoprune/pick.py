@@ -22,6 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .config import StudyConfig
 from .errors import AutopruneError, NothingQualifies
+from .kinds import KINDS
 from .objective import CONSTRAINT_NAMES_ATTR
 from .rescore import Score, rescores, scores
 
@@ -155,14 +156,14 @@ def study_limits(study: optuna.Study, config: StudyConfig, max_size=None, min_ac
         raise AutopruneError(f"--max-latency-fraction is a fraction of the dense model's latency in (0, 1], got "
                              f"{max_latency_fraction}")
     for flag, value in (("--max-latency-ms", max_latency_ms), ("--max-latency-fraction", max_latency_fraction)):
-        if value is not None and config.study.kind != "channel":
+        if value is not None and not KINDS[config.study.kind].changes_shape:
             raise AutopruneError(f"{flag} needs a channel study: fine-grained trials record no latency "
                                  "(zeros do not make a dense kernel faster)")
     if max_latency_ms is not None and max_latency_fraction is not None:
         raise AutopruneError("give --max-latency-ms or --max-latency-fraction, not both")
     # A latency limit given here replaces the study's own (in ms or as a fraction), not adds to it.
-    own_ms, own_fraction = (c.max_latency_ms, c.max_latency_fraction) if config.study.kind == "channel" else (None,
-                                                                                                             None)
+    own_ms, own_fraction = ((c.max_latency_ms, c.max_latency_fraction) if KINDS[config.study.kind].changes_shape
+                            else (None, None))
     if max_latency_ms is not None or max_latency_fraction is not None:
         own_ms, own_fraction = max_latency_ms, max_latency_fraction
     floor = study.user_attrs.get("accuracy_floor")
@@ -230,7 +231,7 @@ def pick(study: optuna.Study, config: StudyConfig, max_size: float | None = None
     """
     if prefer not in PREFER:
         raise AutopruneError(f"--prefer must be one of {', '.join(PREFER)}, got {prefer!r}")
-    if prefer == "latency" and config.study.kind != "channel":
+    if prefer == "latency" and not KINDS[config.study.kind].changes_shape:
         raise AutopruneError("--prefer latency needs a channel study: fine-grained trials record no latency")
     limits = study_limits(study, config, max_size, min_accuracy, max_macs, max_latency_ms, max_latency_fraction)
     name = study.study_name

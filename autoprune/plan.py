@@ -25,35 +25,25 @@ and ``round_to`` (kept widths a multiple of 4, 8 or 16).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
-from typing import NamedTuple
-
-import torch
 
 from .channel import check_round_to
 from .errors import AutopruneError
-from .fine_grained import magnitude_masks
-from .graph import CRITERIA as GRAPH_CRITERIA
+from .kinds import KINDS, Pruned, get_kind
 from .model import CONV_NAMES, PRUNABLE_LAYERS, VGG
 from .sources import prunable
-from .train import apply_masks
 
-KINDS = ("fine_grained", "channel")
 CHANNEL_LAYERS = CONV_NAMES[:-1]
-FINE_CRITERIA = ("magnitude",)
-CHANNEL_CRITERIA = ("norm", "none", "bn_scale", "l1")  # the lab's VGG; other sources: GRAPH_CRITERIA
 
 
 def layers_for(kind: str) -> tuple[str, ...]:
-    """The layer names a plan of this kind may set."""
+    """The layer names a plan of this kind may set on the lab's VGG."""
     check_kind(kind)
-    return PRUNABLE_LAYERS if kind == "fine_grained" else CHANNEL_LAYERS
+    return PRUNABLE_LAYERS if not KINDS[kind].changes_shape else CHANNEL_LAYERS
 
 
 def check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise AutopruneError(f"unknown pruning kind {kind!r}; use fine_grained or channel")
+    get_kind(kind)
 
 
 @dataclass(frozen=True)
@@ -71,10 +61,9 @@ class PruningPlan:
         check_kind(self.kind)
         valid = layers_for(self.kind) if self.layers is None else tuple(self.layers)
         object.__setattr__(self, "layers", None if self.layers is None else valid)
-        criteria = FINE_CRITERIA if self.kind == "fine_grained" else (
-            CHANNEL_CRITERIA if self.layers is None else GRAPH_CRITERIA)
+        criteria = KINDS[self.kind].criteria(lab_vgg=self.layers is None)
         check_round_to(self.round_to)
-        if self.round_to > 1 and self.kind != "channel":
+        if self.round_to > 1 and not KINDS[self.kind].changes_shape:
             raise AutopruneError(f"round_to applies to channel plans, not {self.kind}; leave it 1")
         object.__setattr__(self, "criterion", self.criterion or criteria[0])
         if self.criterion not in criteria:
@@ -127,9 +116,7 @@ def plan_for(model, kind: str, ratios: dict[str, float], criterion: str = "", ro
     check_kind(kind)
     if isinstance(model, VGG):
         return PruningPlan(kind, ratios, criterion, round_to=round_to).for_model(model)
-    view = prunable(model)
-    layers = view.fine_layers() if kind == "fine_grained" else view.channel_groups()
-    return PruningPlan(kind, ratios, criterion, round_to=round_to, layers=tuple(layers))
+    return PruningPlan(kind, ratios, criterion, round_to=round_to, layers=KINDS[kind].layers(prunable(model)))
 
 
 def parse_ratio_spec(spec: str, kind: str, layers=None) -> dict[str, float]:
@@ -150,13 +137,6 @@ def parse_ratio_spec(spec: str, kind: str, layers=None) -> dict[str, float]:
         ) from None
 
 
-class Pruned(NamedTuple):
-    """A pruned model and, for fine-grained plans, its masks (param name -> 0/1)."""
-
-    model: VGG
-    masks: dict[str, torch.Tensor] | None
-
-
 def prune(model: VGG, plan: PruningPlan) -> Pruned:
     """Apply ``plan`` to a copy of ``model``; ``model`` itself is never modified."""
     if plan.base_channels is not None and tuple(model.channels) != tuple(plan.base_channels):
@@ -164,10 +144,4 @@ def prune(model: VGG, plan: PruningPlan) -> Pruned:
             f"the plan was made for a VGG with conv widths {list(plan.base_channels)}, this model has "
             f"{list(model.channels)}; make the plan for this width"
         )
-    view = prunable(model)
-    if plan.kind == "fine_grained":
-        pruned = copy.deepcopy(model)
-        masks = magnitude_masks(pruned, plan.ratios, view.fine_layers())
-        apply_masks(pruned, masks)
-        return Pruned(pruned, masks)
-    return Pruned(view.prune_channels(plan.ratios, plan.criterion, plan.round_to), None)
+    return KINDS[plan.kind].apply(model, prunable(model), plan.ratios, plan.criterion, plan.round_to)

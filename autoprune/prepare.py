@@ -24,6 +24,7 @@ from . import metrics
 from .config import StudyConfig
 from .errors import AutopruneError
 from .files import file_digest
+from .kinds import KINDS
 from .latency import Meter
 from . import model as lab
 from .model import vgg_channels
@@ -230,7 +231,7 @@ def check_setup(config: StudyConfig) -> dict:
 
 def _latency_setup(config: StudyConfig) -> str:
     lat = config.latency
-    if config.study.kind != "channel":
+    if not KINDS[config.study.kind].changes_shape:
         return "not measured (fine-grained trials run dense-shaped)"
     return (f"{lat.runtime} on {lat.device}, {lat.threads or 'all'} thread(s), batch {lat.batch_sizes}, "
             f"{lat.repeats} repeats beside the dense model" + (
@@ -260,7 +261,7 @@ def prepare(config: StudyConfig, device="auto", progress: bool = True) -> tuple[
     figures = {"params": metrics.count_params(dense), "macs": metrics.count_macs(dense),
                "val_accuracy": dense_val, "test_accuracy": evaluate(dense, data.test)}
     meter, lat_budget = None, None
-    if config.study.kind == "channel":
+    if KINDS[config.study.kind].changes_shape:  # a smaller network: timed beside the dense one
         meter = Meter.from_config(config.latency, config.latency_cache_dir)
         lat = meter.figures(dense)
         figures.update({k: lat[k] for k in ("latency_ms", "latency_iqr_ms", "latency_batch_size", "latency_runtime",
@@ -331,9 +332,10 @@ def choose_centre(config, dense, data, starts: dict[str, dict]) -> tuple[str, di
     from .objective import cheap_score
 
     kind = config.study.kind
-    if kind == "channel":
+    if not KINDS[kind].cheap_score_ranks:
         rules = [n for n in starts if n != "prior allocation"] or list(starts)
-        log.info("space: centred on the %s allocation (the cheap score does not rank channel configs)", rules[0])
+        log.info("space: centred on the %s allocation (the cheap score does not rank %s configs)", rules[0],
+                 KINDS[kind].title)
         return rules[0], {}
     # scored as its warm-start trial will run: the study's criterion, zero ratios left out
     scores = {name: cheap_score(dense, plan_for(dense, kind, {n: r for n, r in ratios.items() if r > 0},

@@ -59,12 +59,12 @@ from .budget import (
     channel_budget,
     channel_cost_fraction,
     fine_grained_budget,
-    fine_size_fraction,
 )
 from .errors import AutopruneError
 from .fine_grained import global_magnitude_sparsities, lamp_sparsities
 from .model import VGG
-from .plan import KINDS, Pruned, check_kind, plan_for, prune
+from .kinds import KINDS, Pruned
+from .plan import check_kind, plan_for, prune
 from .sources import prunable
 
 log = logging.getLogger("autoprune")
@@ -155,9 +155,7 @@ def _upper_bounds(drops, tolerance: float) -> tuple[dict[str, float], dict[str, 
 
 
 def _budget(kind, costs: CostModel, target, metric, preferences=None, upper=None):
-    if kind == "fine_grained":
-        return fine_grained_budget(costs, target, preferences=preferences, upper=upper)
-    return channel_budget(costs, target, metric=metric, preferences=preferences, upper=upper)
+    return KINDS[kind].budget(costs, target, metric, preferences=preferences, upper=upper)
 
 
 class _Curve:
@@ -236,12 +234,10 @@ def _greedy(kind, costs: CostModel, curves, upper, target, metric):
 
 def _loosen(kind, costs: CostModel, drops, curve, upper, target, metric, messages) -> None:
     """Open ``upper`` (in place) one grid step at a time, cheapest step first, until it reaches ``target``."""
-    what = "size" if kind == "fine_grained" else metric
+    what = KINDS[kind].cost_name(metric)
 
     def cost(bounds):
-        if kind == "fine_grained":
-            return fine_size_fraction(costs, bounds)
-        return channel_cost_fraction(costs, bounds, metric)
+        return KINDS[kind].cost_fraction(costs, bounds, metric)
 
     def reachable():
         try:
@@ -302,7 +298,7 @@ def compute_priors(
     if kind == "channel" and metric not in ("params", "macs"):
         raise AutopruneError(f"channel metric must be params or macs, got {metric!r}")
     costs = as_cost_model(model, num_classes)
-    what = "size" if kind == "fine_grained" else metric
+    what = KINDS[kind].cost_name(metric)
     drops = _drops(scan_df, dense_accuracy, kind, costs.names(kind))
     messages: list[str] = []
     tol = float(tolerance)
@@ -316,12 +312,8 @@ def compute_priors(
     _loosen(kind, costs, drops, curve, upper, float(target_fraction), metric, messages)
     greedy = _greedy(kind, costs, curve, upper, float(target_fraction), metric)
     allocation = _budget(kind, costs, target_fraction, metric, preferences=greedy, upper=upper)
-    if kind == "fine_grained":
-        reached = fine_size_fraction(costs, allocation)
-        unit = "parameter"
-    else:
-        reached = channel_cost_fraction(costs, allocation, metric)
-        unit = "parameter" if metric == "params" else "MAC"
+    reached = KINDS[kind].cost_fraction(costs, allocation, metric)
+    unit = "MAC" if what == "macs" else "parameter"
     predicted = sum(curve[n](allocation[n]) for n in allocation)
     caveat = ""
     if predicted >= float(dense_accuracy):

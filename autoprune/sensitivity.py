@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from .data import Data, Split
 from .errors import AutopruneError
 from .files import atomic_path, atomic_write
+from .kinds import KINDS
 from .plan import PruningPlan, check_kind, plan_for, prune
 from .sources import load_checkpoint, prunable
 from .train import evaluate, resolve_device
@@ -101,8 +102,8 @@ def scan(
     grid = check_grid(grid)
     criterion = plan_for(model, kind, {}, criterion).criterion  # the model's criteria
     view = prunable(model)
-    layers = tuple(view.fine_layers() if kind == "fine_grained" else view.channel_groups())
-    if kind == "channel":
+    layers = KINDS[kind].layers(view)
+    if KINDS[kind].changes_shape:
         for r in grid:  # fail before any work if a grid ratio leaves some group with no channel
             view.kept({name: r for name in layers})
     device = next(model.parameters()).device
@@ -312,17 +313,14 @@ def plot_scan(
         ys = [a for _, a in points]
         ax.plot(xs, ys, marker=markers[i % len(markers)], color=cmap(i % 10), label=layer, lw=1.6, ms=5)
     ax.axhline(dense_accuracy, color="black", ls="--", lw=1.2, label=f"dense {dense_accuracy:.2f}%")
-    xlabel = ("sparsity of the pruned layer (% of its weights zeroed)" if kind == "fine_grained"
-              else "channel prune ratio of the pruned conv (% of its channels removed)")
-    ax.set_xlabel(xlabel)
+    ax.set_xlabel(KINDS[kind].scan_label)
     where = f"validation accuracy (%{', ' + str(images) + ' images' if images else ''})"
     ax.set_ylabel(where)
     ax.set_ylim(0, 100)
     ratios = sorted({r for points in data.values() for r, _ in points})
     ax.set_xticks([100 * r for r in ratios])
     ax.set_xticklabels([f"{100 * r:g}" for r in ratios])
-    title = "fine-grained" if kind == "fine_grained" else "channel"
-    ax.set_title(f"Sensitivity scan, {title} pruning ({criterion}): one layer pruned at a time, "
+    ax.set_title(f"Sensitivity scan, {KINDS[kind].title} pruning ({criterion}): one layer pruned at a time, "
                  "no fine-tuning", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower left", fontsize=8, ncol=2, framealpha=0.9)

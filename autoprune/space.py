@@ -47,13 +47,11 @@ import optuna
 
 from . import budget
 from .errors import AutopruneError
+from .kinds import KINDS
 from .plan import PruningPlan, check_kind
 
 log = logging.getLogger("autoprune")
 
-# Without priors: fine-grained layers may go up to 0.99 sparsity; channel layers
-# up to the ratio that keeps one channel (capped at 0.9, beyond which a VGG is gone).
-NO_PRIOR_UPPER = {"fine_grained": 0.99, "channel": 0.9}
 BUDGET = "budget"
 
 
@@ -84,8 +82,8 @@ class SearchSpace:
         ``latency``: the predictor a ``max_latency_fraction`` cap is repaired by."""
         check_kind(kind)
         costs = budget.as_cost_model(model, num_classes)
-        default = NO_PRIOR_UPPER[kind]
-        hard = budget.channel_upper_bounds(costs) if kind == "channel" else {}
+        default = KINDS[kind].default_upper
+        hard = KINDS[kind].hard_upper(costs)
         bounds = {n: min(default if upper is None else upper[n], hard.get(n, 1.0)) for n in costs.names(kind)}
         space = cls(kind, costs.channels, bounds, max_size_fraction, max_macs_fraction, criterion, num_classes,
                     round_to=round_to, max_latency_fraction=max_latency_fraction, latency=latency, costs=costs)
@@ -130,7 +128,8 @@ class SearchSpace:
     def caps(self) -> dict[str, float]:
         """Cost -> cap (fraction of dense), the budget's own first: size (fine-grained); for channel the
         predicted latency, MACs and size caps that are set, in that order."""
-        caps = {"latency": self.max_latency_fraction, "macs": self.max_macs_fraction} if self.kind == "channel" else {}
+        caps = ({"latency": self.max_latency_fraction, "macs": self.max_macs_fraction}
+                if KINDS[self.kind].changes_shape else {})
         return {**{m: c for m, c in caps.items() if c is not None}, "size": self.max_size_fraction}
 
     @property
@@ -214,19 +213,15 @@ class SearchSpace:
     def cost(self, ratios: dict[str, float]) -> dict[str, float]:
         """Size (and, for channel plans, MACs and, with a predictor, predicted latency) as fractions of dense."""
         ratios = {n: r for n, r in ratios.items() if n != BUDGET}
-        if self.kind == "fine_grained":
-            return {"size": budget.fine_size_fraction(self.costs, ratios)}
-        metrics = (("size", "params"), ("macs", "macs")) + ((("latency", "latency"),) if self.latency else ())
-        return {m: budget.channel_cost_fraction(self.costs, ratios, p, self.num_classes, self.round_to,
-                                                self.latency) for m, p in metrics}
+        kind = KINDS[self.kind]
+        metrics = {"size": "params"}
+        if kind.changes_shape:  # zeros leave MACs and latency as dense
+            metrics.update(macs="macs", **({"latency": "latency"} if self.latency else {}))
+        return {m: kind.cost_fraction(self.costs, ratios, p, self.round_to, self.latency) for m, p in metrics.items()}
 
     def _project(self, ratios: dict[str, float], metric: str, target: float) -> dict[str, float]:
-        if self.kind == "fine_grained":
-            return budget.fine_grained_budget(self.costs, target, ratios, upper=self.upper,
-                                              num_classes=self.num_classes)
-        return budget.channel_budget(self.costs, target, "params" if metric == "size" else metric, ratios,
-                                     upper=self.upper, num_classes=self.num_classes, round_to=self.round_to,
-                                     latency=self.latency)
+        return KINDS[self.kind].budget(self.costs, target, "params" if metric == "size" else metric, ratios,
+                                       self.upper, self.round_to, self.latency)
 
     def repair(self, proposed: dict[str, float]) -> tuple[dict[str, float], list[str]]:
         """Project a proposal onto its budget, then onto any cap still broken.

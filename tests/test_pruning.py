@@ -24,7 +24,8 @@ from autoprune.channel import kept_channels
 from autoprune.errors import AutopruneError
 from autoprune.fine_grained import global_magnitude_sparsities, lamp_sparsities, magnitude_mask, magnitude_masks
 from autoprune.model import CONV_NAMES, PRUNABLE_LAYERS, build_model, param_name, vgg_channels
-from autoprune.plan import CHANNEL_CRITERIA, PruningPlan, parse_ratio_spec, prune
+from autoprune.kinds import KINDS
+from autoprune.plan import PruningPlan, parse_ratio_spec, prune
 
 from conftest import randomized_model, run_main
 
@@ -118,7 +119,7 @@ def _kept_indices(model, i: int, keep: int, criterion: str) -> torch.Tensor:
     return torch.topk(score, keep).indices
 
 
-@pytest.mark.parametrize("criterion", CHANNEL_CRITERIA)
+@pytest.mark.parametrize("criterion", KINDS["channel"].criteria(lab_vgg=True))
 def test_channel_pruning_equals_silencing_the_removed_channels(criterion):
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))
     for seed in range(3):
