@@ -394,7 +394,7 @@ def worker_context(study: optuna.Study, url: str, device="auto", progress: bool 
     data = config.load_data().to(device)
     store = study_artifact_store(study)
     dense, _ = load_checkpoint(study_checkpoint(study, store))
-    space = SearchSpace.for_study(config, dense.channels, attrs.get("space_upper"), dense.num_classes)
+    space = SearchSpace.for_study(config, dense.channels, attrs.get("space_upper"), dense.num_classes, dense_figures=attrs["dense"])
     if attrs.get("space_centre_ratios") is not None:  # a centred space: its centre and ranges as recorded
         space.centre = dict(attrs["space_centre_ratios"])
         space.spread = {n: tuple(v) for n, v in attrs["space_spread"].items()}
