@@ -366,24 +366,36 @@ def test_latency_benchmark_configs_and_summary():
     assert cfgs == bench.configs([0.5], 2, 0.8, seed=0)  # seeded
     assert all("conv7" not in c["ratios"] and all(0 <= r <= 0.8 for r in c["ratios"].values()) for c in cfgs)
 
-    def row(config, ratio, error, table_error, dense_ms=2.0, round_to=1):
-        return {"width": 1.0, "runtime": "torch", "threads": 1, "batch_size": 1, "config": config,
+    def row(config, ratio, error, table_error, dense_ms=2.0, round_to=1, fit_error=0.05):
+        return {"model": "vgg", "width": 1.0, "runtime": "torch", "threads": 1, "batch_size": 1, "config": config,
                 "round_to": round_to, "latency_vs_macs": ratio, "prediction_error": error,
-                "table_error": table_error, "dense_median_ms": dense_ms}
+                "fit_prediction_error": fit_error, "fit_fixed_fraction": 0.25, "table_error": table_error,
+                "dense_median_ms": dense_ms}
 
-    summary = bench.summarize([row("dense", None, 0.0, -0.02), row("a", 0.5, -0.10, -0.2), row("b", 0.9, 0.04, -0.1),
-                               row("c", 0.7, 0.2, 0.1, dense_ms=4.0), row("a", 1.0, 0.3, 0.5, round_to=8)])
-    common = {"width": 1.0, "runtime": "torch", "threads": 1, "batch_size": 1}
+    summary = bench.summarize([row("dense", None, 0.0, -0.02), row("a", 0.5, -0.10, -0.2, fit_error=-0.01),
+                               row("b", 0.9, 0.04, -0.1), row("c", 0.7, 0.2, 0.1, dense_ms=4.0, fit_error=0.2),
+                               row("a", 1.0, 0.3, 0.5, round_to=8)])
+    common = {"model": "vgg", "width": 1.0, "runtime": "torch", "threads": 1, "batch_size": 1}
     assert summary == [  # the pruned configs' errors; the table sum's counts the dense row in every rounding
         {**common, "round_to": 1, "configs": 3, "dense_ms": 2.0, "latency_vs_macs_median": 0.7,
-         "prediction_abs_error_median": 0.10, "prediction_abs_error_max": 0.2, "table_abs_error_median": 0.1},
+         "prediction_abs_error_median": 0.10, "prediction_abs_error_max": 0.2, "fit_abs_error_median": 0.05,
+         "fit_abs_error_max": 0.2, "fit_fixed_fraction": 0.25, "table_abs_error_median": 0.1},
         {**common, "round_to": 8, "configs": 1, "dense_ms": 2.0, "latency_vs_macs_median": 1.0,
-         "prediction_abs_error_median": 0.3, "prediction_abs_error_max": 0.3, "table_abs_error_median": 0.26}]
-    assert "| 1 | torch | 1 | 1 | 1 | 2.000 | 0.70 | 10.0% / 20.0% | 10.0% |" in bench.markdown(summary)
+         "prediction_abs_error_median": 0.3, "prediction_abs_error_max": 0.3, "fit_abs_error_median": 0.05,
+         "fit_abs_error_max": 0.05, "fit_fixed_fraction": 0.25, "table_abs_error_median": 0.26}]
+    assert ("| vgg | 1 | torch | 1 | 1 | 1 | 2.000 | 0.70 | 10.0% / 20.0% | 5.0% / 20.0% (0.25) | 10.0% |"
+            in bench.markdown(summary))
     # Rounded widths as [pruning] round_to makes them: kept channels to the nearest multiple (at least one), exact
-    # ratios.
-    assert bench.kept_channels([64, 128], bench.rounded([64, 128], {"conv0": 0.5, "conv1": 0.99}, 8)) == [32, 8]
-    assert bench.kept_channels([64, 128], bench.rounded([64, 128], {"conv0": 0.45}, 16)) == [32, 128]
+    # ratios; over any model's groups.
+    from autoprune.channel import kept_channels
+
+    channels = vgg_channels(1.0)  # 64, 128, 256, ...
+    assert kept_channels(channels, bench.rounded(channels, {"conv0": 0.5, "conv1": 0.99}, 8))[:3] == [32, 8, 256]
+    assert kept_channels(channels, bench.rounded(channels, {"conv0": 0.45}, 16))[:2] == [32, 128]
+    groups = ("stem", "layer1", "layer2")
+    assert [c["name"] for c in bench.configs([0.3], 1, 0.8, seed=0, groups=groups)] == [
+        "uniform 0.3", "ramp 0.2-0.7", "random 0"]
+    assert bench.ramp(groups) == {"stem": 0.2, "layer1": 0.45, "layer2": 0.7}
 
 
 # --- round_to: hardware-friendly widths ----------------------------------------------------
