@@ -21,8 +21,8 @@
   linear head), any other model by tracing its skeleton on the meta device
   (one entry per conv or linear call, the conv alone).
 * :class:`LatencyFit` turns table sums into latency: measured = fixed_ms +
-  scale * table sum, fitted at setup through the dense model and its uniform
-  0.5 prune measured side by side. The fixed part (dispatch, activations,
+  scale * table sum, fitted at setup through the dense model and near its
+  uniform 0.25 / 0.5 / 0.75 prunes measured side by side. The fixed part (dispatch, activations,
   pooling, the runtime's per-call work) does not shrink with the widths, and
   is a large share of a narrow model. :class:`PredictedFraction` (the latency
   budget's cost over any :class:`autoprune.budget.CostModel`) and the trials'
@@ -590,17 +590,20 @@ class LatencyTable:
         return sum(self.breakdown(arch).values())
 
 
+FIT_RATIOS = (0.25, 0.5, 0.75)  # the uniform prunes measured beside the dense model to fit latency at setup
+
+
 @dataclass(frozen=True)
 class LatencyFit:
     """Measured latency = ``fixed_ms`` + ``scale`` x a model's table sum, on one runtime, threads and batch.
 
-    Fitted through two models measured side by side (:meth:`Meter.dense_figures`: the dense model and its
-    uniform 0.5 prune). ``fixed_ms`` is what a whole forward pass costs beyond its timed layers and does not
-    shrink with the widths (dispatch, activations, pooling, the runtime's per-call work); ``scale`` the
-    layers' part. Predictions use ``fixed_fraction``, the fixed part's share of the dense model's latency, so
-    a worker on another machine applies the fit to its own table: a config's latency as a fraction of dense
-    is ``fixed_fraction + (1 - fixed_fraction) * table sum / dense table sum`` (on the fitting machine, exactly
-    (fixed + scale * sum) / (fixed + scale * dense sum)).
+    Fitted at setup (:meth:`Meter.dense_figures`) on the dense model and its uniform prunes
+    (:data:`FIT_RATIOS`) measured side by side. ``fixed_ms`` is what a whole forward pass costs beyond its
+    timed layers and does not shrink with the widths (dispatch, activations, pooling, the runtime's per-call
+    work); ``scale`` the layers' part. Predictions use ``fixed_fraction``, the fixed part's share of the dense
+    model's latency, so a worker on another machine applies the fit to its own table: a config's latency as a
+    fraction of dense is ``fixed_fraction + (1 - fixed_fraction) * table sum / dense table sum`` (on the
+    fitting machine, exactly (fixed + scale * sum) / (fixed + scale * dense sum)).
     """
 
     fixed_ms: float
@@ -608,22 +611,25 @@ class LatencyFit:
     fixed_fraction: float
 
     @classmethod
-    def through(cls, dense: tuple[float, float], other: tuple[float, float]) -> "LatencyFit":
-        """The line through (table sum, measured ms) of the dense model and of another model.
+    def through(cls, dense: tuple[float, float], *others: tuple[float, float]) -> "LatencyFit":
+        """The least-squares line through the dense model's (table sum, measured ms) and near the others' (with
+        one other model: the line through both). Through the dense point because every prediction stands on
+        the dense model measured beside it.
 
-        Noise may tilt it past what latency can be; then it is held at the nearest sound line: a negative
+        Noise may tilt the line past what latency can be; then it is held at the nearest sound line: a negative
         fixed part at 0 (latency in proportion to the table: the rule without a fit), a negative scale at 0
         (the widths do not matter: every config as slow as dense).
         """
-        (s0, m0), (s1, m1) = dense, other
+        s0, m0 = dense
         if not (s0 > 0 and m0 > 0):
             raise AutopruneError(f"cannot fit latency to a dense table sum of {s0} ms measured at {m0} ms; "
                                  f"please report this")
-        scale = (m0 - m1) / (s0 - s1) if s0 != s1 else m0 / s0
+        spread = sum((s - s0) ** 2 for s, _ in others)
+        scale = sum((s - s0) * (m - m0) for s, m in others) / spread if spread > 0 else m0 / s0
         fixed = m0 - scale * s0
         if scale < 0:
-            log.warning("latency fit: the smaller model measured no faster (%.3f ms vs dense %.3f ms); the "
-                        "widths are taken not to matter", m1, m0)
+            log.warning("latency fit: the pruned models measured no faster than dense (%s vs %.3f ms); the widths "
+                        "are taken not to matter", ", ".join(f"{m:.3f}" for _, m in others), m0)
             fixed, scale = m0, 0.0
         elif fixed < 0:
             fixed, scale = 0.0, m0 / s0
@@ -778,26 +784,28 @@ class Meter:
 
     def dense_figures(self, dense: nn.Module) -> dict:
         """What a study records of its dense model's latency (:data:`DENSE_FIGURES`); with the table, the dense
-        model is measured beside its uniform 0.5 prune and the two fix this meter's :class:`LatencyFit`
-        (recorded too: ``latency_fit_fixed_ms``, ``latency_fit_scale``, ``latency_fit_fixed_fraction``)."""
+        model is measured beside its uniform prunes (:data:`FIT_RATIOS`) and they fix this meter's
+        :class:`LatencyFit` (recorded too: ``latency_fit_fixed_ms``, ``latency_fit_scale``,
+        ``latency_fit_fixed_fraction`` and each model's ``latency_fit_points``)."""
         if self.table is None:
             f = self.figures(dense)
             return {k: f[k] for k in DENSE_FIGURES if k in f}
         from .sources import prunable
 
         p = prunable(dense)
-        half = p.prune_channels({g: 0.5 for g in p.channel_groups()}, "none")  # latency ignores which channels
-        runs = self.measure({"dense": dense, "half": half})
+        models = {"dense": dense, **{f"uniform {r:g}": p.prune_channels({g: r for g in p.channel_groups()}, "none")
+                                     for r in FIT_RATIOS}}  # "none": latency does not care which channels stay
         b = self.batch_sizes[0]
-        d, h = runs["dense"][b], runs["half"][b]
-        dense_table_ms, half_table_ms = self.table.predict_ms(dense), self.table.predict_ms(half)
-        self.fit = LatencyFit.through((dense_table_ms, d["median_ms"]), (half_table_ms, h["median_ms"]))
+        runs = {name: stats[b] for name, stats in self.measure(models).items()}
+        points = {name: (self.table.predict_ms(m), runs[name]["median_ms"]) for name, m in models.items()}
+        self.fit = LatencyFit.through(points.pop("dense"), *points.values())
+        d = runs["dense"]
         log.info("latency fit: measured = %.3f ms + %.3f x the table's sum (fixed share %.2f of the dense model's "
-                 "%.3f ms; uniform 0.5: %.3f ms)", self.fit.fixed_ms, self.fit.scale, self.fit.fixed_fraction,
-                 d["median_ms"], h["median_ms"])
+                 "%.3f ms)", self.fit.fixed_ms, self.fit.scale, self.fit.fixed_fraction, d["median_ms"])
+        dense_table_ms = self.table.predict_ms(dense)
         predicted = self.fit.fixed_ms + self.fit.scale * dense_table_ms  # the dense point is on the line
         return {"latency_ms": d["median_ms"], "latency_iqr_ms": d["iqr_ms"], "latency_batch_size": b,
                 "latency_runtime": self.runtime, "latency_threads": self.threads, "latency_device": self.device,
                 "latency_table_ms": dense_table_ms, "latency_predicted_ms": predicted,
-                "latency_prediction_error": predicted / d["median_ms"] - 1.0, "latency_fit_half_ms": h["median_ms"],
-                "latency_fit_half_table_ms": half_table_ms, **self.fit.figures()}
+                "latency_prediction_error": predicted / d["median_ms"] - 1.0, **self.fit.figures(),
+                "latency_fit_points": {name: {"table_ms": t, "median_ms": m} for name, (t, m) in points.items()}}

@@ -192,7 +192,7 @@ def prepare(config: StudyConfig, device="auto", progress: bool = True) -> tuple[
     meter, lat_budget = None, None
     if config.study.kind == "channel":
         meter = Meter.from_config(config.latency, config.latency_cache_dir)
-        figures.update(meter.dense_figures(dense))  # with the table: the latency fit, beside uniform 0.5
+        figures.update(meter.dense_figures(dense))  # with the table: the latency fit, beside uniform prunes
         lat_budget = study_latency_budget(config, dense.channels, dense.num_classes, meter.table, meter.fit)
         if lat_budget is not None:
             figures["latency_budget_fraction"] = lat_budget[0]

@@ -580,7 +580,7 @@ def test_a_tiny_channel_study_with_a_latency_budget_runs_end_to_end(tmp_path, mo
     # The fit from the real measurements at setup depends on the machine's load: fixed at a 20% share here (the
     # line through the measured dense point), so that a cap of 0.5 is reachable.
     monkeypatch.setattr(latency.LatencyFit, "through", classmethod(
-        lambda cls, dense, other: cls(0.2 * dense[1], 0.8 * dense[1] / dense[0], 0.2)))
+        lambda cls, dense, *others: cls(0.2 * dense[1], 0.8 * dense[1] / dense[0], 0.2)))
     out = tmp_path / "reports" / "lat"
     config = load_config(write_study(
         tmp_path / "lat.toml", study={"name": "lat", "kind": "channel", "trials": 2, "out_dir": out,
@@ -703,12 +703,17 @@ def test_predicted_fraction_over_a_graph_cost_model_is_the_table_share(fake):
 
 def test_the_fit_recovers_fixed_and_scale_exactly_and_holds_noise_to_a_sound_line():
     a, b = 0.7, 1.3
-    fit = latency.LatencyFit.through((10.0, a + b * 10.0), (4.0, a + b * 4.0))
-    assert fit.fixed_ms == pytest.approx(a, rel=1e-12) and fit.scale == pytest.approx(b, rel=1e-12)
-    assert fit.fixed_fraction == pytest.approx(a / (a + b * 10.0), rel=1e-12)
+    for others in ([4.0], [4.0, 6.0, 1.5]):  # two models, or more on one line
+        fit = latency.LatencyFit.through((10.0, a + b * 10.0), *[(s, a + b * s) for s in others])
+        assert fit.fixed_ms == pytest.approx(a, rel=1e-12) and fit.scale == pytest.approx(b, rel=1e-12)
+        assert fit.fixed_fraction == pytest.approx(a / (a + b * 10.0), rel=1e-12)
     for s in (1.0, 4.0, 7.5):  # the budget's fraction: (a + b * sum) / (a + b * dense sum)
         assert latency.predicted_fraction(s, 10.0, fit.fixed_fraction) == pytest.approx(
             (a + b * s) / (a + b * 10.0), rel=1e-12)
+    # Off a line: least squares through the dense point, slope sum(ds * dm) / sum(ds ** 2).
+    fit = latency.LatencyFit.through((10.0, 20.0), (5.0, 11.0), (2.0, 6.0))
+    assert fit.scale == pytest.approx((5 * 9 + 8 * 14) / (5 ** 2 + 8 ** 2), rel=1e-12)
+    assert fit.fixed_ms + fit.scale * 10.0 == pytest.approx(20.0, rel=1e-12)
     assert latency.LatencyFit.from_figures(fit.figures()) == fit and latency.LatencyFit.from_figures({}) is None
     # Measured faster than in proportion (a negative fixed part): the table's share alone.
     assert latency.LatencyFit.through((10.0, 12.0), (5.0, 4.0)) == latency.LatencyFit(0.0, 1.2, 0.0)
@@ -716,18 +721,22 @@ def test_the_fit_recovers_fixed_and_scale_exactly_and_holds_noise_to_a_sound_lin
     assert latency.LatencyFit.through((10.0, 12.0), (5.0, 12.5)) == latency.LatencyFit(12.0, 0.0, 1.0)
 
 
-def test_the_setup_fit_passes_through_both_measured_models(fake):
+def test_the_setup_fit_is_made_on_the_dense_model_and_its_uniform_prunes(fake):
     model = tiny_res_model()
     meter = latency.Meter("fake", warmup=0, repeats=3, clock=fake.clock)
     f = meter.dense_figures(model)
     fit = meter.fit
     assert fit == latency.LatencyFit.from_figures(f)
+    points = f["latency_fit_points"]
+    assert list(points) == ["uniform 0.25", "uniform 0.5", "uniform 0.75"]
+    assert fit == latency.LatencyFit.through((f["latency_table_ms"], f["latency_ms"]),
+                                             *[(p["table_ms"], p["median_ms"]) for p in points.values()])
     assert fit.fixed_ms + fit.scale * f["latency_table_ms"] == pytest.approx(f["latency_ms"], rel=1e-12)
-    assert fit.fixed_ms + fit.scale * f["latency_fit_half_table_ms"] == pytest.approx(f["latency_fit_half_ms"],
-                                                                                        rel=1e-12)
     assert f["latency_predicted_ms"] == pytest.approx(f["latency_ms"], rel=1e-12)
     assert f["latency_ms"] == pytest.approx(FakeRuntime.cost_ms(model, (1, 3, 16, 16)))
     assert set(latency.DENSE_FIGURES) <= set(f)
+    # the four models were measured side by side: one session each, on the arch's input shape
+    assert [s[1] for s in fake.sessions[:4]] == [(1, 3, 16, 16)] * 4
     # A worker's meter made from the study's records predicts by the same fit.
     joined = latency.Meter.from_config(LatencySection(runtime="fake", warmup=0, repeats=1), dense_figures=f)
     assert joined.fit == fit
