@@ -1,7 +1,9 @@
-"""Deployment latency of channel-pruned VGGs: runtimes, threads, predicted vs measured, latency vs MACs.
+"""Deployment latency of channel-pruned models: runtimes, threads, predicted vs measured, latency vs MACs.
 
-For each width, runtime (``torch`` eager, ``onnxruntime``) and thread count, on one
-device, the dense VGG and a set of channel-pruned configs are timed by
+For each model (``--models``: the lab's VGG at each of ``--widths``, or a source such as
+``torchvision:resnet18``, built with its CIFAR stem at full width), runtime (``torch``
+eager, ``onnxruntime``) and thread count, on one
+device, the dense model and a set of channel-pruned configs are timed by
 :class:`autoprune.latency.Meter`: each config side by side with the dense model
 (interleaved repeats after warm-up; median and interquartile range), at every
 batch size. Configs: uniform ratios (``--uniform``), a fixed non-uniform plan
@@ -16,7 +18,10 @@ Per config and batch size it records the MACs reduction (dense MACs / MACs), the
 latency reduction (dense ms / ms, measured in the same run) and their ratio (the
 issue's "latency reduction / MACs reduction", 1 when latency follows MACs), and
 the lookup table's prediction (:class:`autoprune.latency.LatencyTable`, one table
-per batch size, cached under ``--cache``) with its error (predicted / measured - 1).
+per batch size, cached under ``--cache``) with its error (predicted / measured - 1), two ways
+side by side: the table's share of the dense model's sum (the rule before the fit) and with the
+study's setup fit (:class:`autoprune.latency.LatencyFit`, made first on the dense model and its
+uniform 0.25 / 0.5 / 0.75 prunes, as a study's setup makes it).
 The summary gives, per width / runtime / threads / batch, the median of that
 ratio and the median and largest |prediction error| over the configs.
 
@@ -27,6 +32,8 @@ after, with a warning when the machine is busy.
     python benchmarks/latency.py --widths 0.125 --random 2 --uniform 0.5 --repeats 3 --warmup 1 \\
         --batch-sizes 1 --out /tmp/latency-smoke.json                # a smoke run, seconds
     python benchmarks/latency.py --device cuda                      # torch CUDA and ONNX Runtime's CUDA provider
+    python benchmarks/latency.py --models vgg,torchvision:resnet18 --widths 1,0.125 --threads 1 --batch-sizes 1 \\
+        --random 3 --no-ramp --round-to 1 --repeats 30 --out benchmarks/results/latency-any.json  # the fit, any model
     python benchmarks/latency.py --widths 1 --threads 1 --batch-sizes 1 --uniform 0.5 --random 0 \\
         --round-to 1,4,8,16 --out benchmarks/results/latency-cpu-round-to.json  # issue 15: round_to, both runtimes
 
@@ -172,6 +179,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         fit_errors = [abs(r["fit_prediction_error"]) for r in pruned if "fit_prediction_error" in r]
         table_errors = [abs(r["table_error"]) for r in rs]
         ratios = [r["latency_vs_macs"] for r in pruned if r["latency_vs_macs"] is not None]
+        random = [r for r in pruned if r["config"].startswith("random")]
         out.append({
             "model": model, "width": width, "runtime": runtime, "threads": threads, "batch_size": b,
             "round_to": multiple, "configs": len(pruned),
@@ -182,9 +190,17 @@ def summarize(rows: list[dict]) -> list[dict]:
             "fit_abs_error_median": statistics.median(fit_errors) if fit_errors else None,
             "fit_abs_error_max": max(fit_errors) if fit_errors else None,
             "fit_fixed_fraction": pruned[0].get("fit_fixed_fraction"),
+            # the random configs alone: the uniform ones sit near the fit's own models (0.25 / 0.5 / 0.75)
+            "random_prediction_abs_error_median": _median_abs(random, "prediction_error"),
+            "random_fit_abs_error_median": _median_abs(random, "fit_prediction_error"),
             "table_abs_error_median": statistics.median(table_errors),
         })
     return out
+
+
+def _median_abs(rows: list[dict], key: str) -> float | None:
+    values = [abs(r[key]) for r in rows if key in r]
+    return statistics.median(values) if values else None
 
 
 def _pct(a, b) -> str:
@@ -194,8 +210,9 @@ def _pct(a, b) -> str:
 def markdown(summary: list[dict]) -> str:
     lines = ["| model | width | runtime | threads | batch | round_to | dense ms | latency reduction / MACs reduction "
              "(median) | predicted vs measured, the table's share: median / max abs error | with the fit: median / "
-             "max abs error (fixed share) | the table's sum alone: median abs error |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "max abs error (fixed share) | random configs: the share / the fit, median abs error | the table's "
+             "sum alone: median abs error |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in summary:
         ratio = "-" if s["latency_vs_macs_median"] is None else f"{s['latency_vs_macs_median']:.2f}"
         fixed = "" if s.get("fit_fixed_fraction") is None else f" ({s['fit_fixed_fraction']:.2f})"
@@ -203,6 +220,7 @@ def markdown(summary: list[dict]) -> str:
                      f"{s['batch_size']} | {s['round_to']} | {s['dense_ms']:.3f} | {ratio} | "
                      f"{_pct(s['prediction_abs_error_median'], s['prediction_abs_error_max'])} | "
                      f"{_pct(s.get('fit_abs_error_median'), s.get('fit_abs_error_max'))}{fixed} | "
+                     f"{_pct(s.get('random_prediction_abs_error_median'), s.get('random_fit_abs_error_median'))} | "
                      f"{100 * s['table_abs_error_median']:.1f}% |")
     return "\n".join(lines) + "\n"
 

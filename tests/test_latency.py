@@ -373,17 +373,19 @@ def test_latency_benchmark_configs_and_summary():
                 "dense_median_ms": dense_ms}
 
     summary = bench.summarize([row("dense", None, 0.0, -0.02), row("a", 0.5, -0.10, -0.2, fit_error=-0.01),
-                               row("b", 0.9, 0.04, -0.1), row("c", 0.7, 0.2, 0.1, dense_ms=4.0, fit_error=0.2),
+                               row("random 0", 0.9, 0.04, -0.1), row("c", 0.7, 0.2, 0.1, dense_ms=4.0, fit_error=0.2),
                                row("a", 1.0, 0.3, 0.5, round_to=8)])
     common = {"model": "vgg", "width": 1.0, "runtime": "torch", "threads": 1, "batch_size": 1}
     assert summary == [  # the pruned configs' errors; the table sum's counts the dense row in every rounding
         {**common, "round_to": 1, "configs": 3, "dense_ms": 2.0, "latency_vs_macs_median": 0.7,
          "prediction_abs_error_median": 0.10, "prediction_abs_error_max": 0.2, "fit_abs_error_median": 0.05,
-         "fit_abs_error_max": 0.2, "fit_fixed_fraction": 0.25, "table_abs_error_median": 0.1},
+         "fit_abs_error_max": 0.2, "fit_fixed_fraction": 0.25, "random_prediction_abs_error_median": 0.04,
+         "random_fit_abs_error_median": 0.05, "table_abs_error_median": 0.1},
         {**common, "round_to": 8, "configs": 1, "dense_ms": 2.0, "latency_vs_macs_median": 1.0,
          "prediction_abs_error_median": 0.3, "prediction_abs_error_max": 0.3, "fit_abs_error_median": 0.05,
-         "fit_abs_error_max": 0.05, "fit_fixed_fraction": 0.25, "table_abs_error_median": 0.26}]
-    assert ("| vgg | 1 | torch | 1 | 1 | 1 | 2.000 | 0.70 | 10.0% / 20.0% | 5.0% / 20.0% (0.25) | 10.0% |"
+         "fit_abs_error_max": 0.05, "fit_fixed_fraction": 0.25, "random_prediction_abs_error_median": None,
+         "random_fit_abs_error_median": None, "table_abs_error_median": 0.26}]
+    assert ("| vgg | 1 | torch | 1 | 1 | 1 | 2.000 | 0.70 | 10.0% / 20.0% | 5.0% / 20.0% (0.25) | 4.0% / 5.0% | 10.0% |"
             in bench.markdown(summary))
     # Rounded widths as [pruning] round_to makes them: kept channels to the nearest multiple (at least one), exact
     # ratios; over any model's groups.
