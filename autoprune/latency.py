@@ -22,9 +22,9 @@
   (one entry per conv or linear call, the conv alone).
 * :class:`LatencyFit` turns table sums into latency: measured = fixed_ms +
   scale * table sum, fitted at setup through the dense model and near its
-  uniform 0.25 / 0.5 / 0.75 prunes measured side by side. The fixed part (dispatch, activations,
-  pooling, the runtime's per-call work) does not shrink with the widths, and
-  is a large share of a narrow model. :class:`PredictedFraction` (the latency
+  uniform 0.25 / 0.5 / 0.75 prunes measured side by side. The fixed part
+  (dispatch, activations, pooling, the runtime's per-call work) does not
+  shrink with the widths, and is a large share of a narrow model. :class:`PredictedFraction` (the latency
   budget's cost over any :class:`autoprune.budget.CostModel`) and the trials'
   ``latency_predicted_ms`` (:func:`calibrated_ms`) use that one rule.
 * :func:`onnx_export` writes the ONNX file an export ships, checked against
