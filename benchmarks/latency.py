@@ -118,10 +118,10 @@ def run_one(name: str, width: float, runtime: str, threads: int, args) -> list[d
     dense_macs = count_macs(dense)
     meter = latency.Meter(runtime, threads, args.batch_sizes, args.warmup, args.repeats, args.device, predict=False)
     # Per batch size: the table, and the study's setup fit (the dense model beside its uniform 0.5 prune).
-    fits, tables = {}, {}
+    fits, tables, setups = {}, {}, {}
     for b in args.batch_sizes:
         setup = latency.Meter(runtime, threads, [b], args.warmup, args.repeats, args.device, cache_dir=args.cache)
-        setup.dense_figures(dense)
+        setups[b] = {k: v for k, v in setup.dense_figures(dense).items() if k.startswith("latency_")}
         fits[b], tables[b] = setup.fit, setup.table
         print(f"  {name} w{width:g} {runtime} t{setup.threads} b{b}: fit {setup.fit.fixed_ms:.3f} ms + "
               f"{setup.fit.scale:.3f} x table (fixed share {setup.fit.fixed_fraction:.2f})", file=sys.stderr)
@@ -150,6 +150,7 @@ def run_one(name: str, width: float, runtime: str, threads: int, args) -> list[d
                 "predicted_ms": predicted, "prediction_error": predicted / m["median_ms"] - 1.0,
                 "fit_fixed_fraction": fit.fixed_fraction, "fit_predicted_ms": fitted,
                 "fit_prediction_error": fitted / m["median_ms"] - 1.0,
+                **({"setup": setups[int(b)]} if cfg["name"] == "dense" else {}),  # what the fit was made on
             })
             print(f"  {name} w{width:g} {runtime:<11} t{f['latency_threads']} b{b:<3} {cfg['name']:<12} "
                   f"r{cfg['round_to']:<2} {m['median_ms']:8.3f} ms (dense {m['dense_median_ms']:.3f}), "
