@@ -282,6 +282,11 @@ def study_latency_budget(config, costs, num_classes=10, table=None, fit=None):
     c = config.constraints
     cap = c.max_latency_fraction if c.max_latency_fraction is not None else min(
         1.0, c.max_latency_ms / predictor.dense_ms)
+    if cap <= predictor.fixed_fraction:  # no widths reach it: say why, not only that the bounds cannot
+        raise AutopruneError(f"latency cap {cap:.4f} of the dense model's latency is at or below the fixed share "
+                             f"{predictor.fixed_fraction:.4f} that the setup's latency fit measured (latency no "
+                             f"channel pruning removes); raise the cap, or set the study up again on a quieter "
+                             f"machine if that share looks wrong")
     log.info("latency budget: predicted latency <= %.4f of the dense model's %.3f ms (%s, %d thread(s), batch %d; "
              "fixed share %.2f)", cap, predictor.dense_ms, table.runtime.name, table.threads, table.batch_size,
              predictor.fixed_fraction)

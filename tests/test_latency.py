@@ -762,6 +762,12 @@ def test_a_latency_budget_on_a_graph_model_meets_its_cap_by_the_predictor(fake):
     config.constraints.max_latency_ms = 2.0
     cap, predictor = study_latency_budget(config, costs, table=table, fit=fit)  # ms / the fit's dense prediction
     assert predictor.dense_ms == 1.0 + 0.5 * table.predict_ms(model) and cap == 2.0 / predictor.dense_ms < 1
+    with pytest.raises(AutopruneError) as exc:  # a cap below the fit's fixed share: no widths reach it
+        study_latency_budget(config, costs, table=table, fit=latency.LatencyFit(1.0, 0.5, 0.8))
+    assert str(exc.value) == (f"latency cap {2.0 / (1.0 + 0.5 * table.predict_ms(model)):.4f} of the dense model's "
+                              f"latency is at or below the fixed share 0.8000 that the setup's latency fit measured "
+                              f"(latency no channel pruning removes); raise the cap, or set the study up again on a "
+                              f"quieter machine if that share looks wrong")
     space = SearchSpace.build("channel", costs, max_size_fraction=1.0, max_latency_fraction=cap, latency=predictor,
                               budget_low=0.8)
     rng = np.random.default_rng(0)
