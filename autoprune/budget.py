@@ -23,7 +23,8 @@ here still takes the VGG's conv widths as a list).
 Params and MACs are closed-form (no model is built), so a search can repair a
 sampled point in microseconds before spending any fine-tuning on it. Latency
 is a caller's function of the kept widths (:class:`autoprune.latency.PredictedFraction`,
-the lookup table's sum): not strictly monotone (each entry is a timing), but
+the lookup table's sum and the study's latency fit, for any model with an
+``arch``): not strictly monotone (each entry is a timing), but
 the bisection keeps only shifts whose cost meets the target, so the cap holds
 by the predictor whatever its noise.
 """
