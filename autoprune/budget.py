@@ -23,7 +23,8 @@ here still takes the VGG's conv widths as a list).
 Params and MACs are closed-form (no model is built), so a search can repair a
 sampled point in microseconds before spending any fine-tuning on it. Latency
 is a caller's function of the kept widths (:class:`autoprune.latency.PredictedFraction`,
-the lookup table's sum): not strictly monotone (each entry is a timing), but
+the lookup table's sum and the study's latency fit, for any model with an
+``arch``): not strictly monotone (each entry is a timing), but
 the bisection keeps only shifts whose cost meets the target, so the cap holds
 by the predictor whatever its noise.
 """
@@ -41,7 +42,8 @@ from .model import CONV_NAMES, VGG_PLAN
 
 _BISECT_STEPS = 100
 CHANNEL_METRICS = ("params", "macs", "latency")
-WidthsCost = Callable[[Sequence[int]], float]  # every conv's kept width -> cost as a fraction of dense
+# CostModel.widths(kept) (the lab's VGG: every conv's width; graph models: group -> kept) -> fraction of dense
+WidthsCost = Callable[[object], float]
 
 
 class CostModel:
@@ -52,15 +54,18 @@ class CostModel:
     traces on that call, so a fine-grained budget never needs Torch-Pruning); ``kept(ratios, round_to)``:
     channels each group keeps; ``cost(kept)``: exact ``{'params', 'macs'}`` with groups cut to ``kept``;
     ``widths(kept)``: what a latency predictor is given; ``channels``: the lab's VGG conv widths (its plans
-    record them), None for other models.
+    record them), None for other models; ``arch``: the dense model's architecture dict (``model.arch()``,
+    ``sources.arch_of``), from which a latency predictor rebuilds the layers at any widths.
     """
 
     def __init__(self, layers: dict[str, int], params: int, groups: Callable[[], dict[str, int]],
                  kept: Callable[[dict, int], dict[str, int]], cost: Callable[[dict], dict[str, int]],
-                 widths: Callable[[dict], object] = dict, channels: Sequence[int] | None = None):
+                 widths: Callable[[dict], object] = dict, channels: Sequence[int] | None = None,
+                 arch: dict | None = None):
         self.layers, self.params = dict(layers), int(params)
         self._groups, self.kept, self.cost, self.widths = groups, kept, cost, widths
         self.channels = None if channels is None else [int(c) for c in channels]
+        self.arch = arch
 
     @cached_property
     def groups(self) -> dict[str, int]:
@@ -91,7 +96,8 @@ def vgg_cost_model(channels: Sequence[int], num_classes: int = 10) -> CostModel:
         return [int(kept.get(n, c)) for n, c in groups.items()] + [channels[-1]]
 
     return CostModel(layer_numels(channels, num_classes), vgg_cost(channels, num_classes)["params"],
-                     lambda: groups, kept, lambda k: vgg_cost(widths(k), num_classes), widths, channels)
+                     lambda: groups, kept, lambda k: vgg_cost(widths(k), num_classes), widths, channels,
+                     {"name": "vgg", "channels": channels, "num_classes": int(num_classes)})
 
 
 def as_cost_model(model: ModelCosts, num_classes: int = 10) -> CostModel:

@@ -10,14 +10,23 @@
   them alike; per batch size the median and the interquartile range.
   :class:`Meter` does this for a channel trial with the dense model beside it,
   so every trial records the latency ratio measured side by side.
-* :class:`LatencyTable` predicts a config's latency from its layers, the
-  NetAdapt / HALP way: each layer shape (conv + BatchNorm + ReLU (+ max pool),
-  or the pooled linear head) is timed once alone on the target runtime and
-  cached in a JSON file keyed by machine, runtime (and version), threads, batch
-  size and device; a config's prediction is the per-call overhead (a
-  near-empty model on the same runtime) plus each layer's time less that
-  overhead. Layers come from the architecture dict (``model.arch()``), so a
-  plan can be predicted without building the pruned model.
+* :class:`LatencyTable` sums a config's layers, the NetAdapt / HALP way: each
+  layer shape is timed once alone on the target runtime and cached in a JSON
+  file keyed by machine, runtime (and version), threads, batch size and
+  device; a config's sum is the per-call overhead (a near-empty model on the
+  same runtime) plus each layer's time less that overhead. Layers come from the
+  architecture dict (``model.arch()``, ``sources.arch_of``), so a plan is
+  predicted without building the pruned model: the lab's VGG from its conv
+  widths (3x3 conv + BatchNorm + ReLU (+ max pool) entries, and the pooled
+  linear head), any other model by tracing its skeleton on the meta device
+  (one entry per conv or linear call, the conv alone).
+* :class:`LatencyFit` turns table sums into latency: measured = fixed_ms +
+  scale * table sum, fitted at setup through the dense model and near its
+  uniform 0.25 / 0.5 / 0.75 prunes measured side by side. The fixed part
+  (dispatch, activations, pooling, the runtime's per-call work) does not
+  shrink with the widths, and is a large share of a narrow model. :class:`PredictedFraction` (the latency
+  budget's cost over any :class:`autoprune.budget.CostModel`) and the trials'
+  ``latency_predicted_ms`` (:func:`calibrated_ms`) use that one rule.
 * :func:`onnx_export` writes the ONNX file an export ships, checked against
   torch's outputs with ONNX Runtime.
 """
@@ -38,8 +47,9 @@ import statistics
 import time
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -278,13 +288,15 @@ def time_runs(runs: dict[str, Callable[[], object]], warmup: int, repeats: int,
 
 def measure(models: dict[str, nn.Module], *, runtime: str = "torch", threads: int = 1,
             batch_sizes: tuple[int, ...] | list[int] = (1,), warmup: int = 10, repeats: int = 50,
-            device: str = "cpu", clock: Callable[[], float] = time.perf_counter) -> dict[str, dict[int, dict]]:
-    """Latency of each model, measured side by side: ``{name: {batch_size: summarize(...)}}``."""
+            device: str = "cpu", clock: Callable[[], float] = time.perf_counter,
+            input_shape: Sequence[int] = INPUT_SHAPE) -> dict[str, dict[int, dict]]:
+    """Latency of each model on inputs of ``input_shape`` (one example: C, H, W), measured side by side:
+    ``{name: {batch_size: summarize(...)}}``."""
     rt = get_runtime(runtime)
     out: dict[str, dict[int, dict]] = {name: {} for name in models}
     for b in batch_sizes:
         with contextlib.ExitStack() as stack:
-            runs = {name: stack.enter_context(rt.session(m, (int(b), *INPUT_SHAPE), threads, device))
+            runs = {name: stack.enter_context(rt.session(m, (int(b), *input_shape), threads, device))
                     for name, m in models.items()}
             for name, samples in time_runs(runs, warmup, repeats, clock).items():
                 out[name][int(b)] = summarize(samples)
@@ -355,15 +367,134 @@ def vgg_layers(arch: dict) -> list[Layer]:
     return layers + [Layer("head", c, int(arch["num_classes"]), size)]
 
 
-LAYERS: dict[str, Callable[[dict], list[Layer]]] = {"vgg": vgg_layers}  # architecture name -> its entries
+def _dims(v) -> str:
+    return v if isinstance(v, str) else "x".join(str(int(d)) for d in v)
 
 
-def layers_of(arch: dict | nn.Module) -> list[Layer]:
-    arch = arch.arch() if isinstance(arch, nn.Module) else arch
+@dataclass(frozen=True)
+class Conv:
+    """A traced conv call (any model but the lab's VGG), timed alone: its norm and activation, like the rest of
+    the forward pass between the timed layers, are what :class:`LatencyFit` absorbs."""
+
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str
+    dilation: tuple[int, ...]
+    groups: int
+    bias: bool
+    size: tuple[int, ...]  # the input's spatial size (H, W for a 2-d conv)
+    padding_mode: str = "zeros"
+
+    @property
+    def key(self) -> str:
+        return (f"conv{len(self.size)}d {self.in_channels}->{self.out_channels} k{_dims(self.kernel)} "
+                f"s{_dims(self.stride)} p{_dims(self.padding)} d{_dims(self.dilation)} g{self.groups}"
+                + (" bias" if self.bias else "") + ("" if self.padding_mode == "zeros" else f" {self.padding_mode}")
+                + f" @{_dims(self.size)}")
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.in_channels, *self.size)
+
+    def module(self) -> nn.Module:
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(self.size) - 1]
+        return conv(self.in_channels, self.out_channels, self.kernel, self.stride, self.padding, self.dilation,
+                    self.groups, self.bias, self.padding_mode).eval()
+
+
+@dataclass(frozen=True)
+class Linear:
+    """A traced linear call, timed alone on its input's shape (one example: (..., in_features))."""
+
+    in_features: int
+    out_features: int
+    bias: bool
+    shape: tuple[int, ...]
+
+    @property
+    def key(self) -> str:
+        return f"linear {self.in_features}->{self.out_features}" + (" bias" if self.bias else "") + \
+            f" @{_dims(self.shape)}"
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+    def module(self) -> nn.Module:
+        return nn.Linear(self.in_features, self.out_features, self.bias).eval()
+
+
+TRACED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # the layers a traced model's entries are
+
+
+def trace_layers(model: nn.Module, input_size: Sequence[int], device: str = "meta") -> list[Conv | Linear]:
+    """Every conv and linear call of ``model`` on one zero example of ``input_size`` (C, H, W), in call order (a
+    layer called twice is two entries). On the meta device nothing is computed: shapes only."""
+    found: list[Conv | Linear] = []
+
+    def hook(m, args, out):
+        x = args[0]
+        if isinstance(m, nn.Linear):
+            found.append(Linear(m.in_features, m.out_features, m.bias is not None, tuple(x.shape[1:])))
+        else:
+            found.append(Conv(m.in_channels, m.out_channels, tuple(m.kernel_size), tuple(m.stride),
+                              m.padding if isinstance(m.padding, str) else tuple(m.padding), tuple(m.dilation),
+                              m.groups, m.bias is not None, tuple(x.shape[2:]), m.padding_mode))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, TRACED)]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_size, device=device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return found
+
+
+@lru_cache(maxsize=1024)  # a budget's bisection asks for few distinct widths; each costs a trace
+def _traced(arch_json: str) -> tuple:
+    from .sources import INPUT_SIZE, from_arch
+
+    arch = json.loads(arch_json)
+    # The caller holds this model (or its cost model): its source's code is imported in this process already.
+    model = from_arch(arch, trusted_source=arch["source"], device="meta")
+    return tuple(trace_layers(model, arch.get("input_size", INPUT_SIZE)))
+
+
+def traced_layers(arch: dict) -> list[Conv | Linear]:
+    """A graph model's entries from its arch (``source``, ..., ``widths``): the skeleton rebuilt on the meta
+    device (:func:`autoprune.sources.from_arch`, no weights) and traced; memoised per arch."""
+    return list(_traced(json.dumps(arch, sort_keys=True)))
+
+
+LAYERS: dict[str, Callable[[dict], list[Layer]]] = {"vgg": vgg_layers}  # the lab's layouts, by arch name
+
+
+def layers_of(arch: dict | nn.Module) -> list:
+    """A model's table entries, from the model or its arch dict: the lab's VGG by its layout (:data:`LAYERS`),
+    a model of any other source (an arch with ``source``) traced (:func:`traced_layers`)."""
+    if isinstance(arch, nn.Module):
+        from .model import arch_of
+
+        arch = arch_of(arch)
+    if "source" in arch:
+        return traced_layers(arch)
     name = arch.get("name", "vgg")
     if name not in LAYERS:
         raise AutopruneError(f"no latency table layout for model {name!r}; known: {', '.join(LAYERS)}")
     return LAYERS[name](arch)
+
+
+def input_shape_of(model: nn.Module) -> tuple[int, ...]:
+    """One example's shape (C, H, W): the arch's ``input_size``, else one CIFAR image."""
+    from .model import ARCH_ATTR
+
+    arch = getattr(model, ARCH_ATTR, None)  # the lab's VGG has none: CIFAR
+    return tuple(int(v) for v in arch.get("input_size", INPUT_SHAPE)) if isinstance(arch, dict) else INPUT_SHAPE
 
 
 def machine() -> dict:
@@ -459,59 +590,172 @@ class LatencyTable:
         return sum(self.breakdown(arch).values())
 
 
-class PredictedFraction:
-    """The latency budget's cost: a VGG's predicted latency at given conv widths as a fraction of the dense
-    model's prediction (same table), memoised per width tuple (a budget's bisection asks for few distinct ones)."""
+FIT_RATIOS = (0.25, 0.5, 0.75)  # the uniform prunes measured beside the dense model to fit latency at setup
 
-    def __init__(self, table: LatencyTable, channels, num_classes: int = 10):
-        self.table = table
-        self.arch = {"name": "vgg", "channels": [int(c) for c in channels], "num_classes": int(num_classes)}
-        self.dense_ms = table.predict_ms(self.arch)
+
+@dataclass(frozen=True)
+class LatencyFit:
+    """Measured latency = ``fixed_ms`` + ``scale`` x a model's table sum, on one runtime, threads and batch.
+
+    Fitted at setup (:meth:`Meter.dense_figures`) on the dense model and its uniform prunes
+    (:data:`FIT_RATIOS`) measured side by side. ``fixed_ms`` is what a whole forward pass costs beyond its
+    timed layers and does not shrink with the widths (dispatch, activations, pooling, the runtime's per-call
+    work); ``scale`` the layers' part. Predictions use ``fixed_fraction``, the fixed part's share of the dense
+    model's latency, so a worker on another machine applies the fit to its own table: a config's latency as a
+    fraction of dense is ``fixed_fraction + (1 - fixed_fraction) * table sum / dense table sum`` (on the
+    fitting machine, exactly (fixed + scale * sum) / (fixed + scale * dense sum)).
+    """
+
+    fixed_ms: float
+    scale: float
+    fixed_fraction: float
+
+    @classmethod
+    def through(cls, dense: tuple[float, float], *others: tuple[float, float]) -> "LatencyFit":
+        """The least-squares line through the dense model's (table sum, measured ms) and near the others' (with
+        one other model: the line through both). Through the dense point because every prediction stands on
+        the dense model measured beside it.
+
+        Noise may tilt the line past what latency can be; then it is held at the nearest sound line: a negative
+        fixed part at 0 (latency in proportion to the table: the rule without a fit), a negative scale at 0
+        (the widths do not matter: every config as slow as dense).
+        """
+        s0, m0 = dense
+        if not (s0 > 0 and m0 > 0):
+            raise AutopruneError(f"cannot fit latency to a dense table sum of {s0} ms measured at {m0} ms; "
+                                 f"please report this")
+        spread = sum((s - s0) ** 2 for s, _ in others)
+        scale = sum((s - s0) * (m - m0) for s, m in others) / spread if spread > 0 else m0 / s0
+        fixed = m0 - scale * s0
+        if scale < 0:
+            log.warning("latency fit: the pruned models measured no faster than dense (%s vs %.3f ms); the widths "
+                        "are taken not to matter", ", ".join(f"{m:.3f}" for _, m in others), m0)
+            fixed, scale = m0, 0.0
+        elif fixed < 0:
+            fixed, scale = 0.0, m0 / s0
+        return cls(fixed, scale, fixed / m0)
+
+    @classmethod
+    def from_figures(cls, figures: dict | None) -> "LatencyFit | None":
+        """The fit a study recorded with its dense figures (:meth:`figures`), or None (a study made before)."""
+        f = figures or {}
+        if "latency_fit_fixed_fraction" not in f:
+            return None
+        return cls(float(f["latency_fit_fixed_ms"]), float(f["latency_fit_scale"]),
+                   float(f["latency_fit_fixed_fraction"]))
+
+    def figures(self) -> dict:
+        return {"latency_fit_fixed_ms": self.fixed_ms, "latency_fit_scale": self.scale,
+                "latency_fit_fixed_fraction": self.fixed_fraction}
+
+
+def predicted_fraction(table_ms: float, dense_table_ms: float, fixed_fraction: float = 0.0) -> float:
+    """A config's predicted latency as a fraction of the dense model's: the fixed share as it is, the rest in
+    proportion to the table sums (``fixed_fraction`` 0: the share of the sum alone)."""
+    return fixed_fraction + (1.0 - fixed_fraction) * table_ms / dense_table_ms
+
+
+def calibrated_ms(table_ms: float, dense_table_ms: float, dense_measured_ms: float,
+                  fixed_fraction: float = 0.0) -> float:
+    """A model's predicted latency beside a measured dense model: :func:`predicted_fraction` times the dense
+    model's measured latency (what a latency budget repairs by, in ms; ``fixed_fraction`` from the study's
+    :class:`LatencyFit`)."""
+    return predicted_fraction(table_ms, dense_table_ms, fixed_fraction) * dense_measured_ms
+
+
+class PredictedFraction:
+    """The latency budget's cost over any model: a config's predicted latency as a fraction of the dense
+    model's (:func:`predicted_fraction`, with the study's :class:`LatencyFit` when given), memoised per width
+    tuple (a budget's bisection asks for few distinct ones).
+
+    ``costs``: a :class:`autoprune.budget.CostModel` (or the lab's VGG conv widths); it is called with what
+    ``costs.widths(kept)`` gives: every conv's width (the lab's VGG) or group -> kept width (graph models).
+    ``dense_ms``: the dense model's predicted latency (the fit's line at its table sum; without a fit the sum).
+    """
+
+    def __init__(self, table: LatencyTable, costs, num_classes: int = 10, fit: LatencyFit | None = None):
+        from .budget import as_cost_model
+
+        costs = as_cost_model(costs, num_classes)
+        if costs.arch is None:
+            raise AutopruneError("this cost model describes no architecture, so its latency cannot be predicted; "
+                                 "make it with prunable(model).cost_model()")
+        self.table, self.arch, self.fit = table, costs.arch, fit
+        self.fixed_fraction = fit.fixed_fraction if fit is not None else 0.0
+        self.dense_table_ms = table.predict_ms(self.arch)
+        self.dense_ms = fit.fixed_ms + fit.scale * self.dense_table_ms if fit is not None else self.dense_table_ms
         self._seen: dict[tuple, float] = {}
 
-    def ms(self, kept) -> float:
-        key = tuple(int(c) for c in kept)
+    def arch_at(self, widths) -> dict:
+        """The dense arch at ``widths``: every conv's width (the lab's VGG) or group -> kept (graph models)."""
+        if isinstance(widths, dict):
+            return {**self.arch, "widths": {**self.arch.get("widths", {}), **{k: int(v) for k, v in widths.items()}}}
+        return {**self.arch, "channels": [int(c) for c in widths]}
+
+    def table_ms(self, widths) -> float:
+        """The table's sum at ``widths``."""
+        key = tuple(sorted((k, int(v)) for k, v in widths.items())) if isinstance(widths, dict) else tuple(
+            int(c) for c in widths)
         if key not in self._seen:
-            self._seen[key] = self.table.predict_ms({**self.arch, "channels": list(key)})
+            self._seen[key] = self.table.predict_ms(self.arch_at(widths))
         return self._seen[key]
 
-    def __call__(self, kept) -> float:
-        return self.ms(kept) / self.dense_ms
+    def ms(self, widths) -> float:
+        """Predicted milliseconds at ``widths`` (on the dense model's predicted latency)."""
+        return self(widths) * self.dense_ms
+
+    def __call__(self, widths) -> float:
+        return predicted_fraction(self.table_ms(widths), self.dense_table_ms, self.fixed_fraction)
 
 
 # --- a study's latency figures -------------------------------------------------
 
+DENSE_FIGURES = ("latency_ms", "latency_iqr_ms", "latency_batch_size", "latency_runtime", "latency_threads",
+                 "latency_device", "latency_table_ms", "latency_predicted_ms", "latency_prediction_error")
+
 
 class Meter:
-    """A study's latency settings (``[latency]``): measure a model beside the dense one, and predict."""
+    """A study's latency settings (``[latency]``): measure a model beside the dense one, and predict.
+
+    ``fit``: the study's :class:`LatencyFit` (set by :meth:`dense_figures`, or given from a study's records)."""
 
     def __init__(self, runtime: str = "torch", threads: int = 1, batch_sizes=(1,), warmup: int = 10,
                  repeats: int = 50, device: str = "cpu", predict: bool = True,
-                 cache_dir: str | os.PathLike | None = None, clock: Callable[[], float] = time.perf_counter):
+                 cache_dir: str | os.PathLike | None = None, clock: Callable[[], float] = time.perf_counter,
+                 fit: LatencyFit | None = None):
         get_runtime(runtime)
         self.runtime, self.threads, self.device = runtime, resolve_threads(threads), device
         self.batch_sizes = [int(b) for b in batch_sizes]
         self.warmup, self.repeats, self.clock = warmup, repeats, clock
         self.table = (LatencyTable(runtime, self.threads, self.batch_sizes[0], device, cache_dir, warmup, repeats,
                                    clock) if predict else None)
+        self.fit = fit
 
     @classmethod
-    def from_config(cls, section, cache_dir=None) -> "Meter":
+    def from_config(cls, section, cache_dir=None, dense_figures: dict | None = None) -> "Meter":
+        """``dense_figures``: a study's recorded dense figures, whose latency fit the predictions use."""
         return cls(section.runtime, section.threads, section.batch_sizes, section.warmup, section.repeats,
-                   section.device, section.predict, cache_dir)
+                   section.device, section.predict, cache_dir, fit=LatencyFit.from_figures(dense_figures))
 
     def describe(self) -> dict:
         return {"runtime": self.runtime, "threads": self.threads, "device": self.device,
                 "batch_sizes": self.batch_sizes, "warmup": self.warmup, "repeats": self.repeats}
 
+    def measure(self, models: dict[str, nn.Module]) -> dict[str, dict[int, dict]]:
+        shapes = {input_shape_of(m) for m in models.values()}
+        if len(shapes) != 1:
+            raise AutopruneError(f"models measured side by side must take one input shape, got {sorted(shapes)}")
+        return measure(models, runtime=self.runtime, threads=self.threads, batch_sizes=self.batch_sizes,
+                       warmup=self.warmup, repeats=self.repeats, device=self.device, clock=self.clock,
+                       input_shape=shapes.pop())
+
     def figures(self, model: nn.Module, dense: nn.Module | None = None) -> dict:
         """Trial attributes: ``latency_ms`` (median at the first batch size) with its runtime, threads, batch
         and spread; with ``dense``: its latency from the same run and ``latency_fraction``; with the table:
-        ``latency_table_ms`` (the table's sum), ``latency_predicted_ms`` (with ``dense``: calibrated on it, see
-        :func:`calibrated_ms`) and ``latency_prediction_error`` (predicted / measured - 1)."""
-        models = {"model": model, **({"dense": dense} if dense is not None else {})}
-        runs = measure(models, runtime=self.runtime, threads=self.threads, batch_sizes=self.batch_sizes,
-                       warmup=self.warmup, repeats=self.repeats, device=self.device, clock=self.clock)
+        ``latency_table_ms`` (the table's sum), ``latency_predicted_ms`` (with ``dense``: on its measured
+        latency, see :func:`calibrated_ms`; else by the fit, or the sum without one) and
+        ``latency_prediction_error`` (predicted / measured - 1)."""
+        runs = self.measure({"model": model, **({"dense": dense} if dense is not None else {})})
         b = self.batch_sizes[0]
         mine = runs["model"][b]
         out = {"latency_ms": mine["median_ms"], "latency_iqr_ms": mine["iqr_ms"], "latency_batch_size": b,
@@ -530,18 +774,38 @@ class Meter:
         if self.table is not None:
             predicted = out["latency_table_ms"] = self.table.predict_ms(model)
             if dense is not None:
-                predicted = calibrated_ms(predicted, self.table.predict_ms(dense), out["latency_dense_ms"])
+                fixed = self.fit.fixed_fraction if self.fit is not None else 0.0
+                predicted = calibrated_ms(predicted, self.table.predict_ms(dense), out["latency_dense_ms"], fixed)
+            elif self.fit is not None:
+                predicted = self.fit.fixed_ms + self.fit.scale * predicted
             out["latency_predicted_ms"] = predicted
             out["latency_prediction_error"] = predicted / mine["median_ms"] - 1.0
         return out
 
+    def dense_figures(self, dense: nn.Module) -> dict:
+        """What a study records of its dense model's latency (:data:`DENSE_FIGURES`); with the table, the dense
+        model is measured beside its uniform prunes (:data:`FIT_RATIOS`) and they fix this meter's
+        :class:`LatencyFit` (recorded too: ``latency_fit_fixed_ms``, ``latency_fit_scale``,
+        ``latency_fit_fixed_fraction`` and each model's ``latency_fit_points``)."""
+        if self.table is None:
+            f = self.figures(dense)
+            return {k: f[k] for k in DENSE_FIGURES if k in f}
+        from .sources import prunable
 
-def calibrated_ms(table_ms: float, dense_table_ms: float, dense_measured_ms: float) -> float:
-    """A model's predicted latency: its share of the dense model's table sum, times the dense model's measured
-    latency (the fraction a latency budget repairs by, in ms).
-
-    The table times each conv and linear layer alone; the rest of a forward pass (activations, pooling,
-    the runtime's dispatch) is missing from its sum, ~10-20% of a full-width VGG on CPU
-    (benchmarks/latency.py), and scales with the model much as the layers do.
-    """
-    return table_ms / dense_table_ms * dense_measured_ms
+        p = prunable(dense)
+        models = {"dense": dense, **{f"uniform {r:g}": p.prune_channels({g: r for g in p.channel_groups()}, "none")
+                                     for r in FIT_RATIOS}}  # "none": latency does not care which channels stay
+        b = self.batch_sizes[0]
+        runs = {name: stats[b] for name, stats in self.measure(models).items()}
+        points = {name: (self.table.predict_ms(m), runs[name]["median_ms"]) for name, m in models.items()}
+        self.fit = LatencyFit.through(points.pop("dense"), *points.values())
+        d = runs["dense"]
+        log.info("latency fit: measured = %.3f ms + %.3f x the table's sum (fixed share %.2f of the dense model's "
+                 "%.3f ms)", self.fit.fixed_ms, self.fit.scale, self.fit.fixed_fraction, d["median_ms"])
+        dense_table_ms = self.table.predict_ms(dense)
+        predicted = self.fit.fixed_ms + self.fit.scale * dense_table_ms  # the dense point is on the line
+        return {"latency_ms": d["median_ms"], "latency_iqr_ms": d["iqr_ms"], "latency_batch_size": b,
+                "latency_runtime": self.runtime, "latency_threads": self.threads, "latency_device": self.device,
+                "latency_table_ms": dense_table_ms, "latency_predicted_ms": predicted,
+                "latency_prediction_error": predicted / d["median_ms"] - 1.0, **self.fit.figures(),
+                "latency_fit_points": {name: {"table_ms": t, "median_ms": m} for name, (t, m) in points.items()}}

@@ -81,7 +81,7 @@ class TrialContext:
 
     def latency_meter(self) -> Meter:
         if self.latency is None:
-            self.latency = Meter.from_config(self.config.latency, self.config.latency_cache_dir)
+            self.latency = Meter.from_config(self.config.latency, self.config.latency_cache_dir, self.dense_figures)
         return self.latency
 
 

@@ -263,11 +263,8 @@ def prepare(config: StudyConfig, device="auto", progress: bool = True) -> tuple[
     meter, lat_budget = None, None
     if KINDS[config.study.kind].changes_shape:  # a smaller network: timed beside the dense one
         meter = Meter.from_config(config.latency, config.latency_cache_dir)
-        lat = meter.figures(dense)
-        figures.update({k: lat[k] for k in ("latency_ms", "latency_iqr_ms", "latency_batch_size", "latency_runtime",
-                                            "latency_threads", "latency_device", "latency_predicted_ms",
-                                            "latency_prediction_error") if k in lat})
-        lat_budget = study_latency_budget(config, costs.channels, num_classes, meter.table)
+        figures.update(meter.dense_figures(dense))  # with the table: the latency fit, beside uniform prunes
+        lat_budget = study_latency_budget(config, costs, num_classes, meter.table, meter.fit)
         if lat_budget is not None:
             figures["latency_budget_fraction"] = lat_budget[0]
     targets = PriorTargets(config, costs, num_classes, lat_budget)

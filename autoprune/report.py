@@ -189,11 +189,13 @@ def _checkpoint_path(study: optuna.Study, config: StudyConfig) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
-def baseline_plan(config: StudyConfig, channels, num_classes: int = 10):
-    """Uniform pruning exactly at the study's cap(s): equal preferences for every layer."""
+def baseline_plan(config: StudyConfig, channels, num_classes: int = 10, dense_figures: dict | None = None):
+    """Uniform pruning exactly at the study's cap(s): equal preferences for every layer (a latency cap by the
+    latency fit the study recorded in ``dense_figures``)."""
     from . import budget
     from .plan import PruningPlan
 
+    from .latency import LatencyFit
     from .space import study_latency_budget
 
     c = config.constraints
@@ -206,7 +208,8 @@ def baseline_plan(config: StudyConfig, channels, num_classes: int = 10):
                                        round_to=round_to)
         caps = [("macs", c.max_macs_fraction, None)]
         if config.latency_budget:  # by this machine's lookup table (cached where the search ran here)
-            cap, predictor = study_latency_budget(config, channels, num_classes)
+            cap, predictor = study_latency_budget(config, channels, num_classes,
+                                                  fit=LatencyFit.from_figures(dense_figures))
             caps.append(("latency", cap, predictor))
         for metric, cap, predictor in caps:
             if cap is not None:
@@ -244,7 +247,7 @@ def uniform_baseline(study: optuna.Study, config: StudyConfig, out_dir: Path, de
         raise AutopruneError(f"{ckpt} changed since the search ran (sha256 differs); the baseline would not be "
                              f"comparable")
     model, _ = load_checkpoint(ckpt)
-    plan = baseline_plan(config, model.channels, model.num_classes)
+    plan = baseline_plan(config, model.channels, model.num_classes, ua.get("dense"))
     d = config.data
     recipe = config.finetune_recipe().to_dict()
     key_src = {"checkpoint_sha256": sha, "plan": plan.to_dict(), "recipe": recipe,

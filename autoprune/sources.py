@@ -194,7 +194,8 @@ class GraphModel:
     def cost_model(self) -> CostModel:
         params = dict(self.model.named_parameters())
         layers = {n: params[p].numel() for n, p in self.fine_layers().items()}
-        return CostModel(layers, sum(p.numel() for p in params.values()), self.channel_groups, self.kept, self.cost)
+        return CostModel(layers, sum(p.numel() for p in params.values()), self.channel_groups, self.kept, self.cost,
+                         arch=self.arch)
 
     def describe(self) -> dict:
         return {"widths": dict(self.arch.get("widths", {}))}  # as recorded: no trace (nor Torch-Pruning) needed

@@ -106,15 +106,18 @@ class SearchSpace:
 
     @classmethod
     def for_study(cls, config, model, upper=None, num_classes=10, centre=None, starts=(),
-                  latency_budget=None) -> "SearchSpace":
+                  latency_budget=None, dense_figures=None) -> "SearchSpace":
         """The space a study config defines over a dense model (a CostModel, or the lab's VGG conv widths).
 
-        ``latency_budget``: :func:`latency_budget`'s (cap, predictor) when the caller made it already.
+        ``latency_budget``: :func:`study_latency_budget`'s (cap, predictor) when the caller made it already;
+        else made here, with the latency fit the study recorded in ``dense_figures`` (its ``dense`` attribute).
         """
+        from .latency import LatencyFit
+
         multi = len(config.objectives) > 1
         costs = budget.as_cost_model(model, num_classes)
-        # the latency table times the lab's VGG: its conv widths
-        cap, predictor = latency_budget or study_latency_budget(config, costs.channels, num_classes) or (None, None)
+        cap, predictor = latency_budget or study_latency_budget(
+            config, costs, num_classes, fit=LatencyFit.from_figures(dense_figures)) or (None, None)
         return cls.build(config.study.kind, costs, upper,
                          max_size_fraction=config.constraints.max_size_fraction,
                          max_macs_fraction=config.constraints.max_macs_fraction,
@@ -257,21 +260,29 @@ class SearchSpace:
                            layers=self.costs.names(self.kind))
 
 
-def study_latency_budget(config, channels, num_classes=10, table=None):
+def study_latency_budget(config, costs, num_classes=10, table=None, fit=None):
     """(cap as a fraction of the dense model's predicted latency, the predictor) for a study with a latency
-    cap, else None. ``table``: the study's :class:`autoprune.latency.LatencyTable` (made from ``[latency]``
-    when not given). ``max_latency_ms`` becomes ms / the dense prediction (at most 1: a cap above the dense
-    model's latency holds everywhere)."""
+    cap, else None. ``costs``: the dense model's :class:`autoprune.budget.CostModel` (or the lab's VGG conv
+    widths); ``table``: the study's :class:`autoprune.latency.LatencyTable` (made from ``[latency]`` when not
+    given); ``fit``: the study's :class:`autoprune.latency.LatencyFit` (None: the table's share alone).
+    ``max_latency_ms`` becomes ms / the dense prediction (at most 1: a cap above the dense model's latency
+    holds everywhere)."""
     if not config.latency_budget:
         return None
     from .latency import Meter, PredictedFraction
 
     if table is None:
         table = Meter.from_config(config.latency, config.latency_cache_dir).table
-    predictor = PredictedFraction(table, channels, num_classes)
+    predictor = PredictedFraction(table, budget.as_cost_model(costs, num_classes), num_classes, fit)
     c = config.constraints
     cap = c.max_latency_fraction if c.max_latency_fraction is not None else min(
         1.0, c.max_latency_ms / predictor.dense_ms)
-    log.info("latency budget: predicted latency <= %.4f of the dense model's %.3f ms (%s, %d thread(s), batch %d)",
-             cap, predictor.dense_ms, table.runtime.name, table.threads, table.batch_size)
+    if cap <= predictor.fixed_fraction:  # no widths reach it: say why, not only that the bounds cannot
+        raise AutopruneError(f"latency cap {cap:.4f} of the dense model's latency is at or below the fixed share "
+                             f"{predictor.fixed_fraction:.4f} that the setup's latency fit measured (latency no "
+                             f"channel pruning removes); raise the cap, or set the study up again on a quieter "
+                             f"machine if that share looks wrong")
+    log.info("latency budget: predicted latency <= %.4f of the dense model's %.3f ms (%s, %d thread(s), batch %d; "
+             "fixed share %.2f)", cap, predictor.dense_ms, table.runtime.name, table.threads, table.batch_size,
+             predictor.fixed_fraction)
     return cap, predictor

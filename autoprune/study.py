@@ -397,7 +397,7 @@ def worker_context(study: optuna.Study, url: str, device="auto", progress: bool 
     store = study_artifact_store(study)
     dense = load_dense_checkpoint(config, study_checkpoint(study, store))
     space = SearchSpace.for_study(config, prunable(dense).cost_model(), attrs.get("space_upper"),
-                                  config.model.num_classes)
+                                  config.model.num_classes, dense_figures=attrs["dense"])
     if attrs.get("space_centre_ratios") is not None:  # a centred space: its centre and ranges as recorded
         space.centre = dict(attrs["space_centre_ratios"])
         space.spread = {n: tuple(v) for n, v in attrs["space_spread"].items()}

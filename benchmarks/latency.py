@@ -1,7 +1,9 @@
-"""Deployment latency of channel-pruned VGGs: runtimes, threads, predicted vs measured, latency vs MACs.
+"""Deployment latency of channel-pruned models: runtimes, threads, predicted vs measured, latency vs MACs.
 
-For each width, runtime (``torch`` eager, ``onnxruntime``) and thread count, on one
-device, the dense VGG and a set of channel-pruned configs are timed by
+For each model (``--models``: the lab's VGG at each of ``--widths``, or a source such as
+``torchvision:resnet18``, built with its CIFAR stem at full width), runtime (``torch``
+eager, ``onnxruntime``) and thread count, on one
+device, the dense model and a set of channel-pruned configs are timed by
 :class:`autoprune.latency.Meter`: each config side by side with the dense model
 (interleaved repeats after warm-up; median and interquartile range), at every
 batch size. Configs: uniform ratios (``--uniform``), a fixed non-uniform plan
@@ -16,7 +18,10 @@ Per config and batch size it records the MACs reduction (dense MACs / MACs), the
 latency reduction (dense ms / ms, measured in the same run) and their ratio (the
 issue's "latency reduction / MACs reduction", 1 when latency follows MACs), and
 the lookup table's prediction (:class:`autoprune.latency.LatencyTable`, one table
-per batch size, cached under ``--cache``) with its error (predicted / measured - 1).
+per batch size, cached under ``--cache``) with its error (predicted / measured - 1), two ways
+side by side: the table's share of the dense model's sum (the rule before the fit) and with the
+study's setup fit (:class:`autoprune.latency.LatencyFit`, made first on the dense model and its
+uniform 0.25 / 0.5 / 0.75 prunes, as a study's setup makes it).
 The summary gives, per width / runtime / threads / batch, the median of that
 ratio and the median and largest |prediction error| over the configs.
 
@@ -27,6 +32,8 @@ after, with a warning when the machine is busy.
     python benchmarks/latency.py --widths 0.125 --random 2 --uniform 0.5 --repeats 3 --warmup 1 \\
         --batch-sizes 1 --out /tmp/latency-smoke.json                # a smoke run, seconds
     python benchmarks/latency.py --device cuda                      # torch CUDA and ONNX Runtime's CUDA provider
+    python benchmarks/latency.py --models vgg,torchvision:resnet18 --widths 1,0.125 --threads 1 --batch-sizes 1 \\
+        --random 3 --no-ramp --round-to 1 --repeats 30 --out benchmarks/results/latency-any.json  # the fit, any model
     python benchmarks/latency.py --widths 1 --threads 1 --batch-sizes 1 --uniform 0.5 --random 0 \\
         --round-to 1,4,8,16 --out benchmarks/results/latency-cpu-round-to.json  # issue 15: round_to, both runtimes
 
@@ -52,117 +59,170 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's autoprune, not an installed one
 
 from autoprune import latency  # noqa: E402
+from autoprune.budget import as_cost_model  # noqa: E402
 from autoprune.errors import AutopruneError  # noqa: E402
-from autoprune.channel import kept_channels  # noqa: E402
 from autoprune.metrics import count_macs  # noqa: E402
-from autoprune.model import CONV_NAMES, build_model  # noqa: E402
-from autoprune.plan import PruningPlan, prune  # noqa: E402
+from autoprune.model import CONV_NAMES  # noqa: E402
+from autoprune.sources import build_model, prunable  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 
 
-# A fixed non-uniform plan: 0.2 removed at conv0 rising to 0.7 at conv6 (deep layers hold the most redundant
-# channels, the shape channel searches tend to find), so every run has one non-uniform config that is not random.
-RAMP = {n: round(0.2 + 0.5 * i / (len(CONV_NAMES) - 2), 4) for i, n in enumerate(CONV_NAMES[:-1])}
+def ramp(groups) -> dict[str, float]:
+    """A fixed non-uniform plan: 0.2 removed at the first group rising to 0.7 at the last (deep layers hold the
+    most redundant channels, the shape channel searches tend to find), so every run has one non-uniform config
+    that is not random."""
+    groups = list(groups)
+    return {n: round(0.2 + 0.5 * i / max(1, len(groups) - 1), 4) for i, n in enumerate(groups)}
 
 
-def configs(uniform: list[float], random: int, max_ratio: float, seed: int, ramp: bool = True) -> list[dict]:
-    """Named channel configs: uniform ratios, the ramp, then seeded random per-layer ratios (the last conv is
-    never cut)."""
-    out = [{"name": f"uniform {r:g}", "ratios": {n: r for n in CONV_NAMES[:-1]}} for r in uniform]
-    out += [{"name": "ramp 0.2-0.7", "ratios": dict(RAMP)}] if ramp else []
+def configs(uniform: list[float], random: int, max_ratio: float, seed: int, ramp_plan: bool = True,
+            groups=tuple(CONV_NAMES[:-1])) -> list[dict]:
+    """Named channel configs over ``groups`` (default the lab's VGG's conv0..conv6; conv7 feeds the head and is
+    never cut): uniform ratios, the ramp, then seeded random per-group ratios."""
+    out = [{"name": f"uniform {r:g}", "ratios": {n: r for n in groups}} for r in uniform]
+    out += [{"name": "ramp 0.2-0.7", "ratios": ramp(groups)}] if ramp_plan else []
     rng = np.random.default_rng(seed)
     for i in range(random):
         out.append({"name": f"random {i}",
-                    "ratios": {n: round(float(rng.uniform(0, max_ratio)), 4) for n in CONV_NAMES[:-1]}})
+                    "ratios": {n: round(float(rng.uniform(0, max_ratio)), 4) for n in groups}})
     return out
 
 
-def rounded(channels: list[int], ratios: dict[str, float], multiple: int) -> dict[str, float]:
-    """``ratios`` with each conv's kept channels rounded as ``[pruning] round_to = multiple`` rounds them
-    (autoprune.channel.kept_channels); exact ratios ``1 - kept / channels``, as autoprune.budget returns."""
+def rounded(costs, ratios: dict[str, float], multiple: int) -> dict[str, float]:
+    """``ratios`` with each group's kept channels rounded as ``[pruning] round_to = multiple`` rounds them
+    (``costs``: a CostModel, or the lab's VGG conv widths); exact ratios ``1 - kept / width``, as
+    autoprune.budget returns."""
     if multiple <= 1:
         return ratios
-    kept = kept_channels(channels, ratios, multiple)
-    return {name: 1.0 - k / c for name, c, k in zip(CONV_NAMES, channels, kept) if name in ratios}
+    costs = as_cost_model(costs)
+    kept = costs.kept(ratios, multiple)
+    return {n: 1.0 - kept[n] / c for n, c in costs.groups.items() if n in ratios}
 
 
-def run_one(width: float, runtime: str, threads: int, args, cfgs: list[dict]) -> list[dict]:
+def dense_model(name: str, width: float):
+    """The dense model a run times: the lab's VGG at ``width``, or a source (``torchvision:resnet18``: its CIFAR
+    stem, full width)."""
+    if name == "vgg":
+        return build_model("vgg", width=width).eval()
+    return build_model(name, num_classes=10, **({"cifar_stem": True} if name.startswith("torchvision:") else {}))
+
+
+def run_one(name: str, width: float, runtime: str, threads: int, args) -> list[dict]:
     torch.manual_seed(args.seed)
-    dense = build_model("vgg", width=width).eval()
+    dense = dense_model(name, width).eval()
+    model_of = prunable(dense)
+    costs = model_of.cost_model()
+    cfgs = configs(args.uniform, args.random, args.max_ratio, args.seed, ramp_plan=not args.no_ramp,
+                   groups=tuple(costs.groups))
     dense_macs = count_macs(dense)
     meter = latency.Meter(runtime, threads, args.batch_sizes, args.warmup, args.repeats, args.device, predict=False)
-    tables = {b: latency.LatencyTable(runtime, threads, b, args.device, args.cache, args.warmup, args.repeats)
-              for b in args.batch_sizes}
+    # Per batch size: the table, and the study's setup fit (the dense model beside its uniform 0.5 prune).
+    fits, tables, setups = {}, {}, {}
+    for b in args.batch_sizes:
+        setup = latency.Meter(runtime, threads, [b], args.warmup, args.repeats, args.device, cache_dir=args.cache)
+        setups[b] = {k: v for k, v in setup.dense_figures(dense).items() if k.startswith("latency_")}
+        fits[b], tables[b] = setup.fit, setup.table
+        print(f"  {name} w{width:g} {runtime} t{setup.threads} b{b}: fit {setup.fit.fixed_ms:.3f} ms + "
+              f"{setup.fit.scale:.3f} x table (fixed share {setup.fit.fixed_fraction:.2f})", file=sys.stderr)
     rows = []
     variants = [{"name": "dense", "ratios": {}, "round_to": 1}]
     for cfg in cfgs:
-        variants += [{"name": cfg["name"], "ratios": rounded(dense.channels, cfg["ratios"], m), "round_to": m}
+        variants += [{"name": cfg["name"], "ratios": rounded(costs, cfg["ratios"], m), "round_to": m}
                      for m in args.round_to]
     for cfg in variants:
-        model = dense if not cfg["ratios"] else prune(dense, PruningPlan("channel", cfg["ratios"]).for_model(dense)).model
+        model = dense if not cfg["ratios"] else model_of.prune_channels(cfg["ratios"], "none")
         macs = count_macs(model)
         f = meter.figures(model.eval(), dense)
         for b, m in f["latency"]["batches"].items():
-            table_ms = tables[int(b)].predict_ms(model)
-            predicted = latency.calibrated_ms(table_ms, tables[int(b)].predict_ms(dense), m["dense_median_ms"])
+            table, fit = tables[int(b)], fits[int(b)]
+            table_ms, dense_table_ms = table.predict_ms(model), table.predict_ms(dense)
+            predicted = latency.calibrated_ms(table_ms, dense_table_ms, m["dense_median_ms"])  # the share alone
+            fitted = latency.calibrated_ms(table_ms, dense_table_ms, m["dense_median_ms"], fit.fixed_fraction)
             rows.append({
-                "width": width, "runtime": runtime, "threads": f["latency_threads"], "batch_size": int(b),
-                "config": cfg["name"], "round_to": cfg["round_to"], "ratios": cfg["ratios"],
-                "channels": list(model.channels),
+                "model": name, "width": width, "runtime": runtime, "threads": f["latency_threads"],
+                "batch_size": int(b), "config": cfg["name"], "round_to": cfg["round_to"], "ratios": cfg["ratios"],
+                "widths": costs.kept(cfg["ratios"], 1),
                 "macs": macs, "macs_reduction": dense_macs / macs, "median_ms": m["median_ms"], "iqr_ms": m["iqr_ms"],
                 "dense_median_ms": m["dense_median_ms"], "latency_reduction": 1.0 / m["fraction"],
                 "latency_vs_macs": (1.0 / m["fraction"]) / (dense_macs / macs) if macs != dense_macs else None,
                 "table_ms": table_ms, "table_error": table_ms / m["median_ms"] - 1.0,
                 "predicted_ms": predicted, "prediction_error": predicted / m["median_ms"] - 1.0,
+                "fit_fixed_fraction": fit.fixed_fraction, "fit_predicted_ms": fitted,
+                "fit_prediction_error": fitted / m["median_ms"] - 1.0,
+                **({"setup": setups[int(b)]} if cfg["name"] == "dense" else {}),  # what the fit was made on
             })
-            print(f"  w{width:g} {runtime:<11} t{f['latency_threads']} b{b:<3} {cfg['name']:<10} "
-                  f"r{cfg['round_to']:<2} "
-                  f"{m['median_ms']:8.3f} ms (dense {m['dense_median_ms']:.3f}), MACs /{dense_macs / macs:.2f}, "
-                  f"latency /{1.0 / m['fraction']:.2f}, predicted {predicted:.3f} ms "
-                  f"({100 * (predicted / m['median_ms'] - 1):+.1f}%; table sum {100 * (table_ms / m['median_ms'] - 1):+.1f}%)",
-                  file=sys.stderr)
+            print(f"  {name} w{width:g} {runtime:<11} t{f['latency_threads']} b{b:<3} {cfg['name']:<12} "
+                  f"r{cfg['round_to']:<2} {m['median_ms']:8.3f} ms (dense {m['dense_median_ms']:.3f}), "
+                  f"MACs /{dense_macs / macs:.2f}, latency /{1.0 / m['fraction']:.2f}; predicted: share "
+                  f"{100 * (predicted / m['median_ms'] - 1):+.1f}%, fit {100 * (fitted / m['median_ms'] - 1):+.1f}%, "
+                  f"table sum {100 * (table_ms / m['median_ms'] - 1):+.1f}%", file=sys.stderr)
     return rows
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per width, runtime, threads, batch and rounding: medians over the pruned configs (the prediction is
-    calibrated on the dense model, so its error there is 0 by construction; the table sum's error counts the
-    dense row too)."""
+    """Per model, width, runtime, threads, batch and rounding: medians over the pruned configs (both predictions
+    stand on the dense model measured beside each config, so their error there is 0 by construction; the table
+    sum's error counts the dense row too)."""
+    def key(r):
+        return r.get("model", "vgg"), r["width"], r["runtime"], r["threads"], r["batch_size"]
+
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["config"] != "dense":
-            groups.setdefault((r["width"], r["runtime"], r["threads"], r["batch_size"], r.get("round_to", 1)),
-                              []).append(r)
-    dense = {(r["width"], r["runtime"], r["threads"], r["batch_size"]): r for r in rows if r["config"] == "dense"}
+            groups.setdefault((*key(r), r.get("round_to", 1)), []).append(r)
+    dense = {key(r): r for r in rows if r["config"] == "dense"}
     out = []
-    for (width, runtime, threads, b, multiple), pruned in groups.items():
-        rs = pruned + ([dense[width, runtime, threads, b]] if (width, runtime, threads, b) in dense else [])
+    for (model, width, runtime, threads, b, multiple), pruned in groups.items():
+        rs = pruned + ([dense[model, width, runtime, threads, b]] if (model, width, runtime, threads, b) in dense
+                       else [])
         errors = [abs(r["prediction_error"]) for r in pruned]
+        fit_errors = [abs(r["fit_prediction_error"]) for r in pruned if "fit_prediction_error" in r]
         table_errors = [abs(r["table_error"]) for r in rs]
         ratios = [r["latency_vs_macs"] for r in pruned if r["latency_vs_macs"] is not None]
+        random = [r for r in pruned if r["config"].startswith("random")]
         out.append({
-            "width": width, "runtime": runtime, "threads": threads, "batch_size": b, "round_to": multiple,
-            "configs": len(pruned),
+            "model": model, "width": width, "runtime": runtime, "threads": threads, "batch_size": b,
+            "round_to": multiple, "configs": len(pruned),
             "dense_ms": statistics.median(r["dense_median_ms"] for r in rs),
             "latency_vs_macs_median": statistics.median(ratios) if ratios else None,
             "prediction_abs_error_median": statistics.median(errors),
             "prediction_abs_error_max": max(errors),
+            "fit_abs_error_median": statistics.median(fit_errors) if fit_errors else None,
+            "fit_abs_error_max": max(fit_errors) if fit_errors else None,
+            "fit_fixed_fraction": pruned[0].get("fit_fixed_fraction"),
+            # the random configs alone: the uniform ones sit near the fit's own models (0.25 / 0.5 / 0.75)
+            "random_prediction_abs_error_median": _median_abs(random, "prediction_error"),
+            "random_fit_abs_error_median": _median_abs(random, "fit_prediction_error"),
             "table_abs_error_median": statistics.median(table_errors),
         })
     return out
 
 
+def _median_abs(rows: list[dict], key: str) -> float | None:
+    values = [abs(r[key]) for r in rows if key in r]
+    return statistics.median(values) if values else None
+
+
+def _pct(a, b) -> str:
+    return "-" if a is None else f"{100 * a:.1f}% / {100 * b:.1f}%"
+
+
 def markdown(summary: list[dict]) -> str:
-    lines = ["| width | runtime | threads | batch | round_to | dense ms | latency reduction / MACs reduction (median) | "
-             "predicted vs measured: median / max abs error | the table's sum alone: median abs error |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | width | runtime | threads | batch | round_to | dense ms | latency reduction / MACs reduction "
+             "(median) | predicted vs measured, the table's share: median / max abs error | with the fit: median / "
+             "max abs error (fixed share) | random configs: the share / the fit, median abs error | the table's "
+             "sum alone: median abs error |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in summary:
         ratio = "-" if s["latency_vs_macs_median"] is None else f"{s['latency_vs_macs_median']:.2f}"
-        lines.append(f"| {s['width']:g} | {s['runtime']} | {s['threads']} | {s['batch_size']} | {s['round_to']} | "
-                     f"{s['dense_ms']:.3f} | "
-                     f"{ratio} | {100 * s['prediction_abs_error_median']:.1f}% / "
-                     f"{100 * s['prediction_abs_error_max']:.1f}% | {100 * s['table_abs_error_median']:.1f}% |")
+        fixed = "" if s.get("fit_fixed_fraction") is None else f" ({s['fit_fixed_fraction']:.2f})"
+        lines.append(f"| {s.get('model', 'vgg')} | {s['width']:g} | {s['runtime']} | {s['threads']} | "
+                     f"{s['batch_size']} | {s['round_to']} | {s['dense_ms']:.3f} | {ratio} | "
+                     f"{_pct(s['prediction_abs_error_median'], s['prediction_abs_error_max'])} | "
+                     f"{_pct(s.get('fit_abs_error_median'), s.get('fit_abs_error_max'))}{fixed} | "
+                     f"{_pct(s.get('random_prediction_abs_error_median'), s.get('random_fit_abs_error_median'))} | "
+                     f"{100 * s['table_abs_error_median']:.1f}% |")
     return "\n".join(lines) + "\n"
 
 
@@ -172,7 +232,11 @@ def listed(kind, text: str) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--widths", type=lambda t: listed(float, t), default=[1.0, 0.125], help="default 1,0.125")
+    p.add_argument("--models", type=lambda t: listed(str, t), default=["vgg"],
+                   help="vgg (the lab's, at --widths) and/or model sources such as torchvision:resnet18 (CIFAR "
+                        "stem, full width); default vgg")
+    p.add_argument("--widths", type=lambda t: listed(float, t), default=[1.0, 0.125],
+                   help="the VGG's widths (default 1,0.125)")
     p.add_argument("--runtimes", type=lambda t: listed(str, t), default=list(latency.RUNTIMES),
                    help=f"default {','.join(latency.RUNTIMES)}")
     p.add_argument("--threads", type=lambda t: listed(int, t), default=[1, 0],
@@ -212,19 +276,21 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "definitions": "macs_reduction = dense MACs / MACs; latency_reduction = dense ms / ms (medians, timed "
                        "side by side); latency_vs_macs = latency_reduction / macs_reduction; prediction_error = "
-                       "lookup-table prediction / measured median - 1",
+                       "the table's share of the dense model's sum x the dense model's measured median / measured "
+                       "median - 1; fit_prediction_error: the same with the setup fit's fixed share (the dense "
+                       "model and its uniform 0.5 prune measured side by side before the configs)",
         "load_average_before": os.getloadavg(),
     }
     if args.device == "cpu" and os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
         result["warning"] = (f"machine busy (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs): "
                              f"latency figures are not trustworthy")
         print(f"warning: {result['warning']}", file=sys.stderr)
-    cfgs = configs(args.uniform, args.random, args.max_ratio, args.seed, ramp=not args.no_ramp)
     rows = []
-    for width in args.widths:
-        for runtime in args.runtimes:
-            for threads in args.threads:
-                rows += run_one(width, runtime, threads, args, cfgs)
+    for name in args.models:
+        for width in (args.widths if name == "vgg" else [1.0]):
+            for runtime in args.runtimes:
+                for threads in args.threads:
+                    rows += run_one(name, width, runtime, threads, args)
     result["summary"] = summarize(rows)
     result["rows"] = rows
     result["seconds"] = time.perf_counter() - started

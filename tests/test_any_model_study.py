@@ -31,7 +31,7 @@ MODELS = {  # [model] tables: small enough for seconds per trial on synthetic da
 }
 # MobileNetV2's 17 blocks make its scan the slowest part: its groups' scan is test_models'
 PRIORS = {"mobilenet": {"enabled": False}}
-FAST = {"latency": {"repeats": 3, "warmup": 1, "predict": False}, "select": {"top_k": 0}}
+FAST = {"latency": {"repeats": 3, "warmup": 1}, "select": {"top_k": 0}}
 
 
 def study_config(tmp_path, name: str, kind: str = "channel", **tables):

@@ -366,24 +366,38 @@ def test_latency_benchmark_configs_and_summary():
     assert cfgs == bench.configs([0.5], 2, 0.8, seed=0)  # seeded
     assert all("conv7" not in c["ratios"] and all(0 <= r <= 0.8 for r in c["ratios"].values()) for c in cfgs)
 
-    def row(config, ratio, error, table_error, dense_ms=2.0, round_to=1):
-        return {"width": 1.0, "runtime": "torch", "threads": 1, "batch_size": 1, "config": config,
+    def row(config, ratio, error, table_error, dense_ms=2.0, round_to=1, fit_error=0.05):
+        return {"model": "vgg", "width": 1.0, "runtime": "torch", "threads": 1, "batch_size": 1, "config": config,
                 "round_to": round_to, "latency_vs_macs": ratio, "prediction_error": error,
-                "table_error": table_error, "dense_median_ms": dense_ms}
+                "fit_prediction_error": fit_error, "fit_fixed_fraction": 0.25, "table_error": table_error,
+                "dense_median_ms": dense_ms}
 
-    summary = bench.summarize([row("dense", None, 0.0, -0.02), row("a", 0.5, -0.10, -0.2), row("b", 0.9, 0.04, -0.1),
-                               row("c", 0.7, 0.2, 0.1, dense_ms=4.0), row("a", 1.0, 0.3, 0.5, round_to=8)])
-    common = {"width": 1.0, "runtime": "torch", "threads": 1, "batch_size": 1}
+    summary = bench.summarize([row("dense", None, 0.0, -0.02), row("a", 0.5, -0.10, -0.2, fit_error=-0.01),
+                               row("random 0", 0.9, 0.04, -0.1), row("c", 0.7, 0.2, 0.1, dense_ms=4.0, fit_error=0.2),
+                               row("a", 1.0, 0.3, 0.5, round_to=8)])
+    common = {"model": "vgg", "width": 1.0, "runtime": "torch", "threads": 1, "batch_size": 1}
     assert summary == [  # the pruned configs' errors; the table sum's counts the dense row in every rounding
         {**common, "round_to": 1, "configs": 3, "dense_ms": 2.0, "latency_vs_macs_median": 0.7,
-         "prediction_abs_error_median": 0.10, "prediction_abs_error_max": 0.2, "table_abs_error_median": 0.1},
+         "prediction_abs_error_median": 0.10, "prediction_abs_error_max": 0.2, "fit_abs_error_median": 0.05,
+         "fit_abs_error_max": 0.2, "fit_fixed_fraction": 0.25, "random_prediction_abs_error_median": 0.04,
+         "random_fit_abs_error_median": 0.05, "table_abs_error_median": 0.1},
         {**common, "round_to": 8, "configs": 1, "dense_ms": 2.0, "latency_vs_macs_median": 1.0,
-         "prediction_abs_error_median": 0.3, "prediction_abs_error_max": 0.3, "table_abs_error_median": 0.26}]
-    assert "| 1 | torch | 1 | 1 | 1 | 2.000 | 0.70 | 10.0% / 20.0% | 10.0% |" in bench.markdown(summary)
+         "prediction_abs_error_median": 0.3, "prediction_abs_error_max": 0.3, "fit_abs_error_median": 0.05,
+         "fit_abs_error_max": 0.05, "fit_fixed_fraction": 0.25, "random_prediction_abs_error_median": None,
+         "random_fit_abs_error_median": None, "table_abs_error_median": 0.26}]
+    assert ("| vgg | 1 | torch | 1 | 1 | 1 | 2.000 | 0.70 | 10.0% / 20.0% | 5.0% / 20.0% (0.25) | 4.0% / 5.0% | 10.0% |"
+            in bench.markdown(summary))
     # Rounded widths as [pruning] round_to makes them: kept channels to the nearest multiple (at least one), exact
-    # ratios.
-    assert bench.kept_channels([64, 128], bench.rounded([64, 128], {"conv0": 0.5, "conv1": 0.99}, 8)) == [32, 8]
-    assert bench.kept_channels([64, 128], bench.rounded([64, 128], {"conv0": 0.45}, 16)) == [32, 128]
+    # ratios; over any model's groups.
+    from autoprune.channel import kept_channels
+
+    channels = vgg_channels(1.0)  # 64, 128, 256, ...
+    assert kept_channels(channels, bench.rounded(channels, {"conv0": 0.5, "conv1": 0.99}, 8))[:3] == [32, 8, 256]
+    assert kept_channels(channels, bench.rounded(channels, {"conv0": 0.45}, 16))[:2] == [32, 128]
+    groups = ("stem", "layer1", "layer2")
+    assert [c["name"] for c in bench.configs([0.3], 1, 0.8, seed=0, groups=groups)] == [
+        "uniform 0.3", "ramp 0.2-0.7", "random 0"]
+    assert bench.ramp(groups) == {"stem": 0.2, "layer1": 0.45, "layer2": 0.7}
 
 
 # --- round_to: hardware-friendly widths ----------------------------------------------------
@@ -565,6 +579,10 @@ def test_a_tiny_channel_study_with_a_latency_budget_runs_end_to_end(tmp_path, mo
                        else 0.0)
 
     monkeypatch.setattr(latency.LatencyTable, "ms", table_ms)
+    # The fit from the real measurements at setup depends on the machine's load: fixed at a 20% share here (the
+    # line through the measured dense point), so that a cap of 0.5 is reachable.
+    monkeypatch.setattr(latency.LatencyFit, "through", classmethod(
+        lambda cls, dense, *others: cls(0.2 * dense[1], 0.8 * dense[1] / dense[0], 0.2)))
     out = tmp_path / "reports" / "lat"
     config = load_config(write_study(
         tmp_path / "lat.toml", study={"name": "lat", "kind": "channel", "trials": 2, "out_dir": out,
@@ -576,10 +594,16 @@ def test_a_tiny_channel_study_with_a_latency_budget_runs_end_to_end(tmp_path, mo
 
     study = optuna.load_study(study_name="lat", storage=config.storage_url)
     trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    assert len(trials) == 2 and study.user_attrs["dense"]["latency_budget_fraction"] == 0.5
+    dense = study.user_attrs["dense"]
+    assert len(trials) == 2 and dense["latency_budget_fraction"] == 0.5
+    assert dense["latency_fit_fixed_fraction"] == 0.2 and dense["latency_predicted_ms"] == dense["latency_ms"]
     for t in trials:
         a = t.user_attrs
         assert a["latency_predicted_fraction"] <= 0.5 * min(1.0, t.params.get("budget", 1.0))
+        # one rule for the repair and the trial's prediction: the fit's fixed share, the rest by the table
+        share = a["latency_table_ms"] / dense["latency_table_ms"]
+        assert a["latency_predicted_fraction"] == pytest.approx(0.2 + 0.8 * share, rel=1e-12)
+        assert a["latency_predicted_ms"] == pytest.approx((0.2 + 0.8 * share) * a["latency_dense_ms"], rel=1e-12)
         assert all(c % 4 == 0 for c in a["channels"]) and sorted(a["channels"][:-1]) != [8] * 7
         assert t.values[0] == a["latency_fraction"]  # the objective: measured beside the dense model
         assert named_constraints(t)["latency"] == pytest.approx(a["latency_fraction"] - 0.5)
@@ -591,3 +615,165 @@ def test_a_tiny_channel_study_with_a_latency_budget_runs_end_to_end(tmp_path, mo
     written = write_report(config.storage_url, "lat", out / "report", baseline=False)
     assert {"accuracy_vs_latency.png", "latency_predicted_vs_measured.png"} <= set(written)
     assert "latency_predicted_vs_measured.png" in (out / "report" / "report.md").read_text()
+
+
+# --- any model: traced table entries, the predictor over a cost model, the fit -----------------------------------
+
+
+class TinyRes(torch.nn.Module):
+    """A stem, a residual block (the add couples the stem's channels to the block's output), a strided conv with
+    a bias, a depthwise conv and a linear head."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        nn = torch.nn
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        x = torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+        x = torch.relu(self.dw(torch.relu(self.down(x))))
+        return self.head(x.mean((2, 3)))
+
+
+def tiny_res(num_classes: int = 10) -> torch.nn.Module:
+    return TinyRes(num_classes)
+
+
+def tiny_res_model(input_size=(3, 16, 16)):
+    pytest.importorskip("torch_pruning")
+    from autoprune.sources import build_model as build_any
+
+    return build_any(f"module:{__name__}:tiny_res", num_classes=10, input_size=input_size).eval()
+
+
+def test_table_entries_of_a_graph_model_are_traced_from_its_arch(monkeypatch):
+    from autoprune.model import arch_of
+    from autoprune.sources import prunable
+
+    traces = []
+    real_trace = latency.trace_layers
+    monkeypatch.setattr(latency, "trace_layers", lambda *a, **k: traces.append(a[1]) or real_trace(*a, **k))
+    model = tiny_res_model()
+    p = prunable(model)
+    assert p.channel_groups() == {"stem": 8, "conv1": 8, "down": 16}  # the add couples stem and conv2
+    dense = latency.layers_of(model)
+    assert [la.key for la in dense] == [
+        "conv2d 3->8 k3x3 s1x1 p1x1 d1x1 g1 @16x16", "conv2d 8->8 k3x3 s1x1 p1x1 d1x1 g1 @16x16",
+        "conv2d 8->8 k3x3 s1x1 p1x1 d1x1 g1 @16x16", "conv2d 8->16 k3x3 s2x2 p1x1 d1x1 g1 bias @16x16",
+        "conv2d 16->16 k3x3 s1x1 p1x1 d1x1 g16 @8x8", "linear 16->10 bias @16"]
+    assert [la.input_shape for la in dense] == [(3, 16, 16), (8, 16, 16), (8, 16, 16), (8, 16, 16), (16, 8, 8), (16,)]
+    pruned = p.prune_channels({"stem": 0.5, "conv1": 0.75, "down": 0.5}, "l1")
+    arch = arch_of(pruned)
+    assert arch["widths"] == {"stem": 4, "conv1": 2, "down": 8}
+    traces.clear()
+    layers = latency.layers_of(arch)  # from the plain arch dict (skeleton on meta), no model needed
+    assert traces == [[3, 16, 16]]  # traced once, on the arch's input size
+    assert [(la.in_channels, la.out_channels, la.groups) for la in layers[:-1]] == [
+        (3, 4, 1), (4, 2, 1), (2, 4, 1), (4, 8, 1), (8, 8, 8)]
+    assert layers[-1] == latency.Linear(8, 10, True, (8,))
+    assert latency.layers_of(pruned) == layers and len(traces) == 1  # memoised per arch
+    for la in layers:  # each entry's module runs on its input shape
+        with torch.no_grad():
+            la.module()(torch.zeros(1, *la.input_shape))
+
+
+def test_predicted_fraction_over_a_graph_cost_model_is_the_table_share(fake):
+    from autoprune import budget
+    from autoprune.sources import prunable
+
+    model = tiny_res_model()
+    costs = prunable(model).cost_model()
+    table = latency.LatencyTable("fake", warmup=0, repeats=1, clock=fake.clock)
+    predictor = latency.PredictedFraction(table, costs)
+    assert predictor.dense_ms == predictor.dense_table_ms == table.predict_ms(model)
+    for ratios in ({"stem": 0.5}, {"conv1": 0.75, "down": 0.25}, {"stem": 0.8, "conv1": 0.5, "down": 0.5}):
+        pruned = prunable(model).prune_channels(ratios, "none")
+        want = table.predict_ms(pruned) / table.predict_ms(model)
+        assert predictor(costs.widths(costs.kept(ratios, 1))) == pytest.approx(want, rel=1e-12)
+        assert budget.channel_cost_fraction(costs, ratios, "latency", latency=predictor) == pytest.approx(
+            want, rel=1e-12)
+    # Measured beside the dense model, a graph model's input shape is its arch's: 3x16x16, not a CIFAR image.
+    meter = latency.Meter("fake", warmup=0, repeats=1, clock=fake.clock)
+    n = len(fake.sessions)
+    f = meter.figures(pruned, model)
+    assert [s[1] for s in fake.sessions[n:n + 2]] == [(1, 3, 16, 16)] * 2  # measured first, then the table
+    assert f["latency_table_ms"] == pytest.approx(table.predict_ms(pruned), rel=1e-9)  # another table, same times
+    assert f["latency_prediction_error"] == pytest.approx(f["latency_predicted_ms"] / f["latency_ms"] - 1)
+
+
+def test_the_fit_recovers_fixed_and_scale_exactly_and_holds_noise_to_a_sound_line():
+    a, b = 0.7, 1.3
+    for others in ([4.0], [4.0, 6.0, 1.5]):  # two models, or more on one line
+        fit = latency.LatencyFit.through((10.0, a + b * 10.0), *[(s, a + b * s) for s in others])
+        assert fit.fixed_ms == pytest.approx(a, rel=1e-12) and fit.scale == pytest.approx(b, rel=1e-12)
+        assert fit.fixed_fraction == pytest.approx(a / (a + b * 10.0), rel=1e-12)
+    for s in (1.0, 4.0, 7.5):  # the budget's fraction: (a + b * sum) / (a + b * dense sum)
+        assert latency.predicted_fraction(s, 10.0, fit.fixed_fraction) == pytest.approx(
+            (a + b * s) / (a + b * 10.0), rel=1e-12)
+    # Off a line: least squares through the dense point, slope sum(ds * dm) / sum(ds ** 2).
+    fit = latency.LatencyFit.through((10.0, 20.0), (5.0, 11.0), (2.0, 6.0))
+    assert fit.scale == pytest.approx((5 * 9 + 8 * 14) / (5 ** 2 + 8 ** 2), rel=1e-12)
+    assert fit.fixed_ms + fit.scale * 10.0 == pytest.approx(20.0, rel=1e-12)
+    assert latency.LatencyFit.from_figures(fit.figures()) == fit and latency.LatencyFit.from_figures({}) is None
+    # Measured faster than in proportion (a negative fixed part): the table's share alone.
+    assert latency.LatencyFit.through((10.0, 12.0), (5.0, 4.0)) == latency.LatencyFit(0.0, 1.2, 0.0)
+    # The smaller model measured slower: the widths do not matter, every config is as slow as dense.
+    assert latency.LatencyFit.through((10.0, 12.0), (5.0, 12.5)) == latency.LatencyFit(12.0, 0.0, 1.0)
+
+
+def test_the_setup_fit_is_made_on_the_dense_model_and_its_uniform_prunes(fake):
+    model = tiny_res_model()
+    meter = latency.Meter("fake", warmup=0, repeats=3, clock=fake.clock)
+    f = meter.dense_figures(model)
+    fit = meter.fit
+    assert fit == latency.LatencyFit.from_figures(f)
+    points = f["latency_fit_points"]
+    assert list(points) == ["uniform 0.25", "uniform 0.5", "uniform 0.75"]
+    assert fit == latency.LatencyFit.through((f["latency_table_ms"], f["latency_ms"]),
+                                             *[(p["table_ms"], p["median_ms"]) for p in points.values()])
+    assert fit.fixed_ms + fit.scale * f["latency_table_ms"] == pytest.approx(f["latency_ms"], rel=1e-12)
+    assert f["latency_predicted_ms"] == pytest.approx(f["latency_ms"], rel=1e-12)
+    assert f["latency_ms"] == pytest.approx(FakeRuntime.cost_ms(model, (1, 3, 16, 16)))
+    assert set(latency.DENSE_FIGURES) <= set(f)
+    # the four models were measured side by side: one session each, on the arch's input shape
+    assert [s[1] for s in fake.sessions[:4]] == [(1, 3, 16, 16)] * 4
+    # A worker's meter made from the study's records predicts by the same fit.
+    joined = latency.Meter.from_config(LatencySection(runtime="fake", warmup=0, repeats=1), dense_figures=f)
+    assert joined.fit == fit
+
+
+def test_a_latency_budget_on_a_graph_model_meets_its_cap_by_the_predictor(fake):
+    from autoprune.plan import prune as prune_any
+    from autoprune.sources import prunable
+    from autoprune.space import BUDGET, SearchSpace, study_latency_budget
+
+    model = tiny_res_model()
+    costs = prunable(model).cost_model()
+    table = latency.LatencyTable("fake", warmup=0, repeats=1, clock=fake.clock)
+    fit = latency.LatencyFit(1.0, 0.5, 0.25)
+    config = StudyConfig()
+    config.study.kind = "channel"
+    config.constraints.max_latency_ms = 2.0
+    cap, predictor = study_latency_budget(config, costs, table=table, fit=fit)  # ms / the fit's dense prediction
+    assert predictor.dense_ms == 1.0 + 0.5 * table.predict_ms(model) and cap == 2.0 / predictor.dense_ms < 1
+    with pytest.raises(AutopruneError) as exc:  # a cap below the fit's fixed share: no widths reach it
+        study_latency_budget(config, costs, table=table, fit=latency.LatencyFit(1.0, 0.5, 0.8))
+    assert str(exc.value) == (f"latency cap {2.0 / (1.0 + 0.5 * table.predict_ms(model)):.4f} of the dense model's "
+                              f"latency is at or below the fixed share 0.8000 that the setup's latency fit measured "
+                              f"(latency no channel pruning removes); raise the cap, or set the study up again on a "
+                              f"quieter machine if that share looks wrong")
+    space = SearchSpace.build("channel", costs, max_size_fraction=1.0, max_latency_fraction=cap, latency=predictor,
+                              budget_low=0.8)
+    rng = np.random.default_rng(0)
+    for share in (1.0, 0.9):
+        ratios, notes = space.repair({**{n: float(rng.uniform(0, 0.6)) for n in costs.groups}, BUDGET: share})
+        pruned = prune_any(model, space.plan(ratios)).model
+        got = latency.predicted_fraction(table.predict_ms(pruned), table.predict_ms(model), 0.25)
+        assert got == pytest.approx(space.cost(ratios)["latency"], rel=1e-12)  # the predictor on the pruned model
+        assert got <= cap * share and notes[0].startswith("latency ")
