@@ -434,9 +434,9 @@ def _torch_pruning_rule(name: str) -> OneShotRule:
         return allocation(name, model, target_fraction, metric)
 
     def pruned(model, target_fraction, metric):
-        from .torch_pruning_rules import pruned_vgg
-        vgg, ratios = pruned_vgg(name, model, target_fraction, metric)
-        return Pruned(vgg, None), ratios
+        from .torch_pruning_rules import pruned_model
+        net, ratios = pruned_model(name, model, target_fraction, metric)
+        return Pruned(net, None), ratios
 
     return OneShotRule(allocation, pruned, check)
 
