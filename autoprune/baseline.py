@@ -87,7 +87,9 @@ def fine_tuned(pruned: Pruned, dense: nn.Module, data: Data, config: StudyConfig
     history = finetune(pruned, dense, data, config, seed, progress=progress, desc=desc)
     seconds = time.perf_counter() - start
     net = pruned.model
-    figures = metrics.pruned_figures(net, dense_figures or measure_dense(dense), prunable(dense).example_input())
+    if not (dense_figures and {"params", "macs"} <= set(dense_figures)):
+        dense_figures = measure_dense(dense)
+    figures = metrics.pruned_figures(net, dense_figures, prunable(dense).example_input())
     result = {"val_accuracy": history[-1]["val_accuracy"], "test_accuracy": evaluate(net, data.test), **figures,
               "finetune_seconds": seconds, "finetune_epochs": len(history)}
     if latency:  # as the trials measure it: [latency], beside the dense model

@@ -393,7 +393,8 @@ def one_shot_pruned(rule: str, dense, kind: str, target_fraction: float,
 
     Fine-grained rules and channel ``uniform`` apply their allocation as a plan
     (fine-grained: with its masks). The Torch-Pruning rules return Torch-Pruning's
-    own pruned network (its choice of channels) as an autoprune VGG, masks None.
+    own pruned network (its choice of channels), masks None: the lab's VGG as an
+    autoprune VGG, other models with their arch recording the kept widths.
     """
     chosen = one_shot_rule(rule, kind)
     if chosen.pruned is not None:
