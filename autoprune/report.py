@@ -54,6 +54,7 @@ import pandas as pd
 from optuna.trial import TrialState
 from torch import nn
 
+from .artifacts import study_artifact_store
 from .baseline import cached_uniform
 from .budget import CostModel, vgg_cost_model
 from .config import StudyConfig
@@ -68,7 +69,7 @@ from .pick import (format_score, has_weights, is_deployable, is_feasible, named_
                    study_scores)
 from .space import BUDGET
 from .storage import redact, redacted_config
-from .study import open_existing
+from .study import open_existing, study_checkpoint
 
 log = logging.getLogger("autoprune")
 
@@ -199,13 +200,9 @@ def study_dense(study: optuna.Study, config: StudyConfig) -> tuple[nn.Module, st
     ua = study.user_attrs
     ckpt = _checkpoint_path(study, config)
     if ckpt is None and ua.get("checkpoint_artifact_id"):  # studies that upload their dense checkpoint
-        try:
-            from .export import artifact_store
-            from .study import study_checkpoint
-
-            ckpt = Path(study_checkpoint(study, artifact_store(study)[0]))
-        except ImportError:
-            pass
+        store = study_artifact_store(study)
+        if store is not None:
+            ckpt = Path(study_checkpoint(study, store))
     if ckpt is None:
         raise AutopruneError(f"the study's dense checkpoint {ua.get('checkpoint')!r} was not found")
     sha = ua.get("checkpoint_sha256") or file_digest(ckpt)
