@@ -11,8 +11,9 @@ A study records its artifact store in the user attribute ``artifact_store``:
   but the storage URL. The default for server databases. Bodies that compress
   (a fine-grained trial's weights) are stored zlib-compressed (:func:`pack`).
 
-:func:`study_artifact_store` opens the store a study records; the files are
-then read with ``optuna.artifacts.download_artifact`` as usual.
+:func:`study_artifact_store` is the one opener of the store a study records
+(search, workers, report, export); the files are then read with
+``optuna.artifacts.download_artifact`` as usual.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import BinaryIO
 import optuna
 
 from .errors import AutopruneError
-from .storage import rdb_storage
+from .storage import is_server_url, rdb_storage, storage_kind
 
 log = logging.getLogger("autoprune")
 
@@ -107,15 +108,10 @@ class DatabaseArtifactStore:
             conn.execute(t.delete().where(t.c.artifact_id == artifact_id))
 
 
-def is_server_url(url: str) -> bool:
-    """A database reached over the network (not a file): postgresql://, mysql://, ..."""
-    return "://" in url and not url.startswith(("sqlite:", "journal:"))
-
-
 def descriptor_for(setting: str, url: str, out_dir: Path) -> dict:
     """The store a new study gets from ``[study] artifacts`` (see the config)."""
     if setting == "db" or (not setting and is_server_url(url)):
-        if url.startswith("journal:"):
+        if storage_kind(url) == "journal":
             raise AutopruneError("[study] artifacts = \"db\" needs a database storage; journal storages keep "
                                  "artifacts in a directory (leave artifacts empty or give a path)")
         return {"kind": "db"}

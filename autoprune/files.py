@@ -17,6 +17,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .errors import AutopruneError
+
+OUT_FIX = "free some space or choose another --out"  # what a report's or export's failed write tells the user
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -42,6 +46,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def output_path(path: str | os.PathLike, fix: str = OUT_FIX) -> Iterator[Path]:
+    """:func:`atomic_path` whose ``OSError`` (a full disk, a folder in the way) is one
+    :class:`AutopruneError` line naming the file and ``fix``."""
+    try:
+        with atomic_path(path) as tmp:
+            yield tmp
+    except OSError as exc:
+        raise AutopruneError(f"cannot write {path}: {exc.strerror or exc}; {fix}") from None
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:

@@ -33,6 +33,7 @@ class Pruned(NamedTuple):
 class FineGrained:
     name = "fine_grained"
     title = "fine-grained"
+    ratio_label = "sparsity (fraction of weights zeroed)"
     scan_label = "sparsity of the pruned layer (% of its weights zeroed)"
     changes_shape = False  # zeros in dense tensors: same shapes, MACs and latency
     # the BN-recalibrated score ranks configs like the fine-tune (Spearman 0.92 on the subset;
@@ -70,6 +71,7 @@ class FineGrained:
 class Channel:
     name = "channel"
     title = "channel"
+    ratio_label = "channel prune ratio"
     scan_label = "channel prune ratio of the pruned conv (% of its channels removed)"
     changes_shape = True
     cheap_score_ranks = False  # Spearman 0.22 against the fine-tune (benchmarks/fidelity.py)

@@ -124,6 +124,19 @@ def profile(
     return out
 
 
+def pruned_figures(model: nn.Module, dense: dict, example_input: torch.Tensor | None = None) -> dict:
+    """What a trial (and a baseline) records of a pruned model, against the dense model's ``{'params', 'macs'}``.
+
+    ``size_fraction``: nonzero parameters / dense parameters (the lab's size); ``nonzero_size_mib``;
+    ``params``, ``nonzero_params``; ``macs`` (conv + linear, one ``example_input``) and ``macs_fraction``.
+    """
+    params = count_params(model)
+    nonzero = count_nonzero_params(model)
+    macs = count_macs(model, example_input)
+    return {"size_fraction": nonzero / dense["params"], "nonzero_size_mib": params_to_mib(nonzero), "params": params,
+            "nonzero_params": nonzero, "macs": macs, "macs_fraction": macs / dense["macs"]}
+
+
 def layer_table(model: nn.Module) -> list[dict]:
     """Per parameter tensor: parameters, share of all parameters, sparsity (fractions)."""
     total = count_params(model)

@@ -30,7 +30,6 @@ the fine-tune epochs and seconds it saved.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import tempfile
@@ -45,16 +44,16 @@ from optuna.trial import TrialState
 from torch import nn
 
 from . import metrics
+from .baseline import finetune
 from .config import StudyConfig
 from .data import Data
-from .errors import AutopruneError
 from .latency import Meter
 from .model import arch_of
 from .plan import prune
 from .sources import prunable
 from .space import BUDGET, SearchSpace
 from .storage import set_user_attrs, worker_id
-from .train import evaluate, fit, recalibrate_bn
+from .train import evaluate, recalibrate_bn
 
 log = logging.getLogger("autoprune")
 
@@ -83,26 +82,6 @@ class TrialContext:
         if self.latency is None:
             self.latency = Meter.from_config(self.config.latency, self.config.latency_cache_dir, self.dense_figures)
         return self.latency
-
-
-def finetune(pruned, dense: nn.Module, data: Data, config: StudyConfig, seed: int, *, on_epoch=None,
-             progress: bool = False, desc: str = "fine-tune") -> list[dict]:
-    """Fine-tune a pruned model (:class:`autoprune.plan.Pruned`) in place by the study's recipe.
-
-    The one fine-tune every config gets: trials, re-scores of the leading
-    trials and the benchmark's one-shot baselines all call it, so every method
-    in a comparison has the same recipe. ``seed`` sets the data order and
-    augmentation. With ``[finetune] distill`` on, ``dense`` (on the pruned
-    model's device) is the teacher. Returns fit's per-epoch history; a diverged
-    fine-tune raises an :class:`AutopruneError` that names ``desc``.
-    """
-    recipe = dataclasses.replace(config.finetune_recipe(), seed=int(seed))
-    teacher = dense if config.finetune.distill else None
-    try:
-        return fit(pruned.model, data, recipe, masks=pruned.masks, on_epoch=on_epoch, progress=progress, desc=desc,
-                   teacher=teacher)
-    except AutopruneError as exc:
-        raise AutopruneError(f"{desc} fine-tune: {exc}") from None
 
 
 def cheap_score(dense: nn.Module, plan, data: Data, config: StudyConfig) -> float:
@@ -188,17 +167,10 @@ class Objective:
             log.info("trial %d: stopped at fidelity %s (%d of %d fine-tune epochs)", trial.number, stage, done, epochs)
         else:
             ctx.extras["epoch_seconds"] = seconds / max(1, len(history))
-        figures = metrics.profile(model, latency=False)
-        dense = ctx.dense_figures
         last_val = history[-1]["val_accuracy"] if history else attrs.get("val_accuracy_bn_recal",
                                                                           attrs["val_accuracy_before_finetune"])
         attrs.update({
-            "size_fraction": figures["nonzero_params"] / dense["params"],
-            "nonzero_size_mib": figures["nonzero_size_mib"],
-            "params": figures["params"],
-            "nonzero_params": figures["nonzero_params"],
-            "macs": figures["macs"],
-            "macs_fraction": figures["macs"] / dense["macs"],
+            **metrics.pruned_figures(model, ctx.dense_figures),
             "val_accuracy": last_val,
             "test_accuracy": evaluate(model, ctx.data.test),
             "finetune_seconds": seconds,

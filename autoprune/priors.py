@@ -385,7 +385,8 @@ def one_shot_pruned(rule: str, dense, kind: str, target_fraction: float,
 
     Fine-grained rules and channel ``uniform`` apply their allocation as a plan
     (fine-grained: with its masks). The Torch-Pruning rules return Torch-Pruning's
-    own pruned network (its choice of channels) as an autoprune VGG, masks None.
+    own pruned network (its choice of channels), masks None: the lab's VGG as an
+    autoprune VGG, other models with their arch recording the kept widths.
     """
     chosen = one_shot_rule(rule, kind)
     if chosen.pruned is not None:
@@ -426,9 +427,9 @@ def _torch_pruning_rule(name: str) -> OneShotRule:
         return allocation(name, model, target_fraction, metric)
 
     def pruned(model, target_fraction, metric):
-        from .torch_pruning_rules import pruned_vgg
-        vgg, ratios = pruned_vgg(name, model, target_fraction, metric)
-        return Pruned(vgg, None), ratios
+        from .torch_pruning_rules import pruned_model
+        net, ratios = pruned_model(name, model, target_fraction, metric)
+        return Pruned(net, None), ratios
 
     return OneShotRule(allocation, pruned, check)
 

@@ -20,21 +20,23 @@
   wrote one), ``history.png`` and ``importances.png`` (Optuna's plots);
 * ``report.md`` and ``report.html`` (images embedded as data URIs).
 
-The uniform baseline (every layer pruned alike, exactly at the cap, fine-tuned
-with the study's recipe on the study's data) is computed once and cached in
-``out_dir/baseline-cache.json``, keyed by the checkpoint's sha256, the plan,
-the recipe and the data; a damaged cache is ignored and rewritten. Storage URLs
+The figures are drawn by :mod:`autoprune.plots`. The uniform baseline (every
+layer or channel group pruned alike, exactly at the cap, fine-tuned with the
+study's recipe on the study's data; :mod:`autoprune.baseline`) is computed
+once and cached in ``out_dir/baseline-cache.json``, keyed by the checkpoint's
+sha256, the plan, the recipe and the data; a damaged cache is ignored and
+rewritten. Models of any source are reported: layers and channel groups by
+their names, kept widths from the trials' ``channels`` (the lab's VGG) or
+``widths`` (group -> kept). Storage URLs
 are written only redacted, so a password never reaches a report file; the
 study's own text (name, data, paths) is escaped in report.md and report.html
 and never read as math in figure titles. Every file is replaced whole or not
-at all (:func:`autoprune.files.atomic_path`).
+at all (:func:`autoprune.files.output_path`).
 """
 
 from __future__ import annotations
 
 import base64
-import dataclasses
-import hashlib
 import html
 import json
 import logging
@@ -45,22 +47,30 @@ import shutil
 import statistics
 import tempfile
 import time
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import optuna
 import pandas as pd
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
+from torch import nn
 
+from .artifacts import study_artifact_store
+from .baseline import cached_uniform
+from .budget import CostModel, vgg_cost_model
 from .config import StudyConfig
 from .errors import AutopruneError, NothingQualifies
-from .files import atomic_path, file_digest, safe_name
+from .files import file_digest, output_path, safe_name
+from .kinds import KINDS
+from .model import vgg_channels
+from .plan import layers_for
+from .plots import (plot_channel_extra, plot_history, plot_importances, plot_pareto, plot_picked_layers,
+                    prediction_errors)
 from .pick import (format_score, has_weights, is_deployable, is_feasible, named_constraints, pick, study_limits,
                    study_scores)
+from .sources import load_checkpoint, prunable
+from .space import BUDGET
 from .storage import redact, redacted_config
-from .study import open_existing
+from .study import open_existing, study_checkpoint
 
 log = logging.getLogger("autoprune")
 
@@ -68,52 +78,44 @@ ACCURACY_NOTE = ("Validation accuracy is measured on a split carved from the tra
                  "the search and pick select on. Test accuracy is measured on the held-out test split and "
                  "is reported only: it is never used to choose a trial.")
 
-COLORS = {"feasible": "tab:blue", "infeasible": "0.55", "partial": "tab:orange", "front": "tab:green",
-          "dense": "black", "baseline": "tab:red", "pick": "tab:purple"}
-
-
 # --- helpers ---------------------------------------------------------------------
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-@contextmanager
-def _report_file(path: Path) -> Iterator[Path]:
-    """A temporary path that replaces ``path`` once written (see autoprune.files); a failure is one line."""
-    try:
-        with atomic_path(path) as tmp:
-            yield tmp
-    except OSError as exc:
-        raise AutopruneError(f"cannot write {path}: {exc.strerror or exc}; free some space or choose another "
-                             f"--out") from None
-
-
-def _save(fig, path: Path) -> Path:
-    try:
-        with _report_file(path) as tmp:
-            fig.savefig(tmp)
-    finally:
-        _pyplot().close(fig)
-    return path
-
-
 def _write_text(path: Path, text: str) -> Path:
-    with _report_file(path) as tmp:
+    with output_path(path) as tmp:  # whole or not at all; a failure is one line
         tmp.write_text(text)
     return path
 
 
-def _category(t: FrozenTrial, config: StudyConfig) -> str:
-    if not is_deployable(t, config):
-        return "partial"
-    return "feasible" if is_feasible(t) else "infeasible"
+def layer_names(study: optuna.Study, config: StudyConfig, costs: CostModel | None = None) -> tuple[str, ...]:
+    """The layers (fine-grained) or channel groups (channel) the study's plans set, in the model's order.
+
+    From the dense model's ``costs`` when known; else the lab's VGG names when every trial's plan is within
+    them, or the names the trials' plans and params hold, in the order first seen.
+    """
+    kind = config.study.kind
+    if costs is not None:
+        return costs.names(kind)
+    seen = dict.fromkeys(n for t in study.get_trials(deepcopy=False)
+                         for n in [*(t.user_attrs.get("plan") or {}), *t.params] if n != BUDGET)
+    vgg = layers_for(kind)
+    return vgg if set(seen) <= set(vgg) else tuple(seen)
+
+
+def _model_text(config: StudyConfig) -> str:
+    """The dense model in words: the lab's VGG with its width, else its source."""
+    source = config.model.source
+    return f"a VGG (width {config.model.width:g})" if source == "vgg" else f"the model {source}"
+
+
+def kept_widths(attrs: dict, groups) -> dict[str, int] | None:
+    """Channels each group kept, from a trial's (or export's) ``widths`` (group -> kept: any model) or
+    ``channels`` (the lab's VGG conv widths, in group order); None when it recorded neither."""
+    if isinstance(attrs.get("widths"), dict):
+        return {str(g): int(k) for g, k in attrs["widths"].items()}
+    if "channels" in attrs:
+        return dict(zip(groups, (int(c) for c in attrs["channels"])))
+    return None
 
 
 def _fmt(v, digits=4) -> str:
@@ -127,11 +129,10 @@ def _fmt(v, digits=4) -> str:
 # --- trials table ----------------------------------------------------------------
 
 
-def trials_frame(study: optuna.Study, config: StudyConfig) -> pd.DataFrame:
-    """One row per trial, every state."""
-    from .plan import layers_for
-
-    layers = list(layers_for(config.study.kind))
+def trials_frame(study: optuna.Study, config: StudyConfig, layers=None) -> pd.DataFrame:
+    """One row per trial, every state; a ``plan_`` and ``proposed_`` column per layer (:func:`layer_names`
+    when ``layers`` is not given)."""
+    layers = list(layer_names(study, config) if layers is None else layers)
     rows = []
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
@@ -155,6 +156,8 @@ def trials_frame(study: optuna.Study, config: StudyConfig) -> pd.DataFrame:
         for name, value in sorted(named_constraints(t).items()):
             row[f"constraint_{name}"] = value
         row["channels"] = "-".join(str(c) for c in a["channels"]) if "channels" in a else None
+        if isinstance(a.get("widths"), dict):  # graph models: group -> channels kept
+            row["widths"] = ";".join(f"{g}={k}" for g, k in a["widths"].items())
         for layer in layers:
             if layer in t.params:
                 row[f"proposed_{layer}"] = t.params[layer]
@@ -189,382 +192,42 @@ def _checkpoint_path(study: optuna.Study, config: StudyConfig) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
-def baseline_plan(config: StudyConfig, channels, num_classes: int = 10, dense_figures: dict | None = None):
-    """Uniform pruning exactly at the study's cap(s): equal preferences for every layer (a latency cap by the
-    latency fit the study recorded in ``dense_figures``)."""
-    from . import budget
-    from .plan import PruningPlan
-
-    from .latency import LatencyFit
-    from .space import study_latency_budget
-
-    c = config.constraints
-    kind = config.study.kind
-    round_to = config.pruning.round_to
-    if kind == "fine_grained":
-        ratios = budget.fine_grained_budget(channels, c.max_size_fraction, num_classes=num_classes)
-    else:
-        ratios = budget.channel_budget(channels, c.max_size_fraction, "params", num_classes=num_classes,
-                                       round_to=round_to)
-        caps = [("macs", c.max_macs_fraction, None)]
-        if config.latency_budget:  # by this machine's lookup table (cached where the search ran here)
-            cap, predictor = study_latency_budget(config, channels, num_classes,
-                                                  fit=LatencyFit.from_figures(dense_figures))
-            caps.append(("latency", cap, predictor))
-        for metric, cap, predictor in caps:
-            if cap is not None:
-                by_cap = budget.channel_budget(channels, cap, metric, num_classes=num_classes, round_to=round_to,
-                                               latency=predictor)
-                ratios = {n: max(r, by_cap[n]) for n, r in ratios.items()}
-    return PruningPlan(kind, {n: r for n, r in ratios.items() if r > 0}, config.study.criterion, tuple(channels),
-                       round_to)
-
-
-def uniform_baseline(study: optuna.Study, config: StudyConfig, out_dir: Path, device="auto",
-                     progress: bool = False) -> dict:
-    """Prune the dense checkpoint uniformly at the cap, fine-tune by the study's recipe, measure (cached)."""
-    from . import metrics
-    from .latency import Meter
-    from .model import load_checkpoint
-    from .objective import finetune
-    from .plan import prune
-    from .train import evaluate, resolve_device
-
+def study_dense(study: optuna.Study, config: StudyConfig) -> tuple[nn.Module, str]:
+    """The study's dense model (any source, from its checkpoint file or uploaded artifact) and its sha256."""
     ua = study.user_attrs
     ckpt = _checkpoint_path(study, config)
     if ckpt is None and ua.get("checkpoint_artifact_id"):  # studies that upload their dense checkpoint
-        try:
-            from .export import artifact_store
-            from .study import study_checkpoint
-
-            ckpt = Path(study_checkpoint(study, artifact_store(study)[0]))
-        except ImportError:
-            pass
+        store = study_artifact_store(study)
+        if store is not None:
+            ckpt = Path(study_checkpoint(study, store))
     if ckpt is None:
         raise AutopruneError(f"the study's dense checkpoint {ua.get('checkpoint')!r} was not found")
     sha = ua.get("checkpoint_sha256") or file_digest(ckpt)
     if file_digest(ckpt) != sha:
         raise AutopruneError(f"{ckpt} changed since the search ran (sha256 differs); the baseline would not be "
                              f"comparable")
-    model, _ = load_checkpoint(ckpt)
-    plan = baseline_plan(config, model.channels, model.num_classes, ua.get("dense"))
-    d = config.data
-    recipe = config.finetune_recipe().to_dict()
-    key_src = {"checkpoint_sha256": sha, "plan": plan.to_dict(), "recipe": recipe,
-               "distill": config.finetune.distill, "data": d.spec,
-               "val_size": d.val_size, "data_seed": d.seed, "version": 1}
-    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
-    cache_path = out_dir / "baseline-cache.json"
-    cache = _read_baseline_cache(cache_path)
-    hit = cache.get(key)
-    if hit is not None and hit.get("key") == key and all(f in hit for f in _BASELINE_FIELDS):
-        log.info("uniform baseline: reusing cached result %s", key)
-        return {**hit, "from_cache": True}
-    if hit is not None:
-        log.warning("uniform baseline: ignoring the damaged entry %s of the cache %s", key, cache_path)
-    log.info("uniform baseline: pruning %s uniformly at the cap and fine-tuning %d epoch(s)",
-             config.study.kind, config.finetune.epochs)
-    dev = resolve_device(device)
-    data = config.load_data().to(dev)
-    model.to(dev)
-    pruned = prune(model, plan)
-    net = pruned.model
-    start = time.perf_counter()
-    # The trials' own fine-tune (distillation from the dense model included when it is on).
-    history = finetune(pruned, model, data, config, config.study.seed, progress=progress, desc="baseline")
-    seconds = time.perf_counter() - start
-    dense = ua.get("dense", {})
-    figures = metrics.profile(net.cpu(), latency=False)
-    net.to(dev)
-    result = {
-        "plan": plan.to_dict(), "val_accuracy": history[-1]["val_accuracy"], "test_accuracy": evaluate(net, data.test),
-        "size_fraction": figures["nonzero_params"] / dense.get("params", figures["params"]),
-        "macs_fraction": figures["macs"] / dense.get("macs", figures["macs"]), "macs": figures["macs"],
-        "params": figures["params"], "nonzero_params": figures["nonzero_params"],
-        "finetune_seconds": seconds, "finetune_epochs": len(history), "checkpoint_sha256": sha, "key": key,
-    }
-    if config.study.kind == "channel":  # as the trials measure it: [latency], beside the dense model
-        meter = Meter.from_config(dataclasses.replace(config.latency, predict=False))
-        lat = meter.figures(net, model)
-        result.update({k: lat[k] for k in ("latency_ms", "latency_runtime", "latency_threads", "latency_fraction")})
-    cache[key] = result
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_text(cache_path, json.dumps(cache, indent=2))
-    return {**result, "from_cache": False}
+    # a module: source imports user code only when the study's config names it
+    return load_checkpoint(ckpt, config.model.source)[0], sha
 
 
-_BASELINE_FIELDS = ("plan", "val_accuracy", "test_accuracy", "size_fraction", "macs_fraction", "finetune_epochs")
+def uniform_baseline(study: optuna.Study, config: StudyConfig, out_dir: Path, device="auto",
+                     progress: bool = False, dense: tuple[nn.Module, str] | None = None) -> dict:
+    """Prune the study's dense checkpoint uniformly at the cap, fine-tune by the study's recipe, measure
+    (:func:`autoprune.baseline.cached_uniform`, cached in ``out_dir``). ``dense``: :func:`study_dense`'s
+    result when the caller has it."""
+    model, sha = dense or study_dense(study, config)
+    return cached_uniform(model, config, Path(out_dir), sha, dense_figures=study.user_attrs.get("dense"),
+                          device=device, progress=progress)
 
 
-def _read_baseline_cache(path: Path) -> dict:
-    """The cached baselines by key; a damaged cache counts as empty (and is rewritten after the next baseline)."""
-    try:
-        cache = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        log.warning("uniform baseline: ignoring the unreadable cache %s (%s)", path, exc)
-        return {}
-    if not isinstance(cache, dict) or not all(isinstance(v, dict) for v in cache.values()):
-        log.warning("uniform baseline: ignoring the damaged cache %s (not a JSON object of entries)", path)
-        return {}
-    return cache
-
-
-# --- figures ---------------------------------------------------------------------
-
-
-_LABELS = {"feasible": "feasible", "infeasible": "infeasible",
-           "partial": "not fully fine-tuned (stopped early)"}
-
-
-def _scatter_trials(ax, trials, config, x_of, pick_trial, baseline, dense_xy, baseline_x):
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    for cat, marker in (("infeasible", "x"), ("partial", "v"), ("feasible", "o")):
-        pts = [(x_of(t), t.user_attrs["val_accuracy"]) for t in complete if _category(t, config) == cat]
-        pts = [p for p in pts if p[0] is not None]
-        if pts:
-            kw = dict(facecolors="none") if cat == "partial" else {}
-            ax.scatter(*zip(*pts), marker=marker, s=36, color=COLORS[cat] if cat != "partial" else None,
-                       edgecolors=COLORS[cat] if cat == "partial" else None, label=f"{_LABELS[cat]} ({len(pts)})",
-                       zorder=3, **kw)
-    if dense_xy is not None and dense_xy[0] is not None:
-        ax.scatter(*dense_xy, marker="*", s=160, color=COLORS["dense"], zorder=4,
-                   label=f"dense ({dense_xy[1]:.2f}%)")
-    if baseline and baseline_x is not None:
-        ax.scatter(baseline_x, baseline["val_accuracy"], marker="D", s=60, color=COLORS["baseline"], zorder=4,
-                   label=f"uniform at cap ({baseline['val_accuracy']:.2f}%)")
-    if pick_trial is not None and x_of(pick_trial) is not None:
-        ax.scatter(x_of(pick_trial), pick_trial.user_attrs["val_accuracy"], s=260, facecolors="none",
-                   edgecolors=COLORS["pick"], linewidths=2.2, zorder=5, label=f"picked: trial {pick_trial.number}")
-        ax.annotate(f"#{pick_trial.number}", (x_of(pick_trial), pick_trial.user_attrs["val_accuracy"]),
-                    xytext=(8, 8), textcoords="offset points", color=COLORS["pick"], fontsize=9)
-
-
-def _floor_line(ax, floor):
-    if floor is not None:
-        ax.axhline(floor, color="tab:red", ls="--", lw=1.1, label=f"accuracy floor {floor:.2f}%")
-
-
-def _finish(ax, title, xlabel, floor=None):
-    # Fit the accuracy axis to the points and the floor (a floor below 0% is drawn at the edge).
-    ys = [y for coll in ax.collections for y in coll.get_offsets()[:, 1].tolist()]
-    ys += [floor] if floor is not None else []
-    if ys:
-        lo, hi = max(0.0, min(ys)), min(100.0, max(ys))
-        pad = max(1.0, 0.08 * (hi - lo))
-        ax.set_ylim(max(-1.0, lo - pad), min(101.0, hi + pad))
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("validation accuracy (%) [selection split]")
-    ax.set_title(title, fontsize=10, parse_math=False)  # titles hold the study's name: a "$" is no math
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="best", framealpha=0.9)
-    ax.figure.tight_layout()
-
-
-def plot_pareto(study, config, path: Path, pick_trial, baseline, floor) -> Path:
-    plt = _pyplot()
-    cost = config.cost_attr
-    trials = study.get_trials(deepcopy=False)
-    dense = study.user_attrs.get("dense", {})
-    fig, ax = plt.subplots(figsize=(8.5, 5.8), dpi=110)
-    _scatter_trials(ax, trials, config, lambda t: t.user_attrs.get(cost), pick_trial, baseline,
-                    (1.0, dense.get("val_accuracy")) if dense.get("val_accuracy") is not None else None,
-                    baseline.get(cost) if baseline else None)
-    try:
-        front = sorted(study.best_trials, key=lambda t: t.user_attrs[cost])
-    except Exception:  # no complete trial yet
-        front = []
-    if front:
-        ax.step([t.user_attrs[cost] for t in front], [t.user_attrs["val_accuracy"] for t in front], where="post",
-                color=COLORS["front"], lw=1.8, zorder=2, marker="s", ms=10, mfc="none", mew=1.5,
-                label=f"Pareto front, Optuna best_trials ({len(front)})")
-    c = config.constraints
-    cap = {"size_fraction": c.max_size_fraction, "macs_fraction": c.max_macs_fraction,
-           "latency_fraction": c.max_latency_fraction}.get(cost)
-    if cap is not None:
-        ax.axvline(cap, color="tab:red", ls=":", lw=1.3, label=f"{cost.split('_')[0]} cap {cap:g}")
-    _floor_line(ax, floor)
-    what = {"size_fraction": "nonzero size", "macs_fraction": "MACs (conv + linear)",
-            "latency_fraction": "measured latency"}.get(cost, cost)
-    _finish(ax, f"{study.study_name}: {what} vs validation accuracy ({config.study.kind})",
-            f"{cost} ({what} as a fraction of dense)", floor)
-    return _save(fig, path)
-
-
-def plot_channel_extra(study, config, out: Path, pick_trial, baseline, floor) -> dict[str, Path]:
-    plt = _pyplot()
-    trials = study.get_trials(deepcopy=False)
-    dense = study.user_attrs.get("dense", {})
-    written = {}
-    specs = [("accuracy_vs_macs.png", lambda t: t.user_attrs.get("macs", 0) / 1e6, "macs", 1e6,
-              "MACs per image, millions (conv + linear only)", "MACs"),
-             ("accuracy_vs_latency.png", lambda t: t.user_attrs.get("latency_ms"), "latency_ms", 1.0,
-              f"latency, ms (median, batch {config.latency.batch_sizes[0]}, {config.latency.runtime}, "
-              f"{config.latency.threads or 'all'} thread(s), {config.latency.device} of the search machine)",
-              "latency")]
-    for name, x_of, key, scale, xlabel, what in specs:
-        fig, ax = plt.subplots(figsize=(8.5, 5.8), dpi=110)
-        dx = dense.get(key)
-        _scatter_trials(ax, trials, config, x_of, pick_trial, baseline,
-                        (dx / scale if dx is not None else None, dense.get("val_accuracy")),
-                        baseline[key] / scale if baseline and key in baseline else None)
-        if key == "latency_ms":
-            front = latency_front([t for t in trials if t.state == TrialState.COMPLETE and is_feasible(t)
-                                   and is_deployable(t, config)])
-            if front:
-                ax.step([t.user_attrs["latency_ms"] for t in front], [t.user_attrs["val_accuracy"] for t in front],
-                        where="post", color=COLORS["front"], lw=1.8, zorder=2, marker="s", ms=10, mfc="none",
-                        mew=1.5, label=f"latency-accuracy front, feasible ({len(front)})")
-            cap_ms = config.constraints.max_latency_ms
-            if cap_ms is None and config.constraints.max_latency_fraction is not None and dx:
-                cap_ms = config.constraints.max_latency_fraction * dx  # drawn at the dense model's median here
-            if cap_ms is not None:
-                ax.axvline(cap_ms, color="tab:red", ls=":", lw=1.3, label=f"latency cap {cap_ms:.3g} ms")
-        if key == "macs" and config.constraints.max_macs_fraction is not None and dx:
-            ax.axvline(config.constraints.max_macs_fraction * dx / scale, color="tab:red", ls=":", lw=1.3,
-                       label=f"MACs cap {config.constraints.max_macs_fraction:g} of dense")
-        _floor_line(ax, floor)
-        _finish(ax, f"{study.study_name}: {what} vs validation accuracy (channel pruning)", xlabel, floor)
-        written[name] = _save(fig, out / name)
-    predicted = plot_latency_prediction(study, out / "latency_predicted_vs_measured.png")
-    if predicted is not None:
-        written[predicted.name] = predicted
-    return written
-
-
-def latency_front(trials) -> list[FrozenTrial]:
-    """The trials no other beats on both measured latency (lower) and validation accuracy (higher), by latency."""
-    pts = sorted(trials, key=lambda t: (t.user_attrs["latency_ms"], -t.user_attrs["val_accuracy"], t.number))
-    front, best = [], -math.inf
-    for t in pts:
-        if t.user_attrs["val_accuracy"] > best:
-            front.append(t)
-            best = t.user_attrs["val_accuracy"]
-    return front
-
-
-def prediction_errors(trials) -> list[float]:
-    """Each complete trial's lookup-table prediction error, predicted / measured - 1."""
-    return [t.user_attrs["latency_prediction_error"] for t in trials
-            if t.state == TrialState.COMPLETE and "latency_prediction_error" in t.user_attrs]
-
-
-def plot_latency_prediction(study, path: Path) -> Path | None:
-    """Predicted (lookup table) vs measured latency of every complete trial, the dense model starred; None
-    when no trial recorded a prediction."""
-    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-              if "latency_predicted_ms" in t.user_attrs and "latency_ms" in t.user_attrs]
-    if not trials:
-        return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 6.0), dpi=110)
-    xs = [t.user_attrs["latency_ms"] for t in trials]
-    ys = [t.user_attrs["latency_predicted_ms"] for t in trials]
-    ax.scatter(xs, ys, s=30, color=COLORS["feasible"], zorder=3, label=f"trials ({len(trials)})")
-    dense = study.user_attrs.get("dense", {})
-    if "latency_predicted_ms" in dense and "latency_ms" in dense:
-        ax.scatter(dense["latency_ms"], dense["latency_predicted_ms"], marker="*", s=160, color=COLORS["dense"],
-                   zorder=4, label="dense")
-        xs, ys = xs + [dense["latency_ms"]], ys + [dense["latency_predicted_ms"]]
-    lo, hi = 0.0, 1.05 * max(xs + ys)
-    ax.plot([lo, hi], [lo, hi], color="0.3", lw=1.0, label="predicted = measured")
-    ax.fill_between([lo, hi], [0.9 * lo, 0.9 * hi], [1.1 * lo, 1.1 * hi], color="0.5", alpha=0.15,
-                    label="within 10%")
-    errors = [abs(e) for e in prediction_errors(trials)]
-    a = trials[0].user_attrs
-    ax.set_xlim(lo, hi)
-    ax.set_ylim(lo, hi)
-    ax.set_xlabel(f"measured latency, ms (median, batch {a.get('latency_batch_size', 1)}, "
-                  f"{a.get('latency_runtime', 'torch')}, {a.get('latency_threads', '?')} thread(s))")
-    ax.set_ylabel("predicted latency, ms (per-layer lookup table)")
-    ax.set_title(f"{study.study_name}: predicted vs measured latency; median |error| "
-                 f"{100 * statistics.median(errors):.1f}%, largest {100 * max(errors):.1f}%", fontsize=10,
-                 parse_math=False)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", framealpha=0.9)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def plot_picked_layers(study, config, trial: FrozenTrial, path: Path) -> Path:
-    from . import budget
-    from .model import vgg_channels
-
-    plt = _pyplot()
-    base = vgg_channels(config.model.width)  # the search checked the checkpoint has these widths
-    num_classes = config.model.num_classes
-    numels = budget.layer_numels(base, num_classes)
-    total = budget.vgg_cost(base, num_classes)["params"]
-    kind = config.study.kind
-    layers = list(numels) if kind == "fine_grained" else [n for n in numels if n != "classifier"]
-    plan = trial.user_attrs.get("plan") or {}
-    ratios = [plan.get(n, 0.0) for n in layers]
-    shares = [numels[n] / total for n in layers]
-    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=110)
-    xs = range(len(layers))
-    w = 0.4
-    what = "sparsity (fraction of weights zeroed)" if kind == "fine_grained" else "channel prune ratio"
-    b1 = ax.bar([x - w / 2 for x in xs], ratios, w, color=COLORS["pick"], label=f"picked trial {trial.number}: {what}")
-    b2 = ax.bar([x + w / 2 for x in xs], shares, w, color="tab:gray", label="layer's share of dense parameters")
-    for bars, vals in ((b1, ratios), (b2, shares)):
-        for bar, v in zip(bars, vals):
-            ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
-                        va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
-    labels = list(layers)
-    if kind == "channel" and "channels" in trial.user_attrs:
-        labels = [f"{n}\n{k}/{c}" for n, k, c in zip(layers, trial.user_attrs["channels"], base)]
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels(labels, fontsize=8)
-    ax.set_ylim(0, 1.12)
-    ax.set_ylabel("fraction")
-    ax.set_title(f"{study.study_name}: per-layer ratios of the picked config (trial {trial.number}) "
-                 f"and each layer's share of parameters", fontsize=10, parse_math=False)
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def _acc_target(config: StudyConfig):
-    i = config.objectives.index("accuracy")
-    return lambda t: t.values[i] if t.values is not None else float("nan")
-
-
-def plot_history(study, config, path: Path) -> Path:
-    from optuna.visualization.matplotlib import plot_optimization_history
-
-    plt = _pyplot()
-    with warnings.catch_warnings(), plt.style.context("default"):  # Optuna switches to ggplot globally
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        target = _acc_target(config) if len(config.objectives) > 1 else None
-        ax = plot_optimization_history(study, target=target, target_name="validation accuracy (%)")
-    ax.set_title(f"{study.study_name}: optimization history (validation accuracy, every complete trial)",
-                 fontsize=10, parse_math=False)
-    fig = ax.figure
-    fig.set_size_inches(8.5, 5.2)
-    fig.set_dpi(110)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def plot_importances(study, config, path: Path) -> Path:
-    from optuna.visualization.matplotlib import plot_param_importances
-
-    plt = _pyplot()
-    with warnings.catch_warnings(), plt.style.context("default"):
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        target = _acc_target(config) if len(config.objectives) > 1 else None
-        ax = plot_param_importances(study, target=target, target_name="validation accuracy")
-    ax.set_title("")  # Optuna titles it on the left; one title, ours
-    ax.set_title(f"{study.study_name}: parameter importances for validation accuracy (fANOVA)", fontsize=10,
-                 loc="left", parse_math=False)
-    fig = ax.figure
-    fig.set_size_inches(8.5, 5.2)
-    fig.set_dpi(110)
-    fig.tight_layout()
-    return _save(fig, path)
+def _dense_costs(config: StudyConfig, dense: tuple[nn.Module, str] | None) -> CostModel | None:
+    """The dense model's cost model (layer sizes, groups); the lab's VGG's by the config's width when its
+    checkpoint was not read (the search checked the checkpoint has those widths); else None."""
+    if dense is not None:
+        return prunable(dense[0]).cost_model()
+    if config.model.source == "vgg":
+        return vgg_cost_model(vgg_channels(config.model.width), config.model.num_classes)
+    return None
 
 
 def _sensitivity_png(study, config) -> Path | None:
@@ -614,8 +277,10 @@ def _html_table(t: dict) -> str:
 
 
 def build_sections(study, config, storage_url, pick_trial, pick_note, runners, baseline, baseline_note,
-                   floor, limits) -> list[tuple[str, list]]:
-    """The report as (heading, blocks); a block is ('p', text) | ('table', t) | ('img', name, caption) | ('pre', text)."""
+                   floor, limits, layers=None) -> list[tuple[str, list]]:
+    """The report as (heading, blocks); a block is ('p', text) | ('table', t) | ('img', name, caption) | ('pre', text).
+
+    ``layers``: the layer or group names of the study's plans (:func:`layer_names`)."""
     cost = config.cost_attr
     score = study_scores(study)
     trials = study.get_trials(deepcopy=False)
@@ -633,7 +298,7 @@ def build_sections(study, config, storage_url, pick_trial, pick_note, runners, b
 
     overview = [
         ("p", f"Study **{_md_text(study.study_name)}** in {_md_code(redact(storage_url))}: {config.study.kind} "
-              f"pruning of a VGG (width {config.model.width:g}) on "
+              f"pruning of {_md_text(_model_text(config))} on "
               f"{_md_code(study.user_attrs.get('data', config.data.spec))}; objectives "
               f"{', '.join(config.objectives)}; sampler {config.study.sampler} (seed {config.study.seed})."),
         ("p", f"Trials: {len(trials)} in all ({', '.join(f'{n} {k.lower()}' for k, n in sorted(states.items()))}); "
@@ -677,16 +342,15 @@ def build_sections(study, config, storage_url, pick_trial, pick_note, runners, b
                        + f". Chosen by `autoprune pick` (highest validation accuracy, re-scored where the search "
                          f"re-scored the leaders, among fully fine-tuned trials meeting {limits.describe()})."
                        + ("" if has_weights(pick_trial) else " Its weights were not kept.")))
-        from .plan import layers_for
-
         plan = a.get("plan") or {}
-        kept = a.get("channels")
-        headers = ["layer", "ratio removed"] + (["channels kept"] if kept and config.study.kind == "channel" else [])
+        layers = layer_names(study, config) if layers is None else layers
+        kept = kept_widths(a, layers) if KINDS[config.study.kind].changes_shape else None
+        headers = ["layer", "ratio removed"] + (["channels kept"] if kept else [])
         rows = []
-        for i, layer in enumerate(layers_for(config.study.kind)):
+        for layer in layers:
             row = [layer, f"{plan.get(layer, 0.0):.4f}"]
-            if len(headers) == 3:
-                row.append(str(kept[i]))
+            if kept:
+                row.append(str(kept.get(layer, "")))
             rows.append(row)
         blocks.append(("table", _table(headers, rows)))
         blocks.append(("img", "picked_layers.png", "Per-layer ratios of the picked config beside each layer's "
@@ -723,7 +387,7 @@ def build_sections(study, config, storage_url, pick_trial, pick_note, runners, b
                                     "hollow triangles: stopped early (not fully fine-tuned); green steps: the "
                                     "Pareto front; star: dense; diamond: uniform pruning at the cap; ring: the "
                                     "picked config.")]
-    if config.study.kind == "channel":
+    if KINDS[config.study.kind].changes_shape:
         blocks += [("img", "accuracy_vs_macs.png", "MACs (conv + linear) vs validation accuracy."),
                    ("img", "accuracy_vs_latency.png",
                     f"Latency (median of batch-{config.latency.batch_sizes[0]} {config.latency.runtime} runs at "
@@ -876,24 +540,41 @@ def write_report(storage_url: str, study_name: str, out_dir=None, baseline: bool
     except NothingQualifies as exc:
         pick_note = str(exc)
 
+    # The dense model: for the baseline, and for any model but the lab's VGG (whose layers its width gives)
+    # the layer sizes of the picked-layers figure.
+    dense, dense_note = None, ""
+    if baseline or config.model.source != "vgg":
+        try:
+            dense = study_dense(study, config)
+        except AutopruneError as exc:
+            dense_note = str(exc)
+    costs = _dense_costs(config, dense)
+    layers = layer_names(study, config, costs)
+
     base, base_note = None, "skipped (--no-baseline)."
     if baseline:
         try:
-            base = uniform_baseline(study, config, out, device=device, progress=progress)
+            if dense is None:
+                raise AutopruneError(dense_note)
+            base = uniform_baseline(study, config, out, device=device, progress=progress, dense=dense)
         except AutopruneError as exc:
             base_note = str(exc)
             log.warning("uniform baseline skipped: %s", exc)
 
     written["pareto.png"] = plot_pareto(study, config, out / "pareto.png", pick_trial, base, floor)
-    if config.study.kind == "channel":
+    if KINDS[config.study.kind].changes_shape:
         written.update(plot_channel_extra(study, config, out, pick_trial, base, floor))
-    if pick_trial is not None:
-        written["picked_layers.png"] = plot_picked_layers(study, config, pick_trial, out / "picked_layers.png")
+    if pick_trial is not None and costs is not None:
+        kept = kept_widths(pick_trial.user_attrs, costs.groups) if KINDS[config.study.kind].changes_shape else None
+        written["picked_layers.png"] = plot_picked_layers(study, config, pick_trial, out / "picked_layers.png",
+                                                          costs, kept)
+    elif pick_trial is not None:
+        log.warning("picked layers plot skipped: %s", dense_note)
     sens = _sensitivity_png(study, config)
     if sens is not None:
         target = out / sens.name
         if sens.resolve() != target.resolve():
-            with _report_file(target) as tmp:
+            with output_path(target) as tmp:
                 shutil.copyfile(sens, tmp)
         written["sensitivity.png"] = target
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -909,7 +590,7 @@ def write_report(storage_url: str, study_name: str, out_dir=None, baseline: bool
             log.warning("parameter importance plot skipped: %s", str(exc).splitlines()[0] if str(exc) else exc)
 
     sections = build_sections(study, config, storage_url, pick_trial, pick_note, runners, base, base_note,
-                              floor, limits)
+                              floor, limits, layers)
     title = f"autoprune report: {study_name}"
     written["report.md"] = _write_text(out / "report.md", render_md(title, sections, written))
     written["report.html"] = _write_text(out / "report.html", render_html(title, sections, written))

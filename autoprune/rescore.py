@@ -36,8 +36,9 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial
 
+from .baseline import finetune
 from .data import MAX_SEED
-from .objective import TrialContext, finetune
+from .objective import TrialContext
 from .plan import prune
 from .train import evaluate
 

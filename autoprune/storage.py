@@ -7,6 +7,10 @@
 * ``journal:PATH`` -> Optuna's ``JournalStorage`` on a journal file, for several
   processes on one host.
 
+:func:`storage_kind` is the one place a URL is classified (``sqlite``,
+``journal``, ``server``) and :func:`storage_file` the one place a file URL's
+path is read.
+
 A URL's passwords (``user:PASSWORD@`` and the query's ``password``, ``passwd``,
 ``pwd``, ``sslpassword``) never leave this process: :func:`redact` is the form to
 print, log, report or store in a study; :func:`scrub` takes them out of any other
@@ -45,13 +49,28 @@ _QUERY = re.compile(r"\?[^?&=#]*=")  # where a query string starts: "?name="
 _PARAM = re.compile(r"[?&]([^?&=#]*)=")  # a query parameter: "?name=" or "&name="
 
 
+def storage_kind(url: str) -> str:
+    """``journal`` (``journal:PATH``), ``sqlite`` (``sqlite:///PATH``), ``server`` (a database reached over
+    the network: ``postgresql://``, ``mysql://``, ...), or ``""`` (not a storage URL)."""
+    if url.startswith("journal:"):
+        return "journal"
+    if url.startswith("sqlite:"):
+        return "sqlite"
+    return "server" if "://" in url else ""
+
+
+def is_server_url(url: str) -> bool:
+    """A database reached over the network (not a file): postgresql://, mysql://, ..."""
+    return storage_kind(url) == "server"
+
+
 def _userinfo_password(url: str) -> tuple[int, int] | None:
     """(start, end) of the password in ``user:password@``, or None.
 
     It runs to the last '@' before the query string: SQLAlchemy and libpq stop at
     the first one and take the rest of the password for the host.
     """
-    if url.startswith("journal:") or "://" not in url:
+    if storage_kind(url) == "journal" or "://" not in url:
         return None
     userinfo = _USERINFO.match(url, url.index("://") + 3)
     if not userinfo:
@@ -65,7 +84,7 @@ def _password_spans(url: str) -> list[tuple[int, int]]:
 
     A plain string parse, so that a URL SQLAlchemy cannot read is redacted too.
     """
-    if url.startswith("journal:") or "://" not in url:
+    if storage_kind(url) == "journal" or "://" not in url:
         return []
     userinfo = _userinfo_password(url)
     spans = [userinfo] if userinfo else []
@@ -190,8 +209,9 @@ def _user_attrs_table():
 
 def storage_file(url: str) -> Path | None:
     """The file behind a ``sqlite:///PATH`` or ``journal:PATH`` URL; None for server databases."""
-    path = url[len("journal:"):] if url.startswith("journal:") else None
-    if url.startswith("sqlite:///"):
+    kind = storage_kind(url)
+    path = url[len("journal:"):] if kind == "journal" else None
+    if kind == "sqlite" and url.startswith("sqlite:///"):
         from sqlalchemy.engine import make_url
 
         try:
@@ -244,7 +264,7 @@ def open_storage(url: str, heartbeat_seconds: int = 30, create: bool = True) -> 
         path = storage_file(url)
         if path is not None and create:
             path.parent.mkdir(parents=True, exist_ok=True)
-        if url.startswith("journal:"):
+        if storage_kind(url) == "journal":
             return JournalStorage(JournalFileBackend(str(path)))
         # Two processes creating a new SQLite file's schema at once: the second fails with
         # "UNIQUE constraint failed: alembic_version" unless they take turns.
@@ -260,7 +280,7 @@ def open_storage(url: str, heartbeat_seconds: int = 30, create: bool = True) -> 
                 grace_period=3 * heartbeat_seconds,
                 heartbeat_stale_trial_callback=retry_callback(),
             )
-            if not url.startswith("sqlite"):
+            if storage_kind(url) == "server":
                 _ping_when_idle(storage.engine)
             return storage
     except AutopruneError:

@@ -15,7 +15,7 @@ are scored on the validation split by (``neighbours`` computes ``no_recal``,
   fraction of an epoch's images, one cosine schedule, BN recalibrated before
   and after), the study's recipe otherwise;
 * ``full``: what a trial does: BN recalibration (4 batches), then the study's
-  2-epoch fine-tune (``autoprune.objective.finetune``, seed 0). ``full_b`` is
+  2-epoch fine-tune (``autoprune.baseline.finetune``, seed 0). ``full_b`` is
   the same fine-tune with data-order seed 1: Spearman(full, full_b) is the
   ceiling any score can reach against one noisy fine-tune.
 
@@ -65,7 +65,7 @@ from autoprune import budget  # noqa: E402
 from autoprune.config import load_config  # noqa: E402
 from autoprune.data import Data, Split, batches  # noqa: E402
 from autoprune.model import load_checkpoint  # noqa: E402
-from autoprune.objective import finetune  # noqa: E402
+from autoprune.baseline import finetune  # noqa: E402
 from autoprune.plan import CHANNEL_LAYERS, PruningPlan, prune  # noqa: E402
 from autoprune.train import TrainConfig, evaluate, fit, recalibrate_bn  # noqa: E402
 

@@ -3,7 +3,7 @@
 A paired comparison on the real CIFAR-10 subset (validation split carved from
 the training images; test images only for the table): one dense checkpoint,
 one-shot fine-grained allocations (``autoprune.priors.one_shot_allocation``)
-per rule and size target, each fine-tuned by ``autoprune.objective.finetune``
+per rule and size target, each fine-tuned by ``autoprune.baseline.finetune``
 with the study recipe (``[finetune]`` of studies/subset-fine-grained.toml)
 with distillation off and on. The same seeds (data order and augmentation)
 for off and on, so each seed gives one paired difference; the table reports
@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 from autoprune import metrics  # noqa: E402
 from autoprune.config import load_config  # noqa: E402
 from autoprune.model import load_checkpoint  # noqa: E402
-from autoprune.objective import finetune  # noqa: E402
+from autoprune.baseline import finetune  # noqa: E402
 from autoprune.plan import PruningPlan, prune  # noqa: E402
 from autoprune.priors import one_shot_allocation  # noqa: E402
 from autoprune.train import evaluate  # noqa: E402

@@ -9,8 +9,9 @@ trial that is the pipeline's own work rather than the training and measuring a t
   the surgery on a copy of the dense model;
 * ``profile``: the pruned model's parameter and MAC counts;
 * ``save``: the fine-tuned weights with their arch, saved and uploaded to the artifact store;
-* ``rebuild``: (after the study) the pick rebuilt from its arch on the meta device and loaded (what export and
-  ``autoprune.load`` do), once.
+* ``rebuild``: (after the study) the last trial's pruned network saved as a checkpoint (weights + arch) and
+  rebuilt from it: the dense model on the meta device, pruned to the widths, the weights checked and loaded
+  (what export and ``autoprune.load`` do), once.
 
 Beside them, per trial: its wall time (Optuna's start to complete), the fine-tune, and the latency
 measurement (``[latency]``: a feature's cost, not overhead, shown apart). The overhead fraction is the sum
@@ -93,10 +94,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)  # one core for the study; the other stays free for the machine's other work
 
-    from autoprune.export import load_trial_weights
-    from autoprune.pick import pick
+    from autoprune.plan import plan_for, prune
+    from autoprune.prepare import load_dense_checkpoint
     from autoprune.search import run_search
-    from autoprune.sources import model_from_checkpoint
+    from autoprune.sources import load_checkpoint, save_checkpoint
     from autoprune.study import open_existing
 
     config = load_config(STUDY_TOML, trials=args.trials, out_dir=str(args.work / "study"))
@@ -104,14 +105,13 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     run_search(config, device="cpu", progress=False)
     study, _ = open_existing(config.storage_url, config.study.name)
-    best, _ = pick(study, config, require_weights=True) if any(
-        t.user_attrs.get("weights_artifact_id") for t in study.trials) else (None, None)
-    rebuild = None
-    if best is not None:
-        obj = load_trial_weights(study, best)
-        t0 = time.perf_counter()
-        model_from_checkpoint(obj, config.model.source)
-        rebuild = time.perf_counter() - t0
+    last = [t for t in study.trials if "plan" in t.user_attrs][-1]
+    dense = load_dense_checkpoint(config, study.user_attrs["checkpoint"])
+    plan = plan_for(dense, config.study.kind, last.user_attrs["plan"], config.study.criterion, config.pruning.round_to)
+    path = save_checkpoint(prune(dense, plan).model, args.work / "rebuild.pt")
+    t0 = time.perf_counter()
+    load_checkpoint(path, config.model.source)
+    rebuild = time.perf_counter() - t0
 
     rows = []
     for t in study.trials:

@@ -1,7 +1,7 @@
 """The verdict: does the shipped search beat the best one-shot rule, paired over seeds?
 
 Every method prunes the same dense VGG (trained once by autoprune's own dense
-training and cached) and is fine-tuned by ``autoprune.objective.finetune``,
+training and cached) and is fine-tuned by ``autoprune.baseline.finetune``,
 the one fine-tune every config gets. Per (kind, target, seed):
 
 * every one-shot rule (``autoprune.priors.ONE_SHOT_RULES``; fine-grained also
@@ -133,11 +133,10 @@ def study_config(args, kind: str, target: float, seed: int, name: str, trials: i
 
 def run_rule(args, job: Job, checkpoint: str, scan) -> dict:
     """One rule's config at the target, fine-tuned once with the job's seed."""
+    from autoprune.baseline import fine_tuned
     from autoprune.model import load_checkpoint
-    from autoprune.objective import finetune
     from autoprune.plan import PruningPlan, prune
     from autoprune.priors import by_hand_rule, one_shot_pruned
-    from autoprune.train import evaluate
 
     config = study_config(args, job.kind, job.target, job.seed, job.name, 1, checkpoint)
     data = config.load_data()
@@ -149,12 +148,10 @@ def run_rule(args, job: Job, checkpoint: str, scan) -> dict:
     else:
         pruned, ratios = one_shot_pruned(job.method, dense, job.kind, job.target,
                                          metric="params" if job.kind == "fine_grained" else "macs")
-    history = finetune(pruned, dense, data, config, job.seed, desc=job.name)
-    model = pruned.model.eval()
-    figures = metrics.profile(model, latency=False)
-    return {"val_accuracy": history[-1]["val_accuracy"], "test_accuracy": evaluate(model, data.test),
-            "size_fraction": figures["nonzero_params"] / metrics.count_params(dense),
-            "macs_fraction": figures["macs"] / metrics.count_macs(dense),
+    # the report's baseline path: the studies' fine-tune, then measured as a trial is
+    figures = fine_tuned(pruned, dense, data, config, job.seed, desc=job.name)
+    pruned.model.eval()
+    return {**{k: figures[k] for k in ("val_accuracy", "test_accuracy", "size_fraction", "macs_fraction")},
             "plan": {k: round(float(v), 5) for k, v in ratios.items()}}
 
 

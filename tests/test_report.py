@@ -26,7 +26,8 @@ from autoprune.config import load_config
 from autoprune.errors import AutopruneError, NothingQualifies
 from autoprune.export import export, load_sparse
 from autoprune.pick import is_deployable, pick
-from autoprune.report import redacted_config, uniform_baseline, write_report
+from autoprune.report import (kept_widths, layer_names, redacted_config, trials_frame, uniform_baseline,
+                              write_report)
 from autoprune.search import run_search
 from autoprune.storage import redact
 from autoprune.study import open_existing
@@ -339,3 +340,39 @@ def test_export_errors_are_one_line(fine, tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("autoprune: error: no study named 'nope'") and "Traceback" not in result.stderr
+
+
+# --- trials of any model ---------------------------------------------------------------------------
+
+
+def test_trials_of_a_graph_model_are_tabled_by_their_group_names_and_widths():
+    from autoprune.config import StudyConfig
+
+    config = StudyConfig()
+    config.study.kind = "channel"
+    study = optuna.create_study(directions=["maximize"])
+    for plan, widths in [({"stem.0": 0.5, "down": 0.25}, {"stem.0": 4, "block.conv1": 8, "down": 12}),
+                         ({"block.conv1": 0.125}, {"stem.0": 8, "block.conv1": 7, "down": 16})]:
+        study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, values=[50.0],
+                                                  user_attrs={"plan": plan, "widths": widths}))
+    assert layer_names(study, config) == ("stem.0", "down", "block.conv1")  # as first seen (no cost model given)
+    df = trials_frame(study, config)
+    assert list(df["plan_stem.0"]) == [0.5, 0.0] and list(df["plan_block.conv1"]) == [0.0, 0.125]
+    assert list(df["widths"]) == ["stem.0=4;block.conv1=8;down=12", "stem.0=8;block.conv1=7;down=16"]
+    assert "plan_conv0" not in df and df["channels"].isna().all()
+    # the lab's VGG keeps its columns: every conv, and its channels as before
+    vgg = optuna.create_study(directions=["maximize"])
+    vgg.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, values=[50.0], user_attrs={
+        "plan": {"conv3": 0.5}, "channels": [8, 16, 32, 16, 64, 64, 64, 64]}))
+    assert layer_names(vgg, config) == ("conv0", "conv1", "conv2", "conv3", "conv4", "conv5", "conv6")
+    frame = trials_frame(vgg, config)
+    assert list(frame["channels"]) == ["8-16-32-16-64-64-64-64"] and "widths" not in frame
+
+
+def test_kept_widths_read_widths_or_the_vggs_channels():
+    groups = ("conv0", "conv1", "conv2", "conv3", "conv4", "conv5", "conv6")
+    assert kept_widths({"channels": [3, 5, 10, 10, 21, 21, 21, 32]}, groups) == dict(
+        zip(groups, [3, 5, 10, 10, 21, 21, 21]))
+    assert kept_widths({"widths": {"stem.0": 4, "down": 9}, "channels": [1]}, ["stem.0", "down"]) == {
+        "stem.0": 4, "down": 9}
+    assert kept_widths({"plan": {}}, groups) is None

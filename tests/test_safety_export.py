@@ -362,10 +362,10 @@ def test_report_redacts_the_url_and_leaves_everything_else_intact(nasty):
 
 
 def test_a_damaged_baseline_cache_is_ignored_and_rewritten(study, tmp_path, monkeypatch, caplog):
-    import autoprune.objective
+    import autoprune.baseline
 
     # The cache is the subject here, not the fine-tuning: one quick fake epoch.
-    monkeypatch.setattr(autoprune.objective, "finetune", lambda *a, **k: [{"val_accuracy": 42.0}])
+    monkeypatch.setattr(autoprune.baseline, "finetune", lambda *a, **k: [{"val_accuracy": 42.0}])
     s, config = open_existing(study["url"], study["name"])
     key = uniform_baseline(s, config, tmp_path)["key"]
     cache = tmp_path / "baseline-cache.json"

@@ -11,6 +11,7 @@ import socket
 import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import optuna
 import pytest
@@ -19,7 +20,7 @@ from optuna.trial import TrialState
 from autoprune.config import StudyConfig, load_config
 from autoprune.pick import is_feasible, named_constraints
 from autoprune.report import trials_frame
-from autoprune.storage import passwords, redact, scrub, with_driver
+from autoprune.storage import is_server_url, passwords, redact, scrub, storage_file, storage_kind, with_driver
 
 from conftest import run_cli, run_main, write_study
 from test_workers import assert_one_line_error
@@ -89,6 +90,22 @@ def test_redact(url, shown, secrets):
     assert sorted(passwords(url)) == sorted(secrets)
     text = f"cannot connect with {url}: {' '.join(secrets)}"
     assert not any(s in scrub(text, url) for s in secrets)
+
+
+@pytest.mark.parametrize("url, kind, path", [
+    ("sqlite:///reports/a/study.db", "sqlite", "reports/a/study.db"),
+    ("sqlite:////abs/my%20study.db", "sqlite", "/abs/my study.db"),  # as SQLAlchemy reads it
+    ("sqlite:///:memory:", "sqlite", None),
+    ("journal:reports/a/journal.log", "journal", "reports/a/journal.log"),
+    ("postgresql://u:pw@h:5432/db", "server", None),
+    ("postgresql+psycopg://u@h/db", "server", None),
+    ("mysql://u@h/db", "server", None),
+    ("reports/a/study.db", "", None),  # a bare path is no storage URL
+])
+def test_one_classifier_for_storage_urls(url, kind, path):
+    assert storage_kind(url) == kind
+    assert is_server_url(url) == (kind == "server")
+    assert storage_file(url) == (None if path is None else Path(path))
 
 
 def test_a_raw_at_in_the_password_reaches_the_server_whole():

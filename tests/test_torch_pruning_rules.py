@@ -189,3 +189,75 @@ def test_a_channel_study_warm_starts_from_a_tp_rule(dense, tmp_path):
     assert list(starts) == ["uniform", "tp_lamp"]
     assert starts["tp_lamp"] == tpr.search("tp_lamp", dense, 0.5, "macs").pruned.ratios
     assert starts["uniform"] == one_shot_allocation("uniform", dense, "channel", 0.5, "macs")
+
+
+# --- any model: Torch-Pruning's groups named as autoprune names them ----------------------------------
+
+
+def graph_model(exclude=()):
+    """The residual-add and concatenation user model of test_models, randomised (BN statistics too)."""
+    from test_models import USER_SOURCE
+
+    from autoprune.sources import build_model
+
+    torch.manual_seed(0)
+    model = build_model(USER_SOURCE, 10, exclude=exclude, width=8)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def graph_count(model) -> dict:
+    from autoprune.sources import prunable
+
+    return {"params": metrics.count_params(model),
+            "macs": metrics.count_macs(model, prunable(model).example_input())}
+
+
+@pytest.mark.parametrize("metric", ["macs", "params"])
+def test_tp_rule_on_a_graph_model_meets_its_target_from_below_and_names_its_groups(metric, tmp_path):
+    from test_models import USER_SOURCE
+
+    from autoprune.sources import load_checkpoint, prunable, save_checkpoint
+
+    model = graph_model()
+    view = prunable(model)
+    groups = view.channel_groups()
+    assert groups == {"stem.0": 8, "block.conv1": 8, "side": 8, "down": 16}  # the add couples stem and block
+    found = tpr.search("tp_magnitude", model, 0.5, metric)
+    pruned = found.pruned
+    assert list(pruned.ratios) == list(groups) and list(pruned.widths) == list(groups)
+    assert tpr.prunable_channels(model) == 40
+    # Torch-Pruning's own network, counted, is what the cost model predicts for its widths: <= the target
+    full = graph_count(model)[metric]
+    assert graph_count(pruned.module)[metric] == view.cost(pruned.widths)[metric] <= 0.5 * full
+    assert found.fraction == view.cost(pruned.widths)[metric] / full
+    assert pruned.module.head.out_features == 10 and min(pruned.widths.values()) >= 1
+    # largest reachable: one globally ranked channel fewer is over the target
+    fewer = tpr.global_prune("tp_magnitude", model, tpr.ratio_for(found.removed - 1, 40))
+    assert sum(fewer.widths.values()) == sum(pruned.widths.values()) + 1 and not fewer.emptied
+    assert view.cost(fewer.widths)[metric] > 0.5 * full
+    # the allocation as an autoprune plan keeps the same widths
+    assert tpr.allocation("tp_magnitude", model, 0.5, metric) == pruned.ratios
+    assert view.kept(pruned.ratios) == pruned.widths
+    # the one-shot rule's network records its widths, so it saves weights-only and reloads to the same outputs
+    one_shot, ratios = one_shot_pruned("tp_magnitude", model, "channel", 0.5, metric)
+    net = one_shot.model
+    assert ratios == pruned.ratios and one_shot.masks is None
+    assert prunable(net).describe() == {"widths": pruned.widths} and graph_count(net) == graph_count(pruned.module)
+    save_checkpoint(net, tmp_path / "tp.pt")
+    again, _ = load_checkpoint(tmp_path / "tp.pt", source=USER_SOURCE)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), net.eval()(x))
+
+
+def test_tp_rule_leaves_an_excluded_group_whole():
+    model = graph_model(exclude=["side"])
+    found = tpr.search("tp_lamp", model, 0.6, "macs")
+    assert list(found.pruned.ratios) == ["stem.0", "block.conv1", "down"]
+    assert found.pruned.module.side.out_channels == 8 and found.fraction <= 0.6
+    assert found.pruned.module.down.out_channels < 16  # the others are cut
