@@ -43,10 +43,12 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from . import latency, metrics
+from .artifacts import study_artifact_store
 from .errors import AutopruneError
 from .kinds import KINDS
 from .pick import WEIGHTS_ATTR, has_weights, is_feasible, not_deployable_reason, pick, trial_summary
 from .sources import model_from_checkpoint, prunable, save_checkpoint
+from .storage import storage_file
 from .study import open_existing
 
 SPARSE_FORMAT = "autoprune-sparse-v1"
@@ -163,20 +165,12 @@ def check_exportable(trial: FrozenTrial, config, study_name: str) -> None:
 
 
 def artifact_store(study):
-    """The study's artifact store: what it records (a directory or its database), else ``artifact_dir``."""
-    from optuna.artifacts import FileSystemArtifactStore
-
-    try:
-        from .artifacts import study_artifact_store
-    except ImportError:  # a tree without database-backed artifacts
-        study_artifact_store = None
-    if study_artifact_store is not None and study.user_attrs.get("artifact_store"):
-        return study_artifact_store(study), str(study.user_attrs["artifact_store"].get("path", "the study's database"))
-    base = study.user_attrs.get("artifact_dir")
-    if not base or not Path(base).is_dir():
-        raise AutopruneError(f"the artifact directory of study {study.study_name!r} ({base}) is missing; "
-                             f"the trial weights were stored there by autoprune search")
-    return FileSystemArtifactStore(base), base
+    """The study's artifact store (:func:`autoprune.artifacts.study_artifact_store`) and where it is, in words."""
+    store = study_artifact_store(study)
+    if store is None:
+        raise AutopruneError(f"study {study.study_name!r} records no artifact store; its trials kept no weights")
+    ua = study.user_attrs
+    return store, str((ua.get("artifact_store") or {}).get("path") or ua.get("artifact_dir") or "the study's database")
 
 
 def load_trial_weights(study, trial: FrozenTrial) -> dict:
@@ -377,9 +371,8 @@ def export(storage_url: str, study_name: str, out_dir, trial: int | None = None,
 def _study_paths(storage_url: str, study) -> dict[str, Path]:
     """The study's own files on this machine, which ``--force`` must never replace."""
     paths = {}
-    for prefix in ("sqlite:///", "journal:"):
-        if storage_url.startswith(prefix):
-            paths["the study's storage"] = Path(storage_url[len(prefix):])
+    if (path := storage_file(storage_url)) is not None:
+        paths["the study's storage"] = path
     art = (study.user_attrs.get("artifact_store") or {}).get("path") or study.user_attrs.get("artifact_dir")
     if art:
         paths["the study's artifact directory"] = Path(art)

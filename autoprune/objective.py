@@ -47,6 +47,7 @@ from . import metrics
 from .baseline import finetune
 from .config import StudyConfig
 from .data import Data
+from .kinds import KINDS
 from .latency import Meter
 from .model import arch_of
 from .plan import prune
@@ -121,7 +122,7 @@ class Objective:
         # The BN-recalibrated score ranks fine-grained configs like the full fine-tune (Spearman 0.92
         # on the subset) but not channel configs (0.22; benchmarks/fidelity.py): channel studies fall
         # back to the early-stop rule alone.
-        ladder = fid.ladder and plan.kind == "fine_grained"
+        ladder = fid.ladder and KINDS[plan.kind].cheap_score_ranks
         stage = "full"  # how far this trial got: bn_recal, epoch1, stopped_early or full
         if fid.bn_recal_batches > 0:
             t0 = time.perf_counter()
@@ -178,7 +179,7 @@ class Objective:
             "fidelity": stage,
             **prunable(model).describe(),  # channels (the lab's VGG) or widths (group -> channels kept)
         })
-        if plan.kind == "channel":  # the dense model in the same run: a latency ratio from one load level
+        if KINDS[plan.kind].changes_shape:  # the dense model in the same run: a latency ratio from one load level
             attrs.update(ctx.latency_meter().figures(model, ctx.dense))
         constraints = self.constraints(attrs)
         set_user_attrs(trial, {**attrs, CONSTRAINT_NAMES_ATTR: list(constraints)})

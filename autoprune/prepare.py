@@ -32,7 +32,7 @@ from .objective import TrialContext
 from .plan import plan_for
 from .sources import build_model, prunable, save_checkpoint
 from .space import SearchSpace, study_latency_budget
-from .storage import redact, redacted_config, storage_file
+from .storage import is_server_url, redact, redacted_config, storage_file
 from .train import DENSE_RECIPE, TrainConfig, evaluate, fit, resolve_device
 
 log = logging.getLogger("autoprune")
@@ -177,7 +177,7 @@ def check_setup(config: StudyConfig) -> dict:
     checkpoint must load. Bad setup raises a one-line :class:`AutopruneError`. Writes nothing
     (``autoprune search --dry-run`` prints the returned dict).
     """
-    from .artifacts import descriptor_for, is_server_url
+    from .artifacts import descriptor_for
 
     config.validate()
     url, out = config.storage_url, config.out_dir

@@ -18,7 +18,6 @@ import logging
 import sys
 import time
 import zlib
-from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
@@ -30,7 +29,7 @@ from .pick import format_score, is_feasible, leaders, qualified, study_scores
 from .prepare import check_setup
 from .rescore import rescore_trials, rescores
 from .runner import run_trials
-from .storage import open_storage, redact, worker_id
+from .storage import open_storage, redact, storage_file, storage_kind, worker_id
 from .study import connect_storage, create_or_join, load_existing_study, study_config, wait_ready, worker_context
 
 log = logging.getLogger("autoprune")
@@ -181,10 +180,10 @@ def run_worker(url: str, study_name: str, *, device="auto", trials: int | None =
     """``autoprune worker``: join an existing study and run trials until it holds N complete ones."""
     if trials is not None and trials < 1:
         raise AutopruneError(f"--trials must be >= 1, got {trials}")
-    if url.startswith("journal:") and not Path(url[len("journal:"):]).is_file():
-        raise AutopruneError(f"journal file {url[len('journal:'):]} not found; no study to join there")
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
-        raise AutopruneError(f"database file {url[len('sqlite:///'):]} not found; no study to join there")
+    path = storage_file(url)
+    if path is not None and not path.is_file():
+        what = "journal file" if storage_kind(url) == "journal" else "database file"
+        raise AutopruneError(f"{what} {path} not found; no study to join there")
     start = time.perf_counter()
     # The heartbeat period is the study's: read it from the study's config before opening for real.
     storage = connect_storage(url, create=False)

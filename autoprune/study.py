@@ -33,12 +33,12 @@ from typing import TYPE_CHECKING
 import optuna
 from optuna.trial import TrialState
 
-from .artifacts import descriptor_for, is_server_url, open_store, study_artifact_store
+from .artifacts import descriptor_for, open_store, study_artifact_store
 from .config import StudyConfig
 from .errors import AutopruneError
 from .files import atomic_path, file_digest
-from .storage import (alive, error_reason, file_lock, lock_key, open_storage, pg_lock, rdb_storage, redact,
-                      setup_lock_path, with_driver, worker_id)
+from .storage import (alive, error_reason, file_lock, is_server_url, lock_key, open_storage, pg_lock, rdb_storage,
+                      redact, setup_lock_path, storage_file, with_driver, worker_id)
 
 if TYPE_CHECKING:
     from .objective import TrialContext
@@ -140,12 +140,10 @@ def open_existing(storage_url: str, study_name: str) -> tuple[optuna.Study, Stud
     """The study ``study_name`` in ``storage_url`` and its config; nothing is created."""
     if not storage_url:
         raise AutopruneError("no storage given; pass --storage URL (e.g. sqlite:///reports/NAME/study.db)")
-    for prefix in ("sqlite:///", "journal:"):
-        if storage_url.startswith(prefix):
-            path = Path(storage_url[len(prefix):])
-            if not path.is_file():
-                raise AutopruneError(f"no study storage at {path}; check --storage (a search writes "
-                                     f"sqlite:///reports/NAME/study.db by default)")
+    path = storage_file(storage_url)
+    if path is not None and not path.is_file():
+        raise AutopruneError(f"no study storage at {path}; check --storage (a search writes "
+                             f"sqlite:///reports/NAME/study.db by default)")
     storage = open_storage(storage_url, create=False)
     study = load_existing_study(storage, study_name, storage_url)
     raw = study.user_attrs.get("config")
