@@ -28,6 +28,8 @@ TINY_STUDY = {
     "select": {"top_k": 0},
     "finetune": {"epochs": 1, "batch_size": 128},
     "priors": {"grid": [0.5, 0.9], "tolerance": 30.0},
+    # channel trials are timed beside the dense model: a few runs (tests/test_latency.py checks the figures)
+    "latency": {"repeats": 5, "warmup": 2},
 }
 
 

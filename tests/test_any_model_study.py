@@ -25,12 +25,14 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
 
 USER = "module:test_models:small_net"
 MODELS = {  # [model] tables: small enough for seconds per trial on synthetic data
-    "resnet": {"source": "cifar:resnet20", "width": 0.5},
+    "resnet": {"source": "cifar:resnet20", "width": 0.25},
     "mobilenet": {"source": "torchvision:mobilenet_v2", "cifar_stem": True, "kwargs": "{ width_mult = 0.25 }"},
     "user": {"source": USER, "kwargs": "{ width = 8 }"},
 }
-# MobileNetV2's 17 blocks make its scan the slowest part: its groups' scan is test_models'
+# MobileNetV2's 17 blocks make its scan and its latency table the slowest parts: its groups' scan is
+# test_models', the predictor over graph models the ResNet's and the user model's
 PRIORS = {"mobilenet": {"enabled": False}}
+LATENCY = {"mobilenet": {"predict": False}}
 FAST = {"latency": {"repeats": 3, "warmup": 1}, "select": {"top_k": 0}}
 
 
@@ -42,7 +44,7 @@ def study_config(tmp_path, name: str, kind: str = "channel", **tables):
                        model={**model, "width": model.get("width", 1.0), "train_epochs": 1},
                        constraints={"max_size_fraction": 0.6, "max_accuracy_drop": 100.0},
                        data={"spec": "synthetic:300"}, priors={"grid": [0.5] if kind == "channel" else [0.5, 0.9], **PRIORS.get(name, {})},
-                       **{**FAST, **tables})
+                       **{**FAST, "latency": {**FAST["latency"], **LATENCY.get(name, {})}, **tables})
     if lines:  # an inline table: write_study writes plain values
         path.write_text(path.read_text().replace("[model]\n", f"[model]\n{lines}\n"))
     return load_config(path, out_dir=str(tmp_path / name))
@@ -87,14 +89,14 @@ def test_a_checkpoint_of_another_source_is_refused_with_the_fix(tmp_path):
 
 def test_a_bare_state_dict_is_the_dense_model_its_config_describes(tmp_path):
     config = study_config(tmp_path, "resnet")
-    model = autoprune.build_model("cifar:resnet20", 10, width=0.5)
+    model = autoprune.build_model("cifar:resnet20", 10, width=0.25)
     torch.save(model.state_dict(), tmp_path / "bare.pt")
     config.model.checkpoint = str(tmp_path / "bare.pt")
     assert "checkpoint" in check_setup(config)["dense"]
-    config.model.width = 0.25
+    config.model.width = 0.5
     with pytest.raises(AutopruneError, match=r"^checkpoint .*bare.pt does not fit \[model\] source cifar:resnet20 "
-                                             r"as configured: checkpoint key 'conv1.weight' has shape \(8, 3, 3, 3\), "
-                                             r"model expects \(4, 3, 3, 3\); fix \[model\]"):
+                                             r"as configured: checkpoint key 'conv1.weight' has shape \(4, 3, 3, 3\), "
+                                             r"model expects \(8, 3, 3, 3\); fix \[model\]"):
         check_setup(config)
 
 
