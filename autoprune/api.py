@@ -76,7 +76,7 @@ def prune(model: nn.Module, train, val, test=None, *, kind: str = "channel", max
     ``max_accuracy_drop`` (points below the dense model's validation accuracy; default: the config's 92.5%
     floor unless one is given). ``tables``: any other study config tables as dicts, e.g.
     ``finetune={"epochs": 5}``, ``priors={"enabled": False}`` (see ``studies/*.toml``). ``name``: the
-    study (default ``prune-<hash of the weights and settings>``: running the same call again resumes it).
+    study (default ``prune-<hash of the weights, images and settings>``: the same call again resumes it).
     """
     from .export import load_trial_weights
     from .pick import pick
@@ -93,9 +93,11 @@ def prune(model: nn.Module, train, val, test=None, *, kind: str = "channel", max
     constraints = {"max_size_fraction": max_size, "max_macs_fraction": max_macs, "min_accuracy": min_accuracy,
                    "max_accuracy_drop": max_accuracy_drop}
     settings = {"kind": kind, "constraints": constraints, "trials": trials, "tables": tables}
-    digest = hashlib.sha256()
+    digest = hashlib.sha256()  # the weights, the images and the settings: other data is another study
     for t in model.state_dict().values():
         digest.update(t.detach().cpu().numpy().tobytes())
+    for x, y in splits.values():
+        digest.update(x.tobytes()), digest.update(y.tobytes())
     digest.update(json.dumps([arch, settings], sort_keys=True, default=str).encode())
     name = name or f"prune-{digest.hexdigest()[:10]}"
     folder = Path(out_dir or f"reports/{name}")
