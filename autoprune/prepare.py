@@ -48,6 +48,12 @@ def build_dense(config: StudyConfig, device: str | None = None):
 def load_dense_checkpoint(config: StudyConfig, path: str | None = None):
     """The ``[model] checkpoint`` (or ``path``, the study's copy), refused unless it is the dense model
     ``[model]`` describes: the lab's VGG at its width, or the source's model with these options."""
+    return read_dense(config, path)[0]
+
+
+def read_dense(config: StudyConfig, path: str | None = None) -> tuple:
+    """:func:`load_dense_checkpoint`'s model and the arch the file itself records (None for the lab's VGG
+    or a bare state dict), from one read of the file."""
     m = config.model
     path = path or m.checkpoint
     if m.source == "vgg":
@@ -58,7 +64,7 @@ def load_dense_checkpoint(config: StudyConfig, path: str | None = None):
                 f"checkpoint {path} has conv widths {list(model.channels)}, but the study asks "
                 f"for width {m.width} ({expected}); set [model] width to match or use another checkpoint"
             )
-        return model
+        return model, None
     obj = lab.read_checkpoint(path)
     meta = obj.get("autoprune") if isinstance(obj.get("autoprune"), dict) else {}
     arch = meta.get("arch") if isinstance(meta.get("arch"), dict) else {}
@@ -76,7 +82,7 @@ def load_dense_checkpoint(config: StudyConfig, path: str | None = None):
                              f"fix [model] (kwargs, width, cifar_stem, num_classes) or use another checkpoint") from None
     model = build_dense(config)
     model.load_state_dict(obj["state_dict"])
-    return model.eval()
+    return model.eval(), arch or None
 
 
 def _dense_recipe(config: StudyConfig, data) -> dict:
@@ -110,13 +116,12 @@ def dense_cache_path(config: StudyConfig, data) -> Path:
     return config.out_dir.parent / "cache" / f"dense-{_model_slug(config)}-{key}.pt"
 
 
-def study_checkpoint(config: StudyConfig, model, path: str) -> str:
+def study_checkpoint(config: StudyConfig, model, path: str, stored_arch: dict | None) -> str:
     """The checkpoint the study records and publishes: ``path`` when it describes ``model`` (the lab's VGG,
-    or a checkpoint saved with its arch), else a copy saved with the arch beside the dense-model cache, so that
-    the scan and every worker rebuild the model from the file alone."""
-    obj = lab.read_checkpoint(path)
-    meta = obj.get("autoprune") if isinstance(obj.get("autoprune"), dict) else {}
-    if config.model.source == "vgg" or meta.get("arch") == lab.arch_of(model):
+    or a checkpoint saved with its arch: ``stored_arch``, as :func:`read_dense` found it), else a copy saved
+    with the arch beside the dense-model cache, so that the scan and every worker rebuild the model from the
+    file alone."""
+    if config.model.source == "vgg" or stored_arch == lab.arch_of(model):
         return path
     copy = config.out_dir.parent / "cache" / f"dense-{_model_slug(config)}-{file_digest(path)[:12]}.pt"
     if not copy.is_file():
@@ -130,8 +135,8 @@ def dense_model(config: StudyConfig, data, device, progress: bool):
     """The study's dense model: its checkpoint, or one trained here (cached); ``(model, checkpoint path)``."""
     m = config.model
     if m.checkpoint:
-        model = load_dense_checkpoint(config)
-        return model, study_checkpoint(config, model, m.checkpoint)
+        model, stored_arch = read_dense(config)
+        return model, study_checkpoint(config, model, m.checkpoint, stored_arch)
     path = dense_cache_path(config, data)
     if path.is_file():
         log.info("dense model: reusing %s (trained earlier with the same recipe)", path)
