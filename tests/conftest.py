@@ -33,6 +33,15 @@ TINY_STUDY = {
 }
 
 
+def pytest_configure(config):
+    """One torch thread per test process, and in the processes the tests start: the suite runs as parallel
+    pytest-xdist processes (pyproject's addopts), and tiny models gain nothing from a second thread but stall
+    when two processes spin two each on two cores. Set before torch is imported, which reads it."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
 class Raw(str):
     """A TOML value as written (``'"5"'``, ``"[0.5, nan]"``)."""
 

@@ -52,7 +52,6 @@ def _password(url: str) -> str | None:
 
 def _env(tmp_path: Path) -> dict:
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg-cache"), PYTHONUNBUFFERED="1")
-    env.pop("OMP_NUM_THREADS", None)
     return env
 
 
