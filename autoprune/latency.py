@@ -21,12 +21,15 @@
   linear head), any other model by tracing its skeleton on the meta device
   (one entry per conv or linear call, the conv alone).
 * :class:`LatencyFit` turns table sums into latency: measured = fixed_ms +
-  scale * table sum, fitted at setup through the dense model and near its
-  uniform 0.25 / 0.5 / 0.75 prunes measured side by side. The fixed part
-  (dispatch, activations, pooling, the runtime's per-call work) does not
-  shrink with the widths, and is a large share of a narrow model. :class:`PredictedFraction` (the latency
-  budget's cost over any :class:`autoprune.budget.CostModel`) and the trials'
-  ``latency_predicted_ms`` (:func:`calibrated_ms`) use that one rule.
+  scale * table sum + element_ns * activation elements, fitted at setup through
+  the dense model and near its uniform 0.25 / 0.5 / 0.75 prunes measured side by
+  side, every part >= 0. The fixed part (dispatch, the runtime's per-call work)
+  does not shrink with the widths, and is a large share of a narrow model; the
+  activation part is the work outside the timed layers that scales with channels
+  x pixels, not MACs (a traced model's BatchNorms, activations, residual adds).
+  :class:`PredictedFraction` (the latency budget's cost over any
+  :class:`autoprune.budget.CostModel`) and the trials' ``latency_predicted_ms``
+  (:func:`calibrated_ms`) use that one rule, as shares of the dense model's latency.
 * :func:`onnx_export` writes the ONNX file an export ships, checked against
   torch's outputs with ONNX Runtime.
 """
@@ -41,6 +44,7 @@ import importlib.util
 import io
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -49,7 +53,7 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -141,9 +145,9 @@ def onnx_session(data: bytes, threads: int = 1, device: str = "cpu"):
 
 
 def onnx_max_difference(data: bytes, model: nn.Module, batch_size: int = 2, seed: int = 0) -> float:
-    """Largest |ONNX Runtime - torch| over the outputs for a seeded random batch."""
+    """Largest |ONNX Runtime - torch| over the outputs for a seeded random batch of the model's input shape."""
+    x = torch.randn(batch_size, *input_shape_of(model), generator=torch.Generator().manual_seed(seed))
     model = copy.deepcopy(model).cpu().eval()
-    x = torch.randn(batch_size, *INPUT_SHAPE, generator=torch.Generator().manual_seed(seed))
     session = onnx_session(data)
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
@@ -155,8 +159,10 @@ def onnx_max_difference(data: bytes, model: nn.Module, batch_size: int = 2, seed
 
 
 def onnx_export(model: nn.Module, atol: float = ONNX_TOLERANCE) -> tuple[bytes, dict]:
-    """``model`` as ONNX bytes, checked: ONNX Runtime's outputs within ``atol`` of torch's (batches 1 and 3)."""
-    data = to_onnx(model, (1, *INPUT_SHAPE))
+    """``model`` as ONNX bytes, checked: ONNX Runtime's outputs within ``atol`` of torch's (batches 1 and 3), on
+    its input shape (:func:`input_shape_of`: a CIFAR image unless its arch records another)."""
+    shape = input_shape_of(model)
+    data = to_onnx(model, (1, *shape))
     diff = max(onnx_max_difference(data, model, batch_size=b) for b in (1, 3))
     if not diff <= atol:
         raise AutopruneError(f"the ONNX export differs from the model by {diff:g} (more than {atol:g}); please "
@@ -164,7 +170,8 @@ def onnx_export(model: nn.Module, atol: float = ONNX_TOLERANCE) -> tuple[bytes, 
     import onnxruntime
 
     return data, {"written": True, "opset": ONNX_OPSET, "max_abs_difference": diff, "tolerance": atol,
-                  "onnxruntime": onnxruntime.__version__, "input": "input: float32 [batch, 3, 32, 32]"}
+                  "onnxruntime": onnxruntime.__version__,
+                  "input": f"input: float32 [batch, {', '.join(str(d) for d in shape)}]"}
 
 
 # --- runtimes ------------------------------------------------------------------
@@ -339,6 +346,11 @@ class Layer:
     def input_shape(self) -> tuple[int, int, int]:
         return (self.in_channels, self.size, self.size)
 
+    @property
+    def out_elements(self) -> int:
+        """The conv's output elements for one example (before its pool); the head's logits."""
+        return self.out_channels * self.size * self.size if self.kind == "conv" else self.out_channels
+
     def module(self) -> nn.Module:
         if self.kind == "conv":
             parts = [nn.Conv2d(self.in_channels, self.out_channels, 3, padding=1, bias=False),
@@ -398,6 +410,19 @@ class Conv:
     def input_shape(self) -> tuple[int, ...]:
         return (self.in_channels, *self.size)
 
+    @property
+    def out_elements(self) -> int:
+        """The output's elements for one example: what the norm, activation and adds after it work through."""
+        n = self.out_channels
+        for i, size in enumerate(self.size):
+            k, stride, dilation = self.kernel[i], self.stride[i], self.dilation[i]
+            if isinstance(self.padding, str):  # "same" keeps the size (stride 1); "valid" pads nothing
+                pad = dilation * (k - 1) / 2 if self.padding == "same" else 0
+            else:
+                pad = self.padding[i]
+            n *= int((size + 2 * pad - dilation * (k - 1) - 1) // stride + 1)
+        return n
+
     def module(self) -> nn.Module:
         conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(self.size) - 1]
         return conv(self.in_channels, self.out_channels, self.kernel, self.stride, self.padding, self.dilation,
@@ -421,6 +446,10 @@ class Linear:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return self.shape
+
+    @property
+    def out_elements(self) -> int:
+        return self.out_features * math.prod(self.shape[:-1])
 
     def module(self) -> nn.Module:
         return nn.Linear(self.in_features, self.out_features, self.bias).eval()
@@ -487,6 +516,12 @@ def layers_of(arch: dict | nn.Module) -> list:
     if name not in LAYERS:
         raise AutopruneError(f"no latency table layout for model {name!r}; known: {', '.join(LAYERS)}")
     return LAYERS[name](arch)
+
+
+def activation_elements(arch: dict | nn.Module) -> int:
+    """The output elements of a model's table entries for one example: the work that BatchNorm, activations,
+    residual adds and pools do scales with these (channels x pixels), not with the convs' MACs."""
+    return sum(layer.out_elements for layer in layers_of(arch))
 
 
 def input_shape_of(model: nn.Module) -> tuple[int, ...]:
@@ -593,47 +628,86 @@ class LatencyTable:
 FIT_RATIOS = (0.25, 0.5, 0.75)  # the uniform prunes measured beside the dense model to fit latency at setup
 
 
+class Footprint(NamedTuple):
+    """What a config's latency is predicted from: its table sum (ms) and its activation elements."""
+
+    table_ms: float
+    elements: int
+
+
+def footprint(table: "LatencyTable", arch: dict | nn.Module) -> Footprint:
+    return Footprint(table.predict_ms(arch), activation_elements(arch))
+
+
 @dataclass(frozen=True)
 class LatencyFit:
-    """Measured latency = ``fixed_ms`` + ``scale`` x a model's table sum, on one runtime, threads and batch.
+    """Measured latency = ``fixed_ms`` + ``scale`` x a model's table sum + ``element_ns`` x its activation
+    elements / 1e6, on one runtime, threads and batch.
 
     Fitted at setup (:meth:`Meter.dense_figures`) on the dense model and its uniform prunes
-    (:data:`FIT_RATIOS`) measured side by side. ``fixed_ms`` is what a whole forward pass costs beyond its
-    timed layers and does not shrink with the widths (dispatch, activations, pooling, the runtime's per-call
-    work); ``scale`` the layers' part. Predictions use ``fixed_fraction``, the fixed part's share of the dense
-    model's latency, so a worker on another machine applies the fit to its own table: a config's latency as a
-    fraction of dense is ``fixed_fraction + (1 - fixed_fraction) * table sum / dense table sum`` (on the
-    fitting machine, exactly (fixed + scale * sum) / (fixed + scale * dense sum)).
+    (:data:`FIT_RATIOS`) measured side by side. ``fixed_ms`` is what a forward pass costs whatever the widths
+    (dispatch, the runtime's per-call work); ``scale`` the timed layers' part; ``element_ns`` the work outside
+    them that scales with activations, not MACs (a traced model's entries are its convs alone: its
+    BatchNorms, activations and residual adds are here). Uniform prunes tell the two apart: MACs fall with the
+    square of the kept share, activations with the share. Predictions use the dense model's shares
+    (``fixed_fraction``, ``activation_fraction``), so a worker on another machine applies the fit to its own
+    table (:meth:`fraction`).
     """
 
     fixed_ms: float
     scale: float
     fixed_fraction: float
+    element_ns: float = 0.0  # per activation element (of one example at the batch size timed)
+    activation_fraction: float = 0.0
 
     @classmethod
-    def through(cls, dense: tuple[float, float], *others: tuple[float, float]) -> "LatencyFit":
-        """The least-squares line through the dense model's (table sum, measured ms) and near the others' (with
-        one other model: the line through both). Through the dense point because every prediction stands on
-        the dense model measured beside it.
+    def through(cls, dense: Footprint | tuple, *others: tuple) -> "LatencyFit":
+        """The least-squares fit through the dense model's point and near the others'; a point is (table sum ms,
+        activation elements, measured ms). Through the dense point because every prediction stands on the
+        dense model measured beside it.
 
-        Noise may tilt the line past what latency can be; then it is held at the nearest sound line: a negative
-        fixed part at 0 (latency in proportion to the table: the rule without a fit), a negative scale at 0
-        (the widths do not matter: every config as slow as dense).
+        Every part is held >= 0 (a part of latency cannot be negative; noise may tilt a free fit past that):
+        the best fit over the faces of that region, so a term the points do not support is left out (the lab's
+        VGG, whose entries include their BatchNorm and ReLU, fits with no activation term). The pruned models
+        no faster than dense: every config as slow as dense (the widths do not matter), with a warning.
         """
-        s0, m0 = dense
+        s0, e0, m0 = (float(v) for v in dense)
         if not (s0 > 0 and m0 > 0):
             raise AutopruneError(f"cannot fit latency to a dense table sum of {s0} ms measured at {m0} ms; "
                                  f"please report this")
-        spread = sum((s - s0) ** 2 for s, _ in others)
-        scale = sum((s - s0) * (m - m0) for s, m in others) / spread if spread > 0 else m0 / s0
-        fixed = m0 - scale * s0
-        if scale < 0:
+        deltas = [(float(s) - s0, float(e) - e0, float(m) - m0) for s, e, m in others]
+
+        def loss(b: float, c: float) -> float:
+            return sum((dm - b * ds - c * de) ** 2 for ds, de, dm in deltas)
+
+        def line(xs: list[float], ys: list[float]) -> float:  # least squares through the origin
+            spread = sum(x * x for x in xs)
+            return sum(x * y for x, y in zip(xs, ys)) / spread if spread > 0 else 0.0
+
+        ds, de, dm = ([d[i] for d in deltas] for i in range(3))
+        candidates = [(0.0, 0.0), (line(ds, dm), 0.0)]
+        if e0 > 0:
+            candidates.append((0.0, line(de, dm)))
+            sss, see, sse = sum(x * x for x in ds), sum(x * x for x in de), sum(x * y for x, y in zip(ds, de))
+            det = sss * see - sse * sse
+            if det > 1e-12 * max(sss * see, 1e-300):
+                sdm, edm = sum(x * y for x, y in zip(ds, dm)), sum(x * y for x, y in zip(de, dm))
+                candidates.append(((see * sdm - sse * edm) / det, (sss * edm - sse * sdm) / det))
+            # no fixed part: b = t m0 / s0, c = (1 - t) m0 / e0, t in [0, 1]; the loss is a parabola in t
+            u = [m0 * (x / s0 - y / e0) for x, y in zip(ds, de)]  # d(prediction)/dt
+            v = [y * m0 / e0 - z for y, z in zip(de, dm)]  # the residual at t = 0, negated
+            t = min(1.0, max(0.0, -line(u, v)))
+            candidates.append((t * m0 / s0, (1 - t) * m0 / e0))
+        elif not deltas:
+            candidates.append((m0 / s0, 0.0))
+        candidates.append((m0 / s0, 0.0))  # latency in proportion to the table: the rule without a fit
+        feasible = [(b, c) for b, c in candidates if b >= 0 and c >= 0 and m0 - b * s0 - c * e0 >= -1e-9 * m0]
+        scale, per_element = min(feasible, key=lambda bc: loss(*bc))
+        if scale == 0 and per_element == 0:
             log.warning("latency fit: the pruned models measured no faster than dense (%s vs %.3f ms); the widths "
-                        "are taken not to matter", ", ".join(f"{m:.3f}" for _, m in others), m0)
-            fixed, scale = m0, 0.0
-        elif fixed < 0:
-            fixed, scale = 0.0, m0 / s0
-        return cls(fixed, scale, fixed / m0)
+                        "are taken not to matter", ", ".join(f"{m:.3f}" for _, _, m in others), m0)
+        fixed = max(0.0, m0 - scale * s0 - per_element * e0)
+        return cls(fixed, scale, fixed / m0, per_element * 1e6, per_element * e0 / m0)
 
     @classmethod
     def from_figures(cls, figures: dict | None) -> "LatencyFit | None":
@@ -642,35 +716,44 @@ class LatencyFit:
         if "latency_fit_fixed_fraction" not in f:
             return None
         return cls(float(f["latency_fit_fixed_ms"]), float(f["latency_fit_scale"]),
-                   float(f["latency_fit_fixed_fraction"]))
+                   float(f["latency_fit_fixed_fraction"]), float(f.get("latency_fit_element_ns", 0.0)),
+                   float(f.get("latency_fit_activation_fraction", 0.0)))
 
     def figures(self) -> dict:
         return {"latency_fit_fixed_ms": self.fixed_ms, "latency_fit_scale": self.scale,
-                "latency_fit_fixed_fraction": self.fixed_fraction}
+                "latency_fit_fixed_fraction": self.fixed_fraction, "latency_fit_element_ns": self.element_ns,
+                "latency_fit_activation_fraction": self.activation_fraction}
+
+    def ms(self, point: Footprint) -> float:
+        """Predicted milliseconds on the machine that made the fit."""
+        return self.fixed_ms + self.scale * point.table_ms + self.element_ns * 1e-6 * point.elements
+
+    def fraction(self, point: Footprint, dense: Footprint) -> float:
+        """A config's predicted latency as a fraction of the dense model's: the fixed share as it is, the
+        activation share in proportion to the elements, the rest to the table sums (this machine's table)."""
+        rest = 1.0 - self.fixed_fraction - self.activation_fraction
+        return (self.fixed_fraction + self.activation_fraction * point.elements / max(dense.elements, 1)
+                + rest * point.table_ms / dense.table_ms)
 
 
-def predicted_fraction(table_ms: float, dense_table_ms: float, fixed_fraction: float = 0.0) -> float:
-    """A config's predicted latency as a fraction of the dense model's: the fixed share as it is, the rest in
-    proportion to the table sums (``fixed_fraction`` 0: the share of the sum alone)."""
-    return fixed_fraction + (1.0 - fixed_fraction) * table_ms / dense_table_ms
+TABLE_ONLY = LatencyFit(0.0, 1.0, 0.0)  # no fit: latency in proportion to the table's sum
 
 
-def calibrated_ms(table_ms: float, dense_table_ms: float, dense_measured_ms: float,
-                  fixed_fraction: float = 0.0) -> float:
-    """A model's predicted latency beside a measured dense model: :func:`predicted_fraction` times the dense
-    model's measured latency (what a latency budget repairs by, in ms; ``fixed_fraction`` from the study's
-    :class:`LatencyFit`)."""
-    return predicted_fraction(table_ms, dense_table_ms, fixed_fraction) * dense_measured_ms
+def calibrated_ms(point: Footprint, dense: Footprint, dense_measured_ms: float,
+                  fit: LatencyFit | None = None) -> float:
+    """A model's predicted latency beside a measured dense model: the fit's :meth:`LatencyFit.fraction` (the
+    table's share without one) times the dense model's measured latency (what a trial records)."""
+    return (fit or TABLE_ONLY).fraction(point, dense) * dense_measured_ms
 
 
 class PredictedFraction:
     """The latency budget's cost over any model: a config's predicted latency as a fraction of the dense
-    model's (:func:`predicted_fraction`, with the study's :class:`LatencyFit` when given), memoised per width
-    tuple (a budget's bisection asks for few distinct ones).
+    model's (:meth:`LatencyFit.fraction` with the study's fit; without one the table's share), memoised per
+    width tuple (a budget's bisection asks for few distinct ones).
 
     ``costs``: a :class:`autoprune.budget.CostModel` (or the lab's VGG conv widths); it is called with what
     ``costs.widths(kept)`` gives: every conv's width (the lab's VGG) or group -> kept width (graph models).
-    ``dense_ms``: the dense model's predicted latency (the fit's line at its table sum; without a fit the sum).
+    ``dense_ms``: the dense model's predicted latency (the fit at its footprint; without a fit the table's sum).
     """
 
     def __init__(self, table: LatencyTable, costs, num_classes: int = 10, fit: LatencyFit | None = None):
@@ -680,11 +763,11 @@ class PredictedFraction:
         if costs.arch is None:
             raise AutopruneError("this cost model describes no architecture, so its latency cannot be predicted; "
                                  "make it with prunable(model).cost_model()")
-        self.table, self.arch, self.fit = table, costs.arch, fit
-        self.fixed_fraction = fit.fixed_fraction if fit is not None else 0.0
-        self.dense_table_ms = table.predict_ms(self.arch)
-        self.dense_ms = fit.fixed_ms + fit.scale * self.dense_table_ms if fit is not None else self.dense_table_ms
-        self._seen: dict[tuple, float] = {}
+        self.table, self.arch, self.fit = table, costs.arch, fit or TABLE_ONLY
+        self.fixed_fraction = self.fit.fixed_fraction  # what no widths go below
+        self.dense = footprint(table, self.arch)
+        self.dense_ms = self.fit.ms(self.dense)
+        self._seen: dict[tuple, Footprint] = {}
 
     def arch_at(self, widths) -> dict:
         """The dense arch at ``widths``: every conv's width (the lab's VGG) or group -> kept (graph models)."""
@@ -692,12 +775,12 @@ class PredictedFraction:
             return {**self.arch, "widths": {**self.arch.get("widths", {}), **{k: int(v) for k, v in widths.items()}}}
         return {**self.arch, "channels": [int(c) for c in widths]}
 
-    def table_ms(self, widths) -> float:
-        """The table's sum at ``widths``."""
+    def footprint(self, widths) -> Footprint:
+        """The table's sum and the activation elements at ``widths``."""
         key = tuple(sorted((k, int(v)) for k, v in widths.items())) if isinstance(widths, dict) else tuple(
             int(c) for c in widths)
         if key not in self._seen:
-            self._seen[key] = self.table.predict_ms(self.arch_at(widths))
+            self._seen[key] = footprint(self.table, self.arch_at(widths))
         return self._seen[key]
 
     def ms(self, widths) -> float:
@@ -705,7 +788,7 @@ class PredictedFraction:
         return self(widths) * self.dense_ms
 
     def __call__(self, widths) -> float:
-        return predicted_fraction(self.table_ms(widths), self.dense_table_ms, self.fixed_fraction)
+        return self.fit.fraction(self.footprint(widths), self.dense)
 
 
 # --- a study's latency figures -------------------------------------------------
@@ -772,12 +855,12 @@ class Meter:
             out["latency_dense_ms"] = runs["dense"][b]["median_ms"]
             out["latency_fraction"] = mine["median_ms"] / out["latency_dense_ms"]
         if self.table is not None:
-            predicted = out["latency_table_ms"] = self.table.predict_ms(model)
+            point = footprint(self.table, model)
+            out["latency_table_ms"] = point.table_ms
             if dense is not None:
-                fixed = self.fit.fixed_fraction if self.fit is not None else 0.0
-                predicted = calibrated_ms(predicted, self.table.predict_ms(dense), out["latency_dense_ms"], fixed)
-            elif self.fit is not None:
-                predicted = self.fit.fixed_ms + self.fit.scale * predicted
+                predicted = calibrated_ms(point, footprint(self.table, dense), out["latency_dense_ms"], self.fit)
+            else:
+                predicted = (self.fit or TABLE_ONLY).ms(point)
             out["latency_predicted_ms"] = predicted
             out["latency_prediction_error"] = predicted / mine["median_ms"] - 1.0
         return out
@@ -797,15 +880,17 @@ class Meter:
                                      for r in FIT_RATIOS}}  # "none": latency does not care which channels stay
         b = self.batch_sizes[0]
         runs = {name: stats[b] for name, stats in self.measure(models).items()}
-        points = {name: (self.table.predict_ms(m), runs[name]["median_ms"]) for name, m in models.items()}
+        feet = {name: footprint(self.table, m) for name, m in models.items()}
+        points = {name: (*feet[name], runs[name]["median_ms"]) for name in models}
         self.fit = LatencyFit.through(points.pop("dense"), *points.values())
         d = runs["dense"]
-        log.info("latency fit: measured = %.3f ms + %.3f x the table's sum (fixed share %.2f of the dense model's "
-                 "%.3f ms)", self.fit.fixed_ms, self.fit.scale, self.fit.fixed_fraction, d["median_ms"])
-        dense_table_ms = self.table.predict_ms(dense)
-        predicted = self.fit.fixed_ms + self.fit.scale * dense_table_ms  # the dense point is on the line
+        log.info("latency fit: measured = %.3f ms + %.3f x the table's sum + %.3f ns x activation elements (shares "
+                 "of the dense model's %.3f ms: fixed %.2f, activations %.2f)", self.fit.fixed_ms, self.fit.scale,
+                 self.fit.element_ns, d["median_ms"], self.fit.fixed_fraction, self.fit.activation_fraction)
+        predicted = self.fit.ms(feet["dense"])  # the dense point is on the fit
         return {"latency_ms": d["median_ms"], "latency_iqr_ms": d["iqr_ms"], "latency_batch_size": b,
                 "latency_runtime": self.runtime, "latency_threads": self.threads, "latency_device": self.device,
-                "latency_table_ms": dense_table_ms, "latency_predicted_ms": predicted,
+                "latency_table_ms": feet["dense"].table_ms, "latency_predicted_ms": predicted,
                 "latency_prediction_error": predicted / d["median_ms"] - 1.0, **self.fit.figures(),
-                "latency_fit_points": {name: {"table_ms": t, "median_ms": m} for name, (t, m) in points.items()}}
+                "latency_fit_points": {name: {"table_ms": t, "elements": e, "median_ms": m}
+                                       for name, (t, e, m) in points.items()}}

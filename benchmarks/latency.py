@@ -19,9 +19,10 @@ latency reduction (dense ms / ms, measured in the same run) and their ratio (the
 issue's "latency reduction / MACs reduction", 1 when latency follows MACs), and
 the lookup table's prediction (:class:`autoprune.latency.LatencyTable`, one table
 per batch size, cached under ``--cache``) with its error (predicted / measured - 1), two ways
-side by side: the table's share of the dense model's sum (the rule before the fit) and with the
-study's setup fit (:class:`autoprune.latency.LatencyFit`, made first on the dense model and its
-uniform 0.25 / 0.5 / 0.75 prunes, as a study's setup makes it).
+side by side: the table's share of the dense model's sum (the rule before the fit), a fixed share plus the
+table's (the fit without its activation term, on the same points) and the study's setup fit
+(:class:`autoprune.latency.LatencyFit`, made first on the dense model and its uniform 0.25 / 0.5 / 0.75
+prunes, as a study's setup makes it).
 The summary gives, per width / runtime / threads / batch, the median of that
 ratio and the median and largest |prediction error| over the configs.
 
@@ -117,14 +118,19 @@ def run_one(name: str, width: float, runtime: str, threads: int, args) -> list[d
                    groups=tuple(costs.groups))
     dense_macs = count_macs(dense)
     meter = latency.Meter(runtime, threads, args.batch_sizes, args.warmup, args.repeats, args.device, predict=False)
-    # Per batch size: the table, and the study's setup fit (the dense model beside its uniform 0.5 prune).
-    fits, tables, setups = {}, {}, {}
+    # Per batch size: the table, the study's setup fit (the dense model beside its uniform prunes) and, on the
+    # same points, the fit without its activation term (the rule before it: a fixed share and the table's).
+    fits, fixed_fits, tables, setups = {}, {}, {}, {}
     for b in args.batch_sizes:
         setup = latency.Meter(runtime, threads, [b], args.warmup, args.repeats, args.device, cache_dir=args.cache)
         setups[b] = {k: v for k, v in setup.dense_figures(dense).items() if k.startswith("latency_")}
         fits[b], tables[b] = setup.fit, setup.table
+        points = setups[b]["latency_fit_points"].values()
+        fixed_fits[b] = latency.LatencyFit.through((setups[b]["latency_table_ms"], 0, setups[b]["latency_ms"]),
+                                                   *[(p["table_ms"], 0, p["median_ms"]) for p in points])
         print(f"  {name} w{width:g} {runtime} t{setup.threads} b{b}: fit {setup.fit.fixed_ms:.3f} ms + "
-              f"{setup.fit.scale:.3f} x table (fixed share {setup.fit.fixed_fraction:.2f})", file=sys.stderr)
+              f"{setup.fit.scale:.3f} x table + {setup.fit.element_ns:.3f} ns x elements (shares: fixed "
+              f"{setup.fit.fixed_fraction:.2f}, activations {setup.fit.activation_fraction:.2f})", file=sys.stderr)
     rows = []
     variants = [{"name": "dense", "ratios": {}, "round_to": 1}]
     for cfg in cfgs:
@@ -136,9 +142,11 @@ def run_one(name: str, width: float, runtime: str, threads: int, args) -> list[d
         f = meter.figures(model.eval(), dense)
         for b, m in f["latency"]["batches"].items():
             table, fit = tables[int(b)], fits[int(b)]
-            table_ms, dense_table_ms = table.predict_ms(model), table.predict_ms(dense)
-            predicted = latency.calibrated_ms(table_ms, dense_table_ms, m["dense_median_ms"])  # the share alone
-            fitted = latency.calibrated_ms(table_ms, dense_table_ms, m["dense_median_ms"], fit.fixed_fraction)
+            point, dense_point = latency.footprint(table, model), latency.footprint(table, dense)
+            table_ms = point.table_ms
+            predicted = latency.calibrated_ms(point, dense_point, m["dense_median_ms"])  # the share alone
+            fixed_only = latency.calibrated_ms(point, dense_point, m["dense_median_ms"], fixed_fits[int(b)])
+            fitted = latency.calibrated_ms(point, dense_point, m["dense_median_ms"], fit)
             rows.append({
                 "model": name, "width": width, "runtime": runtime, "threads": f["latency_threads"],
                 "batch_size": int(b), "config": cfg["name"], "round_to": cfg["round_to"], "ratios": cfg["ratios"],
@@ -148,14 +156,17 @@ def run_one(name: str, width: float, runtime: str, threads: int, args) -> list[d
                 "latency_vs_macs": (1.0 / m["fraction"]) / (dense_macs / macs) if macs != dense_macs else None,
                 "table_ms": table_ms, "table_error": table_ms / m["median_ms"] - 1.0,
                 "predicted_ms": predicted, "prediction_error": predicted / m["median_ms"] - 1.0,
-                "fit_fixed_fraction": fit.fixed_fraction, "fit_predicted_ms": fitted,
-                "fit_prediction_error": fitted / m["median_ms"] - 1.0,
+                "fixed_fit_fixed_fraction": fixed_fits[int(b)].fixed_fraction,
+                "fixed_fit_prediction_error": fixed_only / m["median_ms"] - 1.0,
+                "fit_fixed_fraction": fit.fixed_fraction, "fit_activation_fraction": fit.activation_fraction,
+                "fit_predicted_ms": fitted, "fit_prediction_error": fitted / m["median_ms"] - 1.0,
                 **({"setup": setups[int(b)]} if cfg["name"] == "dense" else {}),  # what the fit was made on
             })
             print(f"  {name} w{width:g} {runtime:<11} t{f['latency_threads']} b{b:<3} {cfg['name']:<12} "
                   f"r{cfg['round_to']:<2} {m['median_ms']:8.3f} ms (dense {m['dense_median_ms']:.3f}), "
                   f"MACs /{dense_macs / macs:.2f}, latency /{1.0 / m['fraction']:.2f}; predicted: share "
-                  f"{100 * (predicted / m['median_ms'] - 1):+.1f}%, fit {100 * (fitted / m['median_ms'] - 1):+.1f}%, "
+                  f"{100 * (predicted / m['median_ms'] - 1):+.1f}%, fixed share {100 * (fixed_only / m['median_ms'] - 1):+.1f}%, "
+                  f"fit {100 * (fitted / m['median_ms'] - 1):+.1f}%, "
                   f"table sum {100 * (table_ms / m['median_ms'] - 1):+.1f}%", file=sys.stderr)
     return rows
 
@@ -190,7 +201,10 @@ def summarize(rows: list[dict]) -> list[dict]:
             "prediction_abs_error_max": max(errors),
             "fit_abs_error_median": statistics.median(fit_errors) if fit_errors else None,
             "fit_abs_error_max": max(fit_errors) if fit_errors else None,
+            "fixed_fit_abs_error_median": _median_abs(pruned, "fixed_fit_prediction_error"),
+            "fixed_fit_abs_error_max": _max_abs(pruned, "fixed_fit_prediction_error"),
             "fit_fixed_fraction": pruned[0].get("fit_fixed_fraction"),
+            "fit_activation_fraction": pruned[0].get("fit_activation_fraction"),
             # the random configs alone: the uniform ones sit near the fit's own models (0.25 / 0.5 / 0.75)
             "random_prediction_abs_error_median": _median_abs(random, "prediction_error"),
             "random_fit_abs_error_median": _median_abs(random, "fit_prediction_error"),
@@ -204,23 +218,30 @@ def _median_abs(rows: list[dict], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _max_abs(rows: list[dict], key: str) -> float | None:
+    values = [abs(r[key]) for r in rows if key in r]
+    return max(values) if values else None
+
+
 def _pct(a, b) -> str:
     return "-" if a is None else f"{100 * a:.1f}% / {100 * b:.1f}%"
 
 
 def markdown(summary: list[dict]) -> str:
     lines = ["| model | width | runtime | threads | batch | round_to | dense ms | latency reduction / MACs reduction "
-             "(median) | predicted vs measured, the table's share: median / max abs error | with the fit: median / "
-             "max abs error (fixed share) | random configs: the share / the fit, median abs error | the table's "
-             "sum alone: median abs error |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "(median) | predicted vs measured, the table's share: median / max abs error | a fixed share and the "
+             "table's: median / max | **the setup fit**: median / max (shares fixed, activations) | random configs: "
+             "the share / the fit, median abs error | the table's sum alone: median abs error |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in summary:
         ratio = "-" if s["latency_vs_macs_median"] is None else f"{s['latency_vs_macs_median']:.2f}"
-        fixed = "" if s.get("fit_fixed_fraction") is None else f" ({s['fit_fixed_fraction']:.2f})"
+        shares = "" if s.get("fit_fixed_fraction") is None else (
+            f" ({s['fit_fixed_fraction']:.2f}, {s.get('fit_activation_fraction') or 0:.2f})")
         lines.append(f"| {s.get('model', 'vgg')} | {s['width']:g} | {s['runtime']} | {s['threads']} | "
                      f"{s['batch_size']} | {s['round_to']} | {s['dense_ms']:.3f} | {ratio} | "
                      f"{_pct(s['prediction_abs_error_median'], s['prediction_abs_error_max'])} | "
-                     f"{_pct(s.get('fit_abs_error_median'), s.get('fit_abs_error_max'))}{fixed} | "
+                     f"{_pct(s.get('fixed_fit_abs_error_median'), s.get('fixed_fit_abs_error_max'))} | "
+                     f"{_pct(s.get('fit_abs_error_median'), s.get('fit_abs_error_max'))}{shares} | "
                      f"{_pct(s.get('random_prediction_abs_error_median'), s.get('random_fit_abs_error_median'))} | "
                      f"{100 * s['table_abs_error_median']:.1f}% |")
     return "\n".join(lines) + "\n"
@@ -277,8 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         "definitions": "macs_reduction = dense MACs / MACs; latency_reduction = dense ms / ms (medians, timed "
                        "side by side); latency_vs_macs = latency_reduction / macs_reduction; prediction_error = "
                        "the table's share of the dense model's sum x the dense model's measured median / measured "
-                       "median - 1; fit_prediction_error: the same with the setup fit's fixed share (the dense "
-                       "model and its uniform 0.5 prune measured side by side before the configs)",
+                       "median - 1; fit_prediction_error: the same with the setup fit (the dense model and its "
+                       "uniform 0.25 / 0.5 / 0.75 prunes measured side by side before the configs: shares of the "
+                       "dense latency fixed, in proportion to activation elements, and to the table's sum); "
+                       "fixed_fit_prediction_error: the same points fitted without the activation term",
         "load_average_before": os.getloadavg(),
     }
     if args.device == "cpu" and os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):

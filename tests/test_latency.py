@@ -369,7 +369,8 @@ def test_latency_benchmark_configs_and_summary():
     def row(config, ratio, error, table_error, dense_ms=2.0, round_to=1, fit_error=0.05):
         return {"model": "vgg", "width": 1.0, "runtime": "torch", "threads": 1, "batch_size": 1, "config": config,
                 "round_to": round_to, "latency_vs_macs": ratio, "prediction_error": error,
-                "fit_prediction_error": fit_error, "fit_fixed_fraction": 0.25, "table_error": table_error,
+                "fixed_fit_prediction_error": 2 * fit_error, "fit_prediction_error": fit_error,
+                "fit_fixed_fraction": 0.25, "fit_activation_fraction": 0.125, "table_error": table_error,
                 "dense_median_ms": dense_ms}
 
     summary = bench.summarize([row("dense", None, 0.0, -0.02), row("a", 0.5, -0.10, -0.2, fit_error=-0.01),
@@ -379,14 +380,16 @@ def test_latency_benchmark_configs_and_summary():
     assert summary == [  # the pruned configs' errors; the table sum's counts the dense row in every rounding
         {**common, "round_to": 1, "configs": 3, "dense_ms": 2.0, "latency_vs_macs_median": 0.7,
          "prediction_abs_error_median": 0.10, "prediction_abs_error_max": 0.2, "fit_abs_error_median": 0.05,
-         "fit_abs_error_max": 0.2, "fit_fixed_fraction": 0.25, "random_prediction_abs_error_median": 0.04,
+         "fit_abs_error_max": 0.2, "fixed_fit_abs_error_median": 0.1, "fixed_fit_abs_error_max": 0.4,
+         "fit_fixed_fraction": 0.25, "fit_activation_fraction": 0.125, "random_prediction_abs_error_median": 0.04,
          "random_fit_abs_error_median": 0.05, "table_abs_error_median": 0.1},
         {**common, "round_to": 8, "configs": 1, "dense_ms": 2.0, "latency_vs_macs_median": 1.0,
          "prediction_abs_error_median": 0.3, "prediction_abs_error_max": 0.3, "fit_abs_error_median": 0.05,
-         "fit_abs_error_max": 0.05, "fit_fixed_fraction": 0.25, "random_prediction_abs_error_median": None,
+         "fit_abs_error_max": 0.05, "fixed_fit_abs_error_median": 0.1, "fixed_fit_abs_error_max": 0.1,
+         "fit_fixed_fraction": 0.25, "fit_activation_fraction": 0.125, "random_prediction_abs_error_median": None,
          "random_fit_abs_error_median": None, "table_abs_error_median": 0.26}]
-    assert ("| vgg | 1 | torch | 1 | 1 | 1 | 2.000 | 0.70 | 10.0% / 20.0% | 5.0% / 20.0% (0.25) | 4.0% / 5.0% | 10.0% |"
-            in bench.markdown(summary))
+    assert ("| vgg | 1 | torch | 1 | 1 | 1 | 2.000 | 0.70 | 10.0% / 20.0% | 10.0% / 40.0% | 5.0% / 20.0% (0.25, 0.12) "
+            "| 4.0% / 5.0% | 10.0% |" in bench.markdown(summary))
     # Rounded widths as [pruning] round_to makes them: kept channels to the nearest multiple (at least one), exact
     # ratios; over any model's groups.
     from autoprune.channel import kept_channels
@@ -581,8 +584,10 @@ def test_a_tiny_channel_study_with_a_latency_budget_runs_end_to_end(tmp_path, mo
     monkeypatch.setattr(latency.LatencyTable, "ms", table_ms)
     # The fit from the real measurements at setup depends on the machine's load: fixed at a 20% share here (the
     # line through the measured dense point), so that a cap of 0.5 is reachable.
+    # Shares: 0.2 fixed, 0.3 in proportion to the activation elements, 0.5 to the table's sum.
     monkeypatch.setattr(latency.LatencyFit, "through", classmethod(
-        lambda cls, dense, *others: cls(0.2 * dense[1], 0.8 * dense[1] / dense[0], 0.2)))
+        lambda cls, dense, *others: cls(0.2 * dense[2], 0.5 * dense[2] / dense[0], 0.2, 0.3e6 * dense[2] / dense[1],
+                                        0.3)))
     out = tmp_path / "reports" / "lat"
     config = load_config(write_study(
         tmp_path / "lat.toml", study={"name": "lat", "kind": "channel", "trials": 2, "out_dir": out,
@@ -601,10 +606,14 @@ def test_a_tiny_channel_study_with_a_latency_budget_runs_end_to_end(tmp_path, mo
     for t in trials:
         a = t.user_attrs
         assert a["latency_predicted_fraction"] <= 0.5 * min(1.0, t.params.get("budget", 1.0))
-        # one rule for the repair and the trial's prediction: the fit's fixed share, the rest by the table
+        # one rule for the repair and the trial's prediction: the fit's shares of the dense model's latency
         share = a["latency_table_ms"] / dense["latency_table_ms"]
-        assert a["latency_predicted_fraction"] == pytest.approx(0.2 + 0.8 * share, rel=1e-12)
-        assert a["latency_predicted_ms"] == pytest.approx((0.2 + 0.8 * share) * a["latency_dense_ms"], rel=1e-12)
+        elements = [latency.activation_elements({"name": "vgg", "channels": c, "num_classes": 10})
+                    for c in (a["channels"], vgg_channels(config.model.width))]
+        fraction = 0.2 + 0.3 * elements[0] / elements[1] + 0.5 * share
+        assert elements[0] < elements[1]
+        assert a["latency_predicted_fraction"] == pytest.approx(fraction, rel=1e-12)
+        assert a["latency_predicted_ms"] == pytest.approx(fraction * a["latency_dense_ms"], rel=1e-12)
         assert all(c % 4 == 0 for c in a["channels"]) and sorted(a["channels"][:-1]) != [8] * 7
         assert t.values[0] == a["latency_fraction"]  # the objective: measured beside the dense model
         assert named_constraints(t)["latency"] == pytest.approx(a["latency_fraction"] - 0.5)
@@ -653,6 +662,15 @@ def tiny_res_model(input_size=(3, 16, 16)):
     return build_any(f"module:{__name__}:tiny_res", num_classes=10, input_size=input_size).eval()
 
 
+def test_onnx_export_of_a_graph_model_takes_its_input_shape():
+    import onnxruntime as ort
+
+    model = tiny_res_model((3, 16, 24))
+    data, info = latency.onnx_export(model)
+    assert info["input"] == "input: float32 [batch, 3, 16, 24]" and info["max_abs_difference"] <= 1e-4
+    assert ort.InferenceSession(data, providers=["CPUExecutionProvider"]).get_inputs()[0].shape == ["batch", 3, 16, 24]
+
+
 def test_table_entries_of_a_graph_model_are_traced_from_its_arch(monkeypatch):
     from autoprune.model import arch_of
     from autoprune.sources import prunable
@@ -684,6 +702,33 @@ def test_table_entries_of_a_graph_model_are_traced_from_its_arch(monkeypatch):
             la.module()(torch.zeros(1, *la.input_shape))
 
 
+def _output_elements(model, input_size) -> int:
+    """Every conv's and linear's output elements in a real forward pass of one example."""
+    total = []
+    handles = [m.register_forward_hook(lambda m, args, out: total.append(out.numel()))
+               for m in model.modules() if isinstance(m, latency.TRACED)]
+    with torch.no_grad():
+        model.eval()(torch.randn(1, *input_size))
+    for h in handles:
+        h.remove()
+    return sum(total)
+
+
+def test_activation_elements_are_the_outputs_of_the_timed_layers():
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Conv2d(8, 6, 5, padding="same", dilation=2),
+                          nn.Conv2d(6, 5, 3, padding="valid"), nn.Conv2d(5, 4, (3, 1), stride=(2, 3), padding=(0, 2),
+                                                                         dilation=(2, 1)),
+                          nn.Flatten(), nn.Linear(4 * 2 * 4, 7))
+    layers = latency.trace_layers(model, (3, 17, 15), device="cpu")
+    assert sum(layer.out_elements for layer in layers) == _output_elements(model, (3, 17, 15)) == 8 * 9 * 8 + \
+        6 * 9 * 8 + 5 * 7 * 6 + 4 * 2 * 4 + 7
+    vgg = build_model("vgg", width=0.25)  # its entries by layout: each conv's output, then the logits
+    assert latency.activation_elements(vgg) == _output_elements(vgg, (3, 32, 32))
+    pruned = tiny_res_model()
+    assert latency.activation_elements(pruned) == _output_elements(pruned, (3, 16, 16))
+
+
 def test_predicted_fraction_over_a_graph_cost_model_is_the_table_share(fake):
     from autoprune import budget
     from autoprune.sources import prunable
@@ -692,7 +737,7 @@ def test_predicted_fraction_over_a_graph_cost_model_is_the_table_share(fake):
     costs = prunable(model).cost_model()
     table = latency.LatencyTable("fake", warmup=0, repeats=1, clock=fake.clock)
     predictor = latency.PredictedFraction(table, costs)
-    assert predictor.dense_ms == predictor.dense_table_ms == table.predict_ms(model)
+    assert predictor.dense_ms == predictor.dense.table_ms == table.predict_ms(model)  # without a fit: the sum
     for ratios in ({"stem": 0.5}, {"conv1": 0.75, "down": 0.25}, {"stem": 0.8, "conv1": 0.5, "down": 0.5}):
         pruned = prunable(model).prune_channels(ratios, "none")
         want = table.predict_ms(pruned) / table.predict_ms(model)
@@ -708,24 +753,56 @@ def test_predicted_fraction_over_a_graph_cost_model_is_the_table_share(fake):
     assert f["latency_prediction_error"] == pytest.approx(f["latency_predicted_ms"] / f["latency_ms"] - 1)
 
 
-def test_the_fit_recovers_fixed_and_scale_exactly_and_holds_noise_to_a_sound_line():
-    a, b = 0.7, 1.3
-    for others in ([4.0], [4.0, 6.0, 1.5]):  # two models, or more on one line
-        fit = latency.LatencyFit.through((10.0, a + b * 10.0), *[(s, a + b * s) for s in others])
-        assert fit.fixed_ms == pytest.approx(a, rel=1e-12) and fit.scale == pytest.approx(b, rel=1e-12)
-        assert fit.fixed_fraction == pytest.approx(a / (a + b * 10.0), rel=1e-12)
-    for s in (1.0, 4.0, 7.5):  # the budget's fraction: (a + b * sum) / (a + b * dense sum)
-        assert latency.predicted_fraction(s, 10.0, fit.fixed_fraction) == pytest.approx(
-            (a + b * s) / (a + b * 10.0), rel=1e-12)
-    # Off a line: least squares through the dense point, slope sum(ds * dm) / sum(ds ** 2).
-    fit = latency.LatencyFit.through((10.0, 20.0), (5.0, 11.0), (2.0, 6.0))
-    assert fit.scale == pytest.approx((5 * 9 + 8 * 14) / (5 ** 2 + 8 ** 2), rel=1e-12)
-    assert fit.fixed_ms + fit.scale * 10.0 == pytest.approx(20.0, rel=1e-12)
+def test_the_fit_recovers_its_three_parts_exactly_and_holds_each_at_zero_or_more():
+    a, b, c = 0.7, 1.3, 2e-6  # ms, ms per table ms, ms per element
+    s0, e0 = 10.0, 1e6
+    m0 = a + b * s0 + c * e0
+    # Uniform prunes keeping k: the table falls as k^2, the activations as k; or two models (a line, no elements).
+    points = [(s0 * k * k, e0 * k, a + b * s0 * k * k + c * e0 * k) for k in (0.75, 0.5, 0.25)]
+    fit = latency.LatencyFit.through((s0, e0, m0), *points)
+    assert fit.fixed_ms == pytest.approx(a, rel=1e-9) and fit.scale == pytest.approx(b, rel=1e-9)
+    assert fit.element_ns == pytest.approx(c * 1e6, rel=1e-9)
+    assert fit.fixed_fraction == pytest.approx(a / m0, rel=1e-9)
+    assert fit.activation_fraction == pytest.approx(c * e0 / m0, rel=1e-9)
+    dense = latency.Footprint(s0, int(e0))
+    for s, e in ((1.0, 2e5), (4.0, 7e5), (7.5, 9e5)):  # the budget's fraction: (a + b s + c e) / dense's
+        point = latency.Footprint(s, int(e))
+        assert fit.fraction(point, dense) == pytest.approx((a + b * s + c * e) / m0, rel=1e-9)
+        assert fit.ms(point) == pytest.approx(a + b * s + c * e, rel=1e-9)
+    line = latency.LatencyFit.through((10.0, 0, 20.0), (5.0, 0, 11.0), (2.0, 0, 6.0))  # off a line, no elements
+    assert line.scale == pytest.approx((5 * 9 + 8 * 14) / (5 ** 2 + 8 ** 2), rel=1e-12) and line.element_ns == 0
+    assert line.fixed_ms + line.scale * 10.0 == pytest.approx(20.0, rel=1e-12)
     assert latency.LatencyFit.from_figures(fit.figures()) == fit and latency.LatencyFit.from_figures({}) is None
+    # A study recorded before the activation term: its fit has none.
+    old = {k: v for k, v in line.figures().items() if k in ("latency_fit_fixed_ms", "latency_fit_scale",
+                                                            "latency_fit_fixed_fraction")}
+    assert latency.LatencyFit.from_figures(old) == line
     # Measured faster than in proportion (a negative fixed part): the table's share alone.
-    assert latency.LatencyFit.through((10.0, 12.0), (5.0, 4.0)) == latency.LatencyFit(0.0, 1.2, 0.0)
+    assert latency.LatencyFit.through((10.0, 0, 12.0), (5.0, 0, 4.0)) == latency.LatencyFit(0.0, 1.2, 0.0)
     # The smaller model measured slower: the widths do not matter, every config is as slow as dense.
-    assert latency.LatencyFit.through((10.0, 12.0), (5.0, 12.5)) == latency.LatencyFit(12.0, 0.0, 1.0)
+    assert latency.LatencyFit.through((10.0, 0, 12.0), (5.0, 0, 12.5)) == latency.LatencyFit(12.0, 0.0, 1.0)
+
+
+def test_the_fit_is_the_least_squares_fit_with_no_part_below_zero():
+    """Noisy points: no part is negative, and no (scale, per-element) pair that keeps every part >= 0 fits
+    the points better (a fine grid over that region)."""
+    rng = np.random.default_rng(0)
+    s0, e0 = 10.0, 1e6
+    for _ in range(25):
+        a, b, c = rng.uniform(0, 2), rng.uniform(0, 1.5), rng.uniform(0, 4e-6) * (rng.random() < 0.7)
+        m0 = a + b * s0 + c * e0
+        pts = [(s0 * k * k, e0 * k, (a + b * s0 * k * k + c * e0 * k) * rng.normal(1, 0.15)) for k in (0.75, 0.5, 0.25)]
+        fit = latency.LatencyFit.through((s0, e0, m0), *pts)
+        per_element = fit.element_ns * 1e-6
+        assert fit.fixed_ms >= 0 and fit.scale >= 0 and per_element >= 0
+        assert fit.fixed_ms + fit.scale * s0 + per_element * e0 == pytest.approx(m0, rel=1e-9)
+
+        def loss(bb, cc):
+            return sum((m - m0 - bb * (s - s0) - cc * (e - e0)) ** 2 for s, e, m in pts)
+
+        grid = [(bb, cc) for bb in np.linspace(0, m0 / s0, 121) for cc in np.linspace(0, m0 / e0, 121)
+                if bb * s0 + cc * e0 <= m0]
+        assert loss(fit.scale, per_element) <= min(loss(*g) for g in grid) + 1e-12
 
 
 def test_the_setup_fit_is_made_on_the_dense_model_and_its_uniform_prunes(fake):
@@ -736,9 +813,11 @@ def test_the_setup_fit_is_made_on_the_dense_model_and_its_uniform_prunes(fake):
     assert fit == latency.LatencyFit.from_figures(f)
     points = f["latency_fit_points"]
     assert list(points) == ["uniform 0.25", "uniform 0.5", "uniform 0.75"]
-    assert fit == latency.LatencyFit.through((f["latency_table_ms"], f["latency_ms"]),
-                                             *[(p["table_ms"], p["median_ms"]) for p in points.values()])
-    assert fit.fixed_ms + fit.scale * f["latency_table_ms"] == pytest.approx(f["latency_ms"], rel=1e-12)
+    elements = latency.activation_elements(model)
+    assert elements > points["uniform 0.25"]["elements"] > points["uniform 0.75"]["elements"] > 0
+    assert fit == latency.LatencyFit.through((f["latency_table_ms"], elements, f["latency_ms"]),
+                                             *[(p["table_ms"], p["elements"], p["median_ms"]) for p in points.values()])
+    assert fit.ms(latency.Footprint(f["latency_table_ms"], elements)) == pytest.approx(f["latency_ms"], rel=1e-12)
     assert f["latency_predicted_ms"] == pytest.approx(f["latency_ms"], rel=1e-12)
     assert f["latency_ms"] == pytest.approx(FakeRuntime.cost_ms(model, (1, 3, 16, 16)))
     assert set(latency.DENSE_FIGURES) <= set(f)
@@ -757,7 +836,7 @@ def test_a_latency_budget_on_a_graph_model_meets_its_cap_by_the_predictor(fake):
     model = tiny_res_model()
     costs = prunable(model).cost_model()
     table = latency.LatencyTable("fake", warmup=0, repeats=1, clock=fake.clock)
-    fit = latency.LatencyFit(1.0, 0.5, 0.25)
+    fit = latency.LatencyFit(1.0, 0.5, 0.25, 0.0, 0.3)  # shares: 0.25 fixed, 0.3 activations
     config = StudyConfig()
     config.study.kind = "channel"
     config.constraints.max_latency_ms = 2.0
@@ -775,6 +854,7 @@ def test_a_latency_budget_on_a_graph_model_meets_its_cap_by_the_predictor(fake):
     for share in (1.0, 0.9):
         ratios, notes = space.repair({**{n: float(rng.uniform(0, 0.6)) for n in costs.groups}, BUDGET: share})
         pruned = prune_any(model, space.plan(ratios)).model
-        got = latency.predicted_fraction(table.predict_ms(pruned), table.predict_ms(model), 0.25)
+        pruned_at, dense_at = latency.footprint(table, pruned), latency.footprint(table, model)
+        got = 0.25 + 0.3 * pruned_at.elements / dense_at.elements + 0.45 * pruned_at.table_ms / dense_at.table_ms
         assert got == pytest.approx(space.cost(ratios)["latency"], rel=1e-12)  # the predictor on the pruned model
         assert got <= cap * share and notes[0].startswith("latency ")
