@@ -92,7 +92,8 @@ def pick_record(storage_url: str, name: str) -> dict:
     from optuna.trial import TrialState
 
     from autoprune.errors import NothingQualifies
-    from autoprune.pick import is_feasible, open_existing, pick, study_scores
+    from autoprune.pick import is_feasible, pick, study_scores
+    from autoprune.study import open_existing
 
     study, own = open_existing(storage_url, name)
     score = study_scores(study)
@@ -277,7 +278,7 @@ def main() -> None:
     if not args.summarize:
         checkpoint = args.checkpoint
         if not checkpoint:
-            from autoprune.search import dense_model
+            from autoprune.prepare import dense_model
 
             base = study_config(args, 0, "macs", args.macs, "")
             checkpoint = str(dense_model(base, base.load_data(), torch.device("cpu"), progress=False)[1])
