@@ -135,7 +135,8 @@ def baseline_plan(config: StudyConfig, model: budget.ModelCosts, num_classes: in
     ratios = {n: r for n, r in ratios.items() if r > 0}
     if costs.channels is not None:  # the lab's VGG: its plans record its conv widths (the cache key has them)
         return PruningPlan(kind, ratios, config.study.criterion, tuple(costs.channels), round_to)
-    return PruningPlan(kind, ratios, config.study.criterion, round_to=round_to, layers=costs.names(kind))
+    return PruningPlan(kind, ratios, config.study.criterion, round_to=round_to,
+                       layers=tuple(KINDS[kind].units(costs)))
 
 
 def cached_uniform(dense: nn.Module, config: StudyConfig, out_dir: Path, checkpoint_sha256: str, *,

@@ -75,10 +75,6 @@ class CostModel:
     def dense(self) -> dict[str, int]:
         return self.cost({})
 
-    def names(self, kind: str) -> tuple[str, ...]:
-        """The layers (fine_grained) or channel groups (channel) a plan of ``kind`` sets."""
-        return tuple(self.layers if kind == "fine_grained" else self.groups)
-
 
 ModelCosts = Union[CostModel, Sequence[int]]  # a cost model, or the lab's VGG conv widths
 

@@ -45,6 +45,10 @@ class FineGrained:
         """The names a plan of this kind sets on a model's pruning interface (:func:`autoprune.sources.prunable`)."""
         return tuple(view.fine_layers())
 
+    def units(self, costs) -> dict[str, int]:
+        """What a plan of this kind sets on a :class:`autoprune.budget.CostModel`: each layer's weights."""
+        return costs.layers
+
     def criteria(self, lab_vgg: bool) -> tuple[str, ...]:
         return ("magnitude",)
 
@@ -67,6 +71,21 @@ class FineGrained:
     def hard_upper(self, costs) -> dict[str, float]:
         return {}
 
+    # The priors' greedy allocation (autoprune.priors): a layer's scanned curve, its next step, and the cost
+    # the steps are priced by.
+    scan_flag = "fine"  # `autoprune sensitivity --kind`
+    greedy_step = 0.01  # 1% of a layer's weights
+
+    def scan_points(self, costs, name: str, points: list) -> list:
+        return points
+
+    def next_ratio(self, costs, name: str, ratio: float, upper: float) -> float | None:
+        return None if ratio >= upper - 1e-12 else min(ratio + self.greedy_step, upper)
+
+    def greedy_cost(self, costs, ratios: dict, metric: str = "params") -> float:
+        """Continuous (no rounding of zero counts): the budget rounds later."""
+        return 1.0 - sum(costs.layers[n] * r for n, r in ratios.items()) / costs.params
+
 
 class Channel:
     name = "channel"
@@ -79,6 +98,10 @@ class Channel:
 
     def layers(self, view) -> tuple[str, ...]:
         return tuple(view.channel_groups())
+
+    def units(self, costs) -> dict[str, int]:
+        """Each channel group's dense width."""
+        return costs.groups
 
     def criteria(self, lab_vgg: bool) -> tuple[str, ...]:
         return ("norm", "none", "bn_scale", "l1") if lab_vgg else GRAPH_CRITERIA
@@ -99,6 +122,22 @@ class Channel:
 
     def hard_upper(self, costs) -> dict[str, float]:
         return budget.channel_upper_bounds(costs)
+
+    scan_flag = "channel"
+
+    def scan_points(self, costs, name: str, points: list) -> list:
+        """Grid ratios -> the fractions the scan actually removed (``1 - kept / width``)."""
+        c = costs.groups[name]
+        return [(1.0 - int(round((1 - r) * c)) / c, d) for r, d in points]
+
+    def next_ratio(self, costs, name: str, ratio: float, upper: float) -> float | None:
+        """One channel fewer, down to the bound's width (at least one channel)."""
+        width = costs.groups[name]
+        kept = int(round((1 - ratio) * width))
+        return None if kept - 1 < max(1, int(round((1 - upper) * width))) else 1.0 - (kept - 1) / width
+
+    def greedy_cost(self, costs, ratios: dict, metric: str = "params") -> float:
+        return budget.channel_cost_fraction(costs, ratios, metric)
 
 
 KINDS = {k.name: k for k in (FineGrained(), Channel())}

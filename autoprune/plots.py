@@ -322,7 +322,7 @@ def plot_picked_layers(study, config, trial: FrozenTrial, path: Path, costs: Cos
     """
     plt = _pyplot()
     kind = config.study.kind
-    layers = list(costs.names(kind))
+    layers = list(KINDS[kind].units(costs))
     widths = costs.groups if KINDS[kind].changes_shape else {}
     plan = trial.user_attrs.get("plan") or {}
     ratios = [plan.get(n, 0.0) for n in layers]

@@ -57,7 +57,6 @@ from .budget import (
     ModelCosts,
     as_cost_model,
     channel_budget,
-    channel_cost_fraction,
     fine_grained_budget,
 )
 from .errors import AutopruneError
@@ -70,7 +69,6 @@ from .sources import prunable
 log = logging.getLogger("autoprune")
 
 DEFAULT_TOLERANCE = 2.0  # accuracy points, the lab's "within a couple of points"
-FINE_STEP = 0.01  # greedy step for fine-grained: 1% of a layer's weights
 RULE = ("greedy marginal drop per {unit} saved on piecewise-linear sensitivity curves "
         "(drop(0)=0, clamped to >= 0, non-decreasing), within the upper bounds, then made exact "
         "by the budget's shift rule; assumes the drops of layers pruned together add up")
@@ -121,8 +119,7 @@ def _drops(scan_df: pd.DataFrame, dense_accuracy: float, kind: str,
                              f"(layers {', '.join(layers)})")
     absent = [n for n in layers if n not in seen]
     if absent:
-        raise AutopruneError(f"scan has no rows for {absent[0]}; rescan with --kind "
-                             f"{'fine' if kind == 'fine_grained' else 'channel'}")
+        raise AutopruneError(f"scan has no rows for {absent[0]}; rescan with --kind {KINDS[kind].scan_flag}")
     out = {}
     for layer in layers:
         sub = scan_df[scan_df["layer"].astype(str) == layer].sort_values("ratio")
@@ -175,48 +172,20 @@ class _Curve:
         return float(np.interp(r, self.x, self.y))
 
 
-def _channel_curve_points(points, c: int) -> list[tuple[float, float]]:
-    """Grid ratios -> fractions actually removed (``1 - kept / c``), as the scan pruned."""
-    return [(1.0 - int(round((1 - r) * c)) / c, d) for r, d in points]
-
-
 def _greedy(kind, costs: CostModel, curves, upper, target, metric):
-    """Raise the cheapest layer (predicted drop per unit saved) until the cost meets the target."""
+    """Raise the cheapest layer (predicted drop per unit saved) one step of its kind at a time until the cost
+    meets the target."""
     layers = list(curves)
-    if kind == "fine_grained":
-        numels, total = costs.layers, costs.params
-        ratios = {n: 0.0 for n in layers}
-
-        def cost(rs):  # continuous (no rounding of zero counts): the budget rounds later
-            return 1.0 - sum(numels[n] * rs[n] for n in layers) / total
-
-        def next_ratio(n):
-            if ratios[n] >= upper[n] - 1e-12:
-                return None
-            return min(ratios[n] + FINE_STEP, upper[n])
-    else:
-        width = costs.groups
-        kept = {n: width[n] for n in layers}
-        min_kept = {n: max(1, int(round((1 - upper[n]) * width[n]))) for n in layers}
-        ratios = {n: 0.0 for n in layers}
-
-        def cost(rs):
-            return channel_cost_fraction(costs, rs, metric)
-
-        def next_ratio(n):
-            if kept[n] - 1 < min_kept[n]:
-                return None
-            return 1.0 - (kept[n] - 1) / width[n]
-
-    current = cost(ratios)
+    k = KINDS[kind]
+    ratios = {n: 0.0 for n in layers}
+    current = k.greedy_cost(costs, ratios, metric)
     while current > target:
         best = None
         for i, n in enumerate(layers):
-            r = next_ratio(n)
+            r = k.next_ratio(costs, n, ratios[n], upper[n])
             if r is None:
                 continue
-            trial = {**ratios, n: r}
-            saved = current - cost(trial)
+            saved = current - k.greedy_cost(costs, {**ratios, n: r}, metric)
             if saved <= 0:
                 continue
             price = (curves[n](r) - curves[n](ratios[n])) / saved
@@ -227,8 +196,6 @@ def _greedy(kind, costs: CostModel, curves, upper, target, metric):
             break
         _, n, r, current = best
         ratios[n] = r
-        if kind == "channel":
-            kept[n] -= 1
     return ratios
 
 
@@ -299,13 +266,10 @@ def compute_priors(
         raise AutopruneError(f"channel metric must be params or macs, got {metric!r}")
     costs = as_cost_model(model, num_classes)
     what = KINDS[kind].cost_name(metric)
-    drops = _drops(scan_df, dense_accuracy, kind, costs.names(kind))
+    drops = _drops(scan_df, dense_accuracy, kind, tuple(KINDS[kind].units(costs)))
     messages: list[str] = []
     tol = float(tolerance)
-    if kind == "fine_grained":
-        curve = {n: _Curve(pts) for n, pts in drops.items()}
-    else:
-        curve = {n: _Curve(_channel_curve_points(pts, costs.groups[n])) for n, pts in drops.items()}
+    curve = {n: _Curve(KINDS[kind].scan_points(costs, n, pts)) for n, pts in drops.items()}
     upper, why = _upper_bounds(drops, tol)
     for layer in drops:
         _note(messages, f"prior: {layer} upper {upper[layer]:.2f} ({why[layer]})")
@@ -463,7 +427,7 @@ def by_hand_rule(
     kind = {"fine": "fine_grained"}.get(kind, kind)
     check_kind(kind)
     costs = as_cost_model(model, num_classes)
-    drops = _drops(scan_df, dense_accuracy, kind, costs.names(kind))
+    drops = _drops(scan_df, dense_accuracy, kind, tuple(KINDS[kind].units(costs)))
     prefs, why = _upper_bounds(drops, float(drop))
     for layer in drops:
         log.info("by hand: %s prefers %.2f (%s)", layer, prefs[layer], why[layer])

@@ -95,7 +95,7 @@ def layer_names(study: optuna.Study, config: StudyConfig, costs: CostModel | Non
     """
     kind = config.study.kind
     if costs is not None:
-        return costs.names(kind)
+        return tuple(KINDS[kind].units(costs))
     seen = dict.fromkeys(n for t in study.get_trials(deepcopy=False)
                          for n in [*(t.user_attrs.get("plan") or {}), *t.params] if n != BUDGET)
     vgg = layers_for(kind)

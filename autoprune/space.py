@@ -84,7 +84,7 @@ class SearchSpace:
         costs = budget.as_cost_model(model, num_classes)
         default = KINDS[kind].default_upper
         hard = KINDS[kind].hard_upper(costs)
-        bounds = {n: min(default if upper is None else upper[n], hard.get(n, 1.0)) for n in costs.names(kind)}
+        bounds = {n: min(default if upper is None else upper[n], hard.get(n, 1.0)) for n in KINDS[kind].units(costs)}
         space = cls(kind, costs.channels, bounds, max_size_fraction, max_macs_fraction, criterion, num_classes,
                     round_to=round_to, max_latency_fraction=max_latency_fraction, latency=latency, costs=costs)
         if centre is not None:
@@ -151,8 +151,8 @@ class SearchSpace:
         between workers' machines (the config's constraints, which joiners must share, are).
         """
         # the lab's VGG: its conv widths, as before; other models: every layer's or group's dense size
-        shape = {"kind": self.kind, "channels": self.channels if self.channels is not None else (
-            self.costs.layers if self.kind == "fine_grained" else self.costs.groups),
+        shape = {"kind": self.kind, "channels": self.channels if self.channels is not None else
+                 KINDS[self.kind].units(self.costs),
                  "upper": {k: round(v, 6) for k, v in self.upper.items()},
                  "criterion": self.criterion, "budget_low": self.budget_low}
         if self.round_to > 1:  # absent at 1: a space's signature reads as before
@@ -257,7 +257,7 @@ class SearchSpace:
         if self.channels is not None:
             return PruningPlan(self.kind, ratios, self.criterion, tuple(self.channels), self.round_to)
         return PruningPlan(self.kind, ratios, self.criterion, round_to=self.round_to,
-                           layers=self.costs.names(self.kind))
+                           layers=tuple(KINDS[self.kind].units(self.costs)))
 
 
 def study_latency_budget(config, costs, num_classes=10, table=None, fit=None):

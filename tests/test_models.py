@@ -22,6 +22,7 @@ from autoprune.data import Split
 from autoprune.errors import AutopruneError
 from autoprune.fine_grained import num_zeros
 from autoprune.graph import ChannelGraph, kept_width
+from autoprune.kinds import KINDS
 from autoprune.plan import plan_for, prune
 from autoprune.priors import compute_priors
 from autoprune.space import SearchSpace
@@ -386,7 +387,7 @@ def test_a_repaired_search_space_proposal_applies_under_the_caps(name, kind):
     costs = view_of(model).cost_model()
     macs_cap = 0.4 if kind == "channel" else None
     space = SearchSpace.build(kind, costs, max_size_fraction=0.5, max_macs_fraction=macs_cap)
-    assert tuple(space.upper) == costs.names(kind)
+    assert tuple(space.upper) == tuple(KINDS[kind].units(costs))
     rng = random.Random(2)
     ratios, _ = space.repair({n: rng.uniform(0.0, hi) for n, hi in space.upper.items()})
     plan = space.plan(ratios)
