@@ -667,15 +667,17 @@ class LatencyFit:
         dense model measured beside it.
 
         Every part is held >= 0 (a part of latency cannot be negative; noise may tilt a free fit past that):
-        the best fit over the faces of that region, so a term the points do not support is left out (the lab's
-        VGG, whose entries include their BatchNorm and ReLU, fits with no activation term). The pruned models
-        no faster than dense: every config as slow as dense (the widths do not matter), with a warning.
+        the best fit over the faces of that region, so a term the points do not support is left at 0. The
+        pruned models no faster than dense: every config as slow as dense (the widths do not matter), with a
+        warning. The dense model alone: latency in proportion to the table.
         """
         s0, e0, m0 = (float(v) for v in dense)
         if not (s0 > 0 and m0 > 0):
             raise AutopruneError(f"cannot fit latency to a dense table sum of {s0} ms measured at {m0} ms; "
                                  f"please report this")
         deltas = [(float(s) - s0, float(e) - e0, float(m) - m0) for s, e, m in others]
+        if not deltas:  # the dense model alone: latency in proportion to the table (the rule without a fit)
+            return cls(0.0, m0 / s0, 0.0)
 
         def loss(b: float, c: float) -> float:
             return sum((dm - b * ds - c * de) ** 2 for ds, de, dm in deltas)
@@ -698,8 +700,6 @@ class LatencyFit:
             v = [y * m0 / e0 - z for y, z in zip(de, dm)]  # the residual at t = 0, negated
             t = min(1.0, max(0.0, -line(u, v)))
             candidates.append((t * m0 / s0, (1 - t) * m0 / e0))
-        elif not deltas:
-            candidates.append((m0 / s0, 0.0))
         candidates.append((m0 / s0, 0.0))  # latency in proportion to the table: the rule without a fit
         feasible = [(b, c) for b, c in candidates if b >= 0 and c >= 0 and m0 - b * s0 - c * e0 >= -1e-9 * m0]
         scale, per_element = min(feasible, key=lambda bc: loss(*bc))

@@ -779,6 +779,7 @@ def test_the_fit_recovers_its_three_parts_exactly_and_holds_each_at_zero_or_more
     assert latency.LatencyFit.from_figures(old) == line
     # Measured faster than in proportion (a negative fixed part): the table's share alone.
     assert latency.LatencyFit.through((10.0, 0, 12.0), (5.0, 0, 4.0)) == latency.LatencyFit(0.0, 1.2, 0.0)
+    assert latency.LatencyFit.through((10.0, 100, 12.0)) == latency.LatencyFit(0.0, 1.2, 0.0)  # dense alone
     # The smaller model measured slower: the widths do not matter, every config is as slow as dense.
     assert latency.LatencyFit.through((10.0, 0, 12.0), (5.0, 0, 12.5)) == latency.LatencyFit(12.0, 0.0, 1.0)
 
