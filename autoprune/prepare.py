@@ -409,9 +409,19 @@ def compute_study_priors(config, dense, checkpoint, data, progress, targets: Pri
     low = _budget_low(config)
     targets = targets or PriorTargets(config, prunable(dense).cost_model(), config.model.num_classes)
     metric = targets.metric
+    # The priors' curves end at the largest scanned ratio. A latency budget's lowest share may ask for MACs
+    # beyond it (a fit with a large fixed or activation share needs near-empty layers for a low latency),
+    # though its trials sample the size budget, not the latency cap: those bounds open to that ratio instead.
+    largest = max(r for r in scan_grid(config) if r < 1)
+    reach = KINDS[kind].cost_fraction(targets.costs, dict.fromkeys(KINDS[kind].units(targets.costs), largest), metric)
 
     def at(share):
         target = targets.at(share)
+        if targets.latency_budget is not None and target < reach:
+            log.info("priors: the latency budget at %g x its cap needs MACs %.4f, beyond the scan (every layer at "
+                     "its largest scanned ratio %g reaches %.4f): the bounds open that far", share, target, largest,
+                     reach)
+            target = reach
         log.info("priors at %s fraction %.4f (%s%s):", "size" if metric == "params" else metric, target,
                  "the cap" if share == 1.0 else f"the lowest sampled budget, {low:g} x the cap: the bounds",
                  "; MACs of uniform pruning at the latency budget" if targets.latency_budget else "")

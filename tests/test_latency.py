@@ -859,3 +859,30 @@ def test_a_latency_budget_on_a_graph_model_meets_its_cap_by_the_predictor(fake):
         got = 0.25 + 0.3 * pruned_at.elements / dense_at.elements + 0.45 * pruned_at.table_ms / dense_at.table_ms
         assert got == pytest.approx(space.cost(ratios)["latency"], rel=1e-12)  # the predictor on the pruned model
         assert got <= cap * share and notes[0].startswith("latency ")
+
+
+def test_priors_of_a_latency_budget_beyond_the_scan_open_to_its_largest_ratio(fake, monkeypatch):
+    """A latency fit with a large fixed share: half the cap (the lowest sampled budget) needs layers emptier
+    than the scan went; the priors' bounds open to its largest ratio instead of failing the study's setup."""
+    import pandas as pd
+
+    from autoprune import prepare, sensitivity
+    from autoprune.budget import as_cost_model, channel_cost_fraction
+
+    costs = as_cost_model(vgg_channels(TINY_WIDTH))
+    table = latency.LatencyTable("fake", warmup=0, repeats=1, clock=fake.clock)
+    predictor = latency.PredictedFraction(table, costs, fit=latency.LatencyFit(1.0, 0.1, 0.6))  # 60% fixed
+    config = StudyConfig()
+    config.study.kind = "channel"
+    config.study.objectives = ["macs", "accuracy"]  # trials sample budgets down to budget_low (0.5) x the cap
+    config.constraints.max_size_fraction = 1.0
+    config.constraints.max_latency_fraction = 0.7
+    config.priors.grid = [0.3, 0.5, 0.7]
+    rows = [{"layer": f"conv{i}", "ratio": r, "accuracy": 80.0 - 10 * r} for i in range(7) for r in (0.3, 0.5, 0.7)]
+    monkeypatch.setattr(sensitivity, "scan_cached", lambda *a, **k: (pd.DataFrame(rows), 80.0, True))
+    targets = prepare.PriorTargets(config, costs, 10, (0.7, predictor))
+    reach = channel_cost_fraction(costs, {f"conv{i}": 0.7 for i in range(7)}, "macs")
+    assert targets.at(0.5) < reach  # 0.35 is below the fixed share: uniform pruning as far as it goes
+    upper, allocation, info = prepare.compute_study_priors(config, None, "dense.pt", None, False, targets)
+    assert upper == {f"conv{i}": 0.7 for i in range(7)}
+    assert channel_cost_fraction(costs, allocation, "macs") == pytest.approx(targets.at(1.0), abs=0.01)
