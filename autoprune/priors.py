@@ -215,12 +215,13 @@ def _loosen(kind, costs: CostModel, drops, curve, upper, target, metric, message
 
     while not reachable():
         best = None
+        current = cost(upper)
         for i, (n, pts) in enumerate(drops.items()):
-            nxt = next((r for r, _ in pts if r > upper[n] + 1e-12), None)
+            # the next scanned ratio that frees something: a narrow layer rounds neighbouring ratios to one width
+            # (8 channels keep 6 at 0.2 and at 0.3), and a step that frees nothing must not stop the layer there
+            steps = ((r, current - cost({**upper, n: r})) for r, _ in pts if r > upper[n] + 1e-12)
+            nxt, saved = next(((r, s) for r, s in steps if s > 0), (None, 0.0))
             if nxt is None:
-                continue
-            saved = cost(upper) - cost({**upper, n: nxt})
-            if saved <= 0:
                 continue
             price = (curve[n](nxt) - curve[n](upper[n])) / saved
             if best is None or (price, -saved, i) < best[0]:

@@ -208,6 +208,19 @@ def test_channel_allocation_respects_bounds_and_meets_the_target():
             assert kept[i] >= int(round((1 - p.upper[n]) * channels[i]))
 
 
+def test_a_step_that_frees_nothing_does_not_stop_a_layer_opening():
+    """An 8-channel conv keeps 6 channels at 0.2 and at 0.3: its bound opens past 0.3 to what the target needs
+    (it stopped at 0.2 before, and a target every layer's largest ratio reaches was refused)."""
+    channels = vgg_channels(0.125)  # conv0 has 8 channels
+    grid = [0.2, 0.3, 0.5, 0.7]
+    df = fake_scan({n: [1.0, 3.0, 6.0, 9.0] for n in CHANNEL_LAYERS}, grid=grid)
+    names = list(CHANNEL_LAYERS)
+    reach = channel_cost_fraction(channels, dict.fromkeys(names, 0.7), "macs")
+    assert channel_cost_fraction(channels, {**dict.fromkeys(names, 0.7), "conv0": 0.2}, "macs") > reach
+    p = compute_priors(df, 90.0, channels, "channel", reach, tolerance=2.0, metric="macs")
+    assert p.upper == dict.fromkeys(names, 0.7)
+
+
 def test_unreachable_bounds_open_the_cheapest_layers_only(caplog):
     # LAB_LIKE at tolerance 2 reaches size 0.2 of a width-0.25 VGG, not 0.12: the big, robust
     # layers open step by step, the fragile conv0 (5 points at 0.6) and conv1 never.
