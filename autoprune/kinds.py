@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import budget
+from .channel import rounded_width
 from .errors import AutopruneError
 from .fine_grained import magnitude_masks
 from .graph import CRITERIA as GRAPH_CRITERIA
@@ -128,13 +129,13 @@ class Channel:
     def scan_points(self, costs, name: str, points: list) -> list:
         """Grid ratios -> the fractions the scan actually removed (``1 - kept / width``)."""
         c = costs.groups[name]
-        return [(1.0 - int(round((1 - r) * c)) / c, d) for r, d in points]
+        return [(1.0 - rounded_width((1 - r) * c, c) / c, d) for r, d in points]
 
     def next_ratio(self, costs, name: str, ratio: float, upper: float) -> float | None:
         """One channel fewer, down to the bound's width (at least one channel)."""
         width = costs.groups[name]
-        kept = int(round((1 - ratio) * width))
-        return None if kept - 1 < max(1, int(round((1 - upper) * width))) else 1.0 - (kept - 1) / width
+        kept = rounded_width((1 - ratio) * width, width)
+        return None if kept - 1 < max(1, rounded_width((1 - upper) * width, width)) else 1.0 - (kept - 1) / width
 
     def greedy_cost(self, costs, ratios: dict, metric: str = "params") -> float:
         return budget.channel_cost_fraction(costs, ratios, metric)

@@ -413,11 +413,12 @@ def compute_study_priors(config, dense, checkpoint, data, progress, targets: Pri
     # beyond it (a fit with a large fixed or activation share needs near-empty layers for a low latency),
     # though its trials sample the size budget, not the latency cap: those bounds open to that ratio instead.
     largest = max(r for r in scan_grid(config) if r < 1)
-    reach = KINDS[kind].cost_fraction(targets.costs, dict.fromkeys(KINDS[kind].units(targets.costs), largest), metric)
+    reach = (KINDS[kind].cost_fraction(targets.costs, dict.fromkeys(KINDS[kind].units(targets.costs), largest),
+                                       metric) if targets.latency_budget is not None else 0.0)
 
     def at(share):
         target = targets.at(share)
-        if targets.latency_budget is not None and target < reach:
+        if target < reach:
             log.info("priors: the latency budget at %g x its cap needs MACs %.4f, beyond the scan (every layer at "
                      "its largest scanned ratio %g reaches %.4f): the bounds open that far", share, target, largest,
                      reach)
